@@ -1,0 +1,81 @@
+"""The ``krasis`` command. ``--non-interactive`` runs a prompt through a model and prints the completion."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import KrasisError
+
+DEMO_NOTE = ("No --model-path given: using the demo model {path}.\n"
+             "Its weights are RANDOM, so the text below is gibberish; it shows the whole pipeline runs.\n"
+             "Point Krasis at a real model with --model-path /path/to/hf-model-dir "
+             "(a folder with config.json, *.safetensors and tokenizer.json).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="krasis", description="Run huge Mixture-of-Experts LLMs on a GPU plus system RAM.")
+    p.add_argument("--non-interactive", action="store_true",
+                   help="run without the TUI: generate a completion for --prompt and print it")
+    p.add_argument("--model-path", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json); "
+                                        "default: a small random-weight demo model")
+    p.add_argument("--prompt", default="Hello! Tell me about Mixture-of-Experts models.",
+                   help="user message to answer (rendered with the model's chat template when it has one)")
+    p.add_argument("--raw-prompt", action="store_true", help="send --prompt as plain text, without the chat template")
+    p.add_argument("--max-tokens", type=int, default=32, help="most new tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="compute dtype (default bfloat16)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="krasis: %(message)s")
+    if not args.non_interactive:
+        print("The interactive launcher is not available yet; run `krasis --non-interactive` "
+              "(see `krasis --help`).", file=sys.stderr)
+        return 2
+    try:
+        return _run_prompt(args)
+    except KrasisError as e:
+        print(f"krasis: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_prompt(args: argparse.Namespace) -> int:
+    from .demo import ensure_demo_model
+    from .llm import LLM
+
+    model_path = args.model_path
+    if model_path is None:
+        model_path = ensure_demo_model()
+        print(DEMO_NOTE.format(path=model_path), file=sys.stderr)
+    llm = LLM(model_path, device=args.device, dtype=args.dtype)
+    tok = llm.tokenizer
+    if tok.has_chat_template and not args.raw_prompt:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+    else:
+        ids = tok.encode(args.prompt)
+    out: list[int] = []
+    shown = ""
+    for token in llm.stream(ids, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed):
+        out.append(token)
+        text = tok.decode(out)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

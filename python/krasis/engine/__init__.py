@@ -1,0 +1,1 @@
+"""Execution: loaded weights, the KV cache, the forward pass and generation."""

@@ -1,0 +1,90 @@
+"""The decoder forward pass over new tokens of one sequence, reading and extending its KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.spec import ArchSpec, GQASpec
+from ..ops.attention import gqa_attention, mla_attention_absorbed, mla_attention_expanded
+from ..ops.mlp import swiglu
+from ..ops.norms import rms_norm
+from ..ops.rope import Rotary
+from ..ops.router import route
+from .kv_cache import KVCache
+from .weights import LayerWeights, ModelWeights
+
+# MLA latent-norm epsilon: the reference builds these norms with the default epsilon, not rms_norm_eps.
+MLA_NORM_EPS = 1e-6
+# Below this many new tokens MLA attends in the latent space (decode); above, it expands K/V (prefill).
+MLA_ABSORB_MAX_TOKENS = 16
+
+
+class Forward:
+    """Runs the layers of a model on new tokens of a sequence."""
+
+    def __init__(self, spec: ArchSpec, weights: ModelWeights, dtype: torch.dtype, device: torch.device | str):
+        self.spec, self.w, self.dtype, self.device = spec, weights, dtype, torch.device(device)
+        self.rotary = Rotary(spec.rope, self.device)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Hidden states after the final norm, [T, hidden], for tokens [T] at positions [start, start+T)."""
+        cos, sin = self.rotary.angles(torch.arange(start, start + tokens.shape[0], device=self.device))
+        x = self.w.embed[tokens]
+        for index, layer in enumerate(self.w.layers):
+            h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
+            x = x + self._attention(index, layer, h, cache, start, cos, sin)
+            h = rms_norm(x, layer.post_attention_norm, self.spec.rms_norm_eps)
+            x = x + self._mlp(index, layer, h)
+        cache.length = start + tokens.shape[0]
+        return rms_norm(x, self.w.final_norm, self.spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [T, vocab] in the compute dtype."""
+        return F.linear(hidden, self.w.lm_head)
+
+    def _attention(self, index: int, layer: LayerWeights, h: torch.Tensor, cache: KVCache, start: int,
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, w, t = self.spec.attention, layer.attention, h.shape[0]
+        rd = self.spec.rope.dim
+        if isinstance(a, GQASpec):
+            q = F.linear(h, w["q"], w.get("q_bias")).view(t, a.num_heads, a.head_dim)
+            k = F.linear(h, w["k"], w.get("k_bias")).view(t, a.num_kv_heads, a.head_dim)
+            v = F.linear(h, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.head_dim)
+            if a.qk_norm:
+                q = rms_norm(q, w["q_norm"], self.spec.rms_norm_eps)
+                k = rms_norm(k, w["k_norm"], self.spec.rms_norm_eps)
+            q = torch.cat((self.rotary.apply(q[..., :rd], cos, sin), q[..., rd:]), dim=-1)
+            k = torch.cat((self.rotary.apply(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
+            k_all, v_all = cache.append(index, k, v, start)
+            out = gqa_attention(q, k_all, v_all, start, a.softmax_scale)
+        else:
+            if "q" in w:
+                q = F.linear(h, w["q"])
+            else:
+                q = F.linear(rms_norm(F.linear(h, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], MLA_NORM_EPS), w["q_b"])
+            q = q.view(t, a.num_heads, a.qk_nope_head_dim + a.qk_rope_head_dim)
+            q_nope, q_pe = q[..., : a.qk_nope_head_dim], q[..., a.qk_nope_head_dim:]
+            ckv = F.linear(h, w["kv_a"], w.get("kv_a_bias"))
+            latent = rms_norm(ckv[:, : a.kv_lora_rank], w["kv_a_norm"], MLA_NORM_EPS)
+            k_pe = self.rotary.apply(ckv[:, None, a.kv_lora_rank:], cos, sin)[:, 0]
+            q_pe = self.rotary.apply(q_pe, cos, sin)
+            lat_all, kpe_all = cache.append(index, latent, k_pe, start)
+            attend = mla_attention_absorbed if t <= MLA_ABSORB_MAX_TOKENS else mla_attention_expanded
+            out = attend(q_nope, q_pe, lat_all, kpe_all, w["kv_b"], a.v_head_dim, start, a.softmax_scale)
+        return F.linear(out.reshape(t, -1), w["o"], w.get("o_bias"))
+
+    def _mlp(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        m = layer.mlp
+        if layer.experts is None:
+            return swiglu(h, m["gate"], m["up"], m["down"])
+        router = self.spec.moe.router
+        if router.float32_logits:
+            logits = F.linear(h.float(), m["router"].float())
+            weights, ids = route(logits, router, torch.float32)
+        else:
+            weights, ids = route(F.linear(h, m["router"]), router, h.dtype)
+        out = layer.experts.forward(h, weights, ids)
+        if "shared_gate" in m:
+            out = out + swiglu(h, m["shared_gate"], m["shared_up"], m["shared_down"])
+        return out

@@ -1,0 +1,118 @@
+"""``krasis.LLM``: load a model directory and run it (prompt logits, generation)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .engine.forward import Forward
+from .engine.kv_cache import KVCache
+from .engine.sampling import sample
+from .engine.weights import load_weights
+from .errors import InvalidInputError
+from .models import spec_from_config
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("krasis")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPERT_BITS = (16, 8, 4)
+
+
+def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer) -> set[int]:
+    ids = set(config_eos)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLM:
+    """A loaded model.
+
+    device: "cpu" or "cuda"; expert_bits: 16 (unquantised), 8 or 4; dtype: compute dtype of everything
+    that is not a quantised expert ("float32" or "bfloat16").
+    """
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", expert_bits: int = 16, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if expert_bits not in EXPERT_BITS:
+            raise ValueError(f"expert_bits must be 16, 8 or 4, not {expert_bits!r}")
+        if expert_bits != 16:
+            raise NotImplementedError("quantised experts (expert_bits 8 or 4) need the Rust CPU expert engine, "
+                                      "which is not wired in yet; use expert_bits=16")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        self.model_path = Path(model_path)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.expert_bits = expert_bits
+        ckpt = Checkpoint(self.model_path)
+        self.config = ckpt.config
+        self.spec = spec_from_config(ckpt.config)
+        self.tokenizer = Tokenizer(self.model_path)
+        log.info("loading %s (%s, %d layers, %s experts) on %s in %s", self.model_path, self.spec.family,
+                 self.spec.num_layers, self.spec.moe.num_experts if self.spec.moe else 0, device, dtype)
+        weights = load_weights(ckpt, self.spec, self.dtype, self.device)
+        self._forward = Forward(self.spec, weights, self.dtype, self.device)
+        self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
+        self.max_context = self.spec.max_position_embeddings
+
+    def _check_tokens(self, token_ids: list[int], extra: int = 0) -> torch.Tensor:
+        if len(token_ids) == 0:
+            raise InvalidInputError("the prompt is empty; give at least one token")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.spec.vocab_size]
+        if bad:
+            raise InvalidInputError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size}); "
+                                    "encode the prompt with this model's tokenizer (llm.tokenizer.encode)")
+        if len(token_ids) + extra > self.max_context:
+            raise InvalidInputError(f"the prompt has {len(token_ids)} tokens and {extra} more were asked for, "
+                                    f"but the model's context is {self.max_context} tokens; shorten the prompt "
+                                    "or ask for fewer new tokens")
+        return torch.tensor([int(t) for t in token_ids], dtype=torch.long, device=self.device)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.spec, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits for every position of the prompt: float32 [len(token_ids), vocab]."""
+        tokens = self._check_tokens(token_ids)
+        hidden = self._forward(tokens, self.new_cache(), 0)
+        return self._forward.logits(hidden).float().cpu()
+
+    @torch.inference_mode()
+    def stream(self, token_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None) -> Iterator[int]:
+        """New token ids one at a time; stops after an EOS token or ``max_new_tokens``."""
+        tokens = self._check_tokens(token_ids, max_new_tokens)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        cache = self.new_cache()
+        hidden = self._forward(tokens, cache, 0)
+        for _ in range(max_new_tokens):
+            logits = self._forward.logits(hidden[-1:])[0]
+            token = sample(logits, temperature, top_p, top_k, generator)
+            yield token
+            if token in self.eos_token_ids:
+                return
+            next_input = torch.tensor([token], dtype=torch.long, device=self.device)
+            hidden = self._forward(next_input, cache, cache.length)
+
+    def generate(self, token_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None) -> list[int]:
+        """New token ids only (the EOS token included when generation stopped on it)."""
+        return list(self.stream(token_ids, max_new_tokens, temperature, top_p, top_k, seed))

@@ -1,0 +1,132 @@
+"""What an architecture adapter produces: a plain description of a model's shapes, attention, routing and
+tensor names. The engine reads this; adapters never run anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding over the first ``dim`` channels of each rotated head slice.
+
+    kind: "default" | "linear" | "yarn". ``interleaved`` rotates channel pairs (2i, 2i+1) (DeepSeek's
+    layout); otherwise halves (i, i + dim/2) are rotated (Llama/Qwen "rotate_half").
+    """
+
+    dim: int
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    original_max_position: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    interleaved: bool = False
+
+
+@dataclass(frozen=True)
+class GQASpec:
+    """Grouped-query attention (Qwen3-style: optional per-head q/k RMSNorm)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: bool
+    bias: bool
+    softmax_scale: float
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek multi-head latent attention; the KV cache holds the latent (kv_lora_rank) plus the rope key."""
+
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    bias: bool
+    softmax_scale: float
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a token picks its experts.
+
+    scoring: "softmax" (probabilities over all experts) or "sigmoid". With n_group > 1 and
+    ``group_limited``, only experts in the best ``topk_group`` groups (by their best expert) are eligible.
+    ``float32_logits`` computes the router in float32 whatever the model dtype (DeepSeek does).
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    norm_topk_prob: bool = False
+    group_limited: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    float32_logits: bool = False
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    intermediate_size: int
+    router: RouterSpec
+    shared_intermediate_size: int = 0  # 0: no shared expert
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Checkpoint tensor names of one decoder layer, keyed by role.
+
+    attention roles: GQA "q", "k", "v", "o", "q_norm", "k_norm" (+ "q_bias", "k_bias", "v_bias");
+    MLA "q" or ("q_a", "q_a_norm", "q_b"), "kv_a", "kv_a_norm", "kv_b", "o".
+    mlp roles: dense "gate", "up", "down"; MoE "router", "shared_gate", "shared_up", "shared_down".
+    Routed experts come from ``expert`` (per-expert tensors) or ``fused_experts`` (3-D tensors).
+    """
+
+    input_norm: str
+    post_attention_norm: str
+    attention: dict[str, str]
+    mlp: dict[str, str]
+    expert: str | None = None  # format string with {e} and {proj} in ("gate", "up", "down")
+    fused_gate_up: str | None = None
+    fused_down: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    is_moe: bool
+    dense_intermediate_size: int
+    names: TensorNames
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything the engine needs to know about a model."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    rms_norm_eps: float
+    attention: GQASpec | MLASpec
+    rope: RopeSpec
+    layers: tuple[LayerSpec, ...]
+    moe: MoESpec | None
+    embed_name: str = "model.embed_tokens.weight"
+    final_norm_name: str = "model.norm.weight"
+    lm_head_name: str = "lm_head.weight"
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)

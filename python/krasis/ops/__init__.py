@@ -1,0 +1,1 @@
+"""The math of a decoder layer, written once: norms, RoPE, attention, routing, MLPs."""

@@ -1,0 +1,68 @@
+"""Causal attention over a KV cache: grouped-query attention and DeepSeek's multi-head latent attention.
+
+Shapes: queries [T, H, D] for T new tokens whose first position is ``start``; cached keys/values hold
+positions [0, start + T).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(start: int, t: int, total: int, device: torch.device) -> torch.Tensor:
+    """Boolean [t, total] mask, True where query start+i may attend to key j (j <= start+i)."""
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention; q [T, H, D], k [S, H, D], v [S, H, Dv] -> [T, H, Dv]."""
+    t, s = q.shape[0], k.shape[0]
+    # A fresh sequence uses SDPA's own causal path (its fastest); a continuation needs the offset mask.
+    fresh = start == 0 and s == t
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=None if fresh else causal_mask(start, t, s, q.device), is_causal=fresh and t > 1, scale=scale)
+    return out.transpose(0, 1)
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Grouped-query attention; q [T, H, D], k/v [S, KV, D] with H a multiple of KV -> [T, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return sdpa(q, k, v, start, scale)
+
+
+def mla_attention_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                           kv_b: torch.Tensor, v_head_dim: int, start: int, scale: float) -> torch.Tensor:
+    """MLA by expanding the cached latents into per-head keys and values (cheapest for long query runs).
+
+    q_nope [T, H, Dn], q_pe [T, H, Dr], latent [S, R], k_pe [S, Dr], kv_b [H*(Dn+Dv), R] -> [T, H, Dv].
+    """
+    t, h, dn = q_nope.shape
+    kv = F.linear(latent, kv_b).view(latent.shape[0], h, dn + v_head_dim)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, h, -1)), dim=-1)
+    q = torch.cat((q_nope, q_pe), dim=-1)
+    return sdpa(q, k, v, start, scale)
+
+
+def mla_attention_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                           kv_b: torch.Tensor, v_head_dim: int, start: int, scale: float) -> torch.Tensor:
+    """MLA in the absorbed form: attention runs in the latent space, never expanding the cache
+    (cheapest for decode). Same shapes as :func:`mla_attention_expanded`."""
+    t, h, dn = q_nope.shape
+    r = latent.shape[1]
+    w = kv_b.view(h, dn + v_head_dim, r)
+    w_uk, w_uv = w[:, :dn, :], w[:, dn:, :]
+    q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+    scores = (torch.einsum("thr,sr->ths", q_lat, latent) + torch.einsum("thd,sd->ths", q_pe, k_pe)) * scale
+    mask = causal_mask(start, t, latent.shape[0], latent.device)
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(latent.dtype)
+    out_lat = torch.einsum("ths,sr->thr", probs, latent)
+    return torch.einsum("thr,hvr->thv", out_lat, w_uv)

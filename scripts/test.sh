@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set everything up from scratch in .venv and run the whole test suite: Rust unit tests, lint, pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m gpu` on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e ".[test]"
+cargo test --release --quiet
+.venv/bin/ruff check python tests benchmarks
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,136 @@
+//! AVX-512 kernels (F/BW/VL + VNNI): `vpdpbusd` for INT8 activations, FMA for f32 activations.
+//! Callers (kernels::row_dot_*) check CPU support and slice lengths.
+
+use super::dispatch_tokens;
+use crate::quant::{ActRef, MatRef};
+use std::arch::x86_64::*;
+
+/// The 64 stored (unsigned) weights of block `blk` of a row, in order.
+///
+/// # Safety
+/// `row` must point to a packed row with at least `blk + 1` blocks of 64 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn load_block<const BITS: u32>(row: *const u8, blk: usize) -> __m512i {
+    if BITS == 8 {
+        _mm512_loadu_si512(row.add(blk * 64) as *const _)
+    } else {
+        let raw = _mm256_loadu_si256(row.add(blk * 32) as *const __m256i);
+        let m = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(raw, m);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+}
+
+/// 254 * hi + lo as (hi << 8) - (hi << 1) + lo; |result| < 2^31 for groups of at most 128.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn combine(hi: __m512i, lo: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 8), _mm512_slli_epi32(hi, 1)), lo)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI present; row `r` exists; each activation has >= K values and groups.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn row_dot_int(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
+    dispatch_tokens!(dot_int, m.layout.bits, acts.len(), (m, r, acts, out))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_int<const BITS: u32, const T: usize>(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
+    let l = m.layout;
+    let g = l.group;
+    let row = m.row(r).as_ptr();
+    let ws = m.row_scales(r);
+    let mut facc = [_mm512_setzero_ps(); T];
+    // vpdpbusd multiplies the stored unsigned weights (q + offset) by signed activations; the
+    // offset * sum(x) part is removed once per row below.
+    if g == 32 {
+        // Each 64-value block holds two groups: lanes 0..8 sum values 0..32, lanes 8..16 the rest.
+        for blk in 0..l.k / 64 {
+            let w = load_block::<BITS>(row, blk);
+            let sw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[2 * blk]), _mm512_set1_ps(ws[2 * blk + 1]));
+            for t in 0..T {
+                let a = &acts[t];
+                let xh = _mm512_loadu_si512(a.hi.as_ptr().add(blk * 64) as *const _);
+                let xl = _mm512_loadu_si512(a.lo.as_ptr().add(blk * 64) as *const _);
+                let ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xh);
+                let il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xl);
+                let sx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a.scales[2 * blk]), _mm512_set1_ps(a.scales[2 * blk + 1]));
+                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih, il)), _mm512_mul_ps(sw, sx), facc[t]);
+            }
+        }
+    } else {
+        let blocks_per_group = g / 64;
+        for gi in 0..l.k / g {
+            let mut ih = [_mm512_setzero_si512(); T];
+            let mut il = [_mm512_setzero_si512(); T];
+            for b in 0..blocks_per_group {
+                let blk = gi * blocks_per_group + b;
+                let w = load_block::<BITS>(row, blk);
+                for t in 0..T {
+                    let xh = _mm512_loadu_si512(acts[t].hi.as_ptr().add(blk * 64) as *const _);
+                    let xl = _mm512_loadu_si512(acts[t].lo.as_ptr().add(blk * 64) as *const _);
+                    ih[t] = _mm512_dpbusd_epi32(ih[t], w, xh);
+                    il[t] = _mm512_dpbusd_epi32(il[t], w, xl);
+                }
+            }
+            for t in 0..T {
+                let s = _mm512_set1_ps(ws[gi] * acts[t].scales[gi]);
+                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih[t], il[t])), s, facc[t]);
+            }
+        }
+    }
+    let offset = if BITS == 8 { 128.0 } else { 8.0 };
+    for t in 0..T {
+        out[t] = _mm512_reduce_add_ps(facc[t]) - offset * dot(ws, acts[t].scaled_sums);
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI present; row `r` exists; each x has >= K values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn row_dot_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
+    dispatch_tokens!(dot_f32, m.layout.bits, xs.len(), (m, r, xs, out))
+}
+
+/// acc[t] += (16 weights of piece P, widened and scaled) * x[t][e + 16P..].
+macro_rules! piece {
+    ($q:expr, $P:literal, $e:expr, $g:expr, $ws:expr, $xs:expr, $acc:expr, $T:expr) => {{
+        let v = _mm512_extracti32x4_epi32($q, $P);
+        let s = _mm512_set1_ps($ws[($e + 16 * $P) / $g]);
+        let wf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
+        for t in 0..$T {
+            let x = _mm512_loadu_ps($xs[t].as_ptr().add($e + 16 * $P));
+            $acc[t] = _mm512_fmadd_ps(wf, x, $acc[t]);
+        }
+    }};
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_f32<const BITS: u32, const T: usize>(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
+    let l = m.layout;
+    let g = l.group;
+    let row = m.row(r).as_ptr();
+    let ws = m.row_scales(r);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for blk in 0..l.k / 64 {
+        let w = load_block::<BITS>(row, blk);
+        let q = if BITS == 8 {
+            _mm512_xor_si512(w, _mm512_set1_epi8(-128))
+        } else {
+            _mm512_sub_epi8(w, _mm512_set1_epi8(8))
+        };
+        let e = blk * 64;
+        piece!(q, 0, e, g, ws, xs, acc, T);
+        piece!(q, 1, e, g, ws, xs, acc, T);
+        piece!(q, 2, e, g, ws, xs, acc, T);
+        piece!(q, 3, e, g, ws, xs, acc, T);
+    }
+    for t in 0..T {
+        out[t] = _mm512_reduce_add_ps(acc[t]);
+    }
+}

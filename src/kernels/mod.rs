@@ -1,0 +1,201 @@
+//! Row dot-product kernels over quantised matrices, one module per SIMD path, and the one place
+//! that dispatches between them. A kernel computes row `r` of W against up to `MAX_TOKENS` tokens
+//! at once, so each weight byte is unpacked once per token block.
+//!
+//! Two activation modes: INT8 activations (per-group scales, integer dot products: VNNI on
+//! AVX-512, maddubs/madd on AVX2) and f32 activations (weights widened to f32, FMA).
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
+use crate::quant::{ActRef, MatRef};
+use crate::simd::SimdPath;
+
+/// The most tokens one kernel call handles.
+pub const MAX_TOKENS: usize = 4;
+
+fn check_int(m: &MatRef, r: usize, acts: &[ActRef], out: &[f32]) {
+    let l = m.layout;
+    assert!(r < l.n, "row {r} out of range (N={})", l.n);
+    assert!(!acts.is_empty() && acts.len() <= MAX_TOKENS && out.len() >= acts.len());
+    for a in acts {
+        assert!(a.hi.len() >= l.k && a.lo.len() >= l.k && a.scales.len() >= l.groups_per_row() && a.scaled_sums.len() >= l.groups_per_row());
+    }
+}
+
+fn check_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &[f32]) {
+    let l = m.layout;
+    assert!(r < l.n, "row {r} out of range (N={})", l.n);
+    assert!(!xs.is_empty() && xs.len() <= MAX_TOKENS && out.len() >= xs.len());
+    for x in xs {
+        assert!(x.len() >= l.k);
+    }
+}
+
+/// out[t] = W[r] . act[t] for INT8-quantised activations (group size must equal the matrix's).
+pub fn row_dot_int(path: SimdPath, m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
+    check_int(m, r, acts, out);
+    match path {
+        SimdPath::Scalar => scalar::row_dot_int(m, r, acts, out),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => {
+            assert!(path.supported(), "CPU lacks AVX2+FMA");
+            // SAFETY: the CPU supports AVX2+FMA (asserted above) and check_int verified that row
+            // r exists and every activation slice holds at least K values / K/group groups, which
+            // is all the kernel reads.
+            unsafe { avx2::row_dot_int(m, r, acts, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => {
+            assert!(path.supported(), "CPU lacks AVX-512 F/BW/VL/VNNI");
+            // SAFETY: as for AVX2, with the AVX-512 features asserted above.
+            unsafe { avx512::row_dot_int(m, r, acts, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::row_dot_int(m, r, acts, out),
+    }
+}
+
+/// out[t] = W[r] . x[t] for f32 activations.
+pub fn row_dot_f32(path: SimdPath, m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
+    check_f32(m, r, xs, out);
+    match path {
+        SimdPath::Scalar => scalar::row_dot_f32(m, r, xs, out),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => {
+            assert!(path.supported(), "CPU lacks AVX2+FMA");
+            // SAFETY: CPU support asserted; check_f32 verified row r exists and each x has >= K values.
+            unsafe { avx2::row_dot_f32(m, r, xs, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => {
+            assert!(path.supported(), "CPU lacks AVX-512 F/BW/VL/VNNI");
+            // SAFETY: CPU support asserted; check_f32 verified row r exists and each x has >= K values.
+            unsafe { avx512::row_dot_f32(m, r, xs, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::row_dot_f32(m, r, xs, out),
+    }
+}
+
+/// Expands to a match on a token count 1..=4 calling `$f::<BITS, T>` for the matrix's bit width.
+macro_rules! dispatch_tokens {
+    ($f:ident, $bits:expr, $n:expr, ($($arg:expr),*)) => {
+        match ($bits, $n) {
+            (8, 1) => $f::<8, 1>($($arg),*),
+            (8, 2) => $f::<8, 2>($($arg),*),
+            (8, 3) => $f::<8, 3>($($arg),*),
+            (8, 4) => $f::<8, 4>($($arg),*),
+            (4, 1) => $f::<4, 1>($($arg),*),
+            (4, 2) => $f::<4, 2>($($arg),*),
+            (4, 3) => $f::<4, 3>($($arg),*),
+            (4, 4) => $f::<4, 4>($($arg),*),
+            _ => unreachable!("bits and token count are checked by the caller"),
+        }
+    };
+}
+pub(crate) use dispatch_tokens;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{dequantize, quantize_rows, MatLayout, QuantActs, GROUP_SIZES};
+    use crate::testutil::{rel_err, Rng};
+
+    fn make(rng: &mut Rng, n: usize, k: usize, bits: u32, g: usize) -> (MatLayout, Vec<u8>, Vec<f32>) {
+        let l = MatLayout::new(n, k, bits, g).unwrap();
+        let w = rng.normal_vec(n * k);
+        let mut q = vec![0u8; l.weights_nbytes()];
+        let mut s = vec![0f32; l.scales_len()];
+        quantize_rows(&l, &w, 0..n, &mut q, &mut s);
+        (l, q, s)
+    }
+
+    #[test]
+    fn every_path_matches_f64_reference() {
+        let mut rng = Rng::new(11);
+        let (n, k) = (64, 384);
+        for bits in [4u32, 8] {
+            for g in GROUP_SIZES {
+                let (l, q, s) = make(&mut rng, n, k, bits, g);
+                let m = MatRef::new(l, &q, &s).unwrap();
+                let deq = dequantize(&m);
+                for tokens in 1..=MAX_TOKENS {
+                    let x: Vec<f32> = rng.normal_vec(tokens * k);
+                    let acts = QuantActs::from_rows(&x, k, g);
+                    let mut reference = vec![0f64; tokens * n];
+                    for t in 0..tokens {
+                        for r in 0..n {
+                            reference[t * n + r] =
+                                (0..k).map(|i| deq[r * k + i] as f64 * x[t * k + i] as f64).sum();
+                        }
+                    }
+                    let xs: Vec<&[f32]> = (0..tokens).map(|t| &x[t * k..(t + 1) * k]).collect();
+                    let ar: Vec<ActRef> = (0..tokens).map(|t| acts.token(t)).collect();
+                    let mut scalar_int = vec![0f32; tokens * n];
+                    for path in SimdPath::all_supported() {
+                        let mut yi = vec![0f32; tokens * n];
+                        let mut yf = vec![0f32; tokens * n];
+                        for r in 0..n {
+                            let mut o = [0f32; MAX_TOKENS];
+                            row_dot_int(path, &m, r, &ar, &mut o);
+                            for t in 0..tokens {
+                                yi[t * n + r] = o[t];
+                            }
+                            row_dot_f32(path, &m, r, &xs, &mut o);
+                            for t in 0..tokens {
+                                yf[t * n + r] = o[t];
+                            }
+                        }
+                        let ei = rel_err(&yi, &reference);
+                        let ef = rel_err(&yf, &reference);
+                        assert!(ei < 1e-2, "{path:?} bits {bits} g {g} T {tokens}: int8-act err {ei}");
+                        assert!(ef < 1e-4, "{path:?} bits {bits} g {g} T {tokens}: f32-act err {ef}");
+                        if path == SimdPath::Scalar {
+                            scalar_int = yi.clone();
+                        }
+                    }
+                    // Integer paths do exact integer sums per group, so they agree with scalar
+                    // to float rounding.
+                    for path in SimdPath::all_supported() {
+                        let mut yi = vec![0f32; tokens * n];
+                        for r in 0..n {
+                            let mut o = [0f32; MAX_TOKENS];
+                            row_dot_int(path, &m, r, &ar, &mut o);
+                            for t in 0..tokens {
+                                yi[t * n + r] = o[t];
+                            }
+                        }
+                        let refd: Vec<f64> = scalar_int.iter().map(|v| *v as f64).collect();
+                        assert!(rel_err(&yi, &refd) < 1e-5, "{path:?} vs scalar");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_stored_values_are_exact() {
+        // Bytes 0 (q = -128 for INT8, -8 for INT4) and 255 can arrive through set_expert_quantized;
+        // the SIMD paths must still match scalar (no i16 saturation in maddubs).
+        let k = 256;
+        for bits in [4u32, 8] {
+            let l = MatLayout::new(2, k, bits, 64).unwrap();
+            let q: Vec<u8> = (0..l.weights_nbytes()).map(|i| if i % 3 == 0 { 0 } else { 255 }).collect();
+            let s = vec![0.01f32; l.scales_len()];
+            let m = MatRef::new(l, &q, &s).unwrap();
+            let x: Vec<f32> = (0..k).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            let acts = QuantActs::from_rows(&x, k, 64);
+            let mut want = [0f32; 4];
+            scalar::row_dot_int(&m, 1, &[acts.token(0)], &mut want);
+            for path in SimdPath::all_supported() {
+                let mut o = [0f32; 4];
+                row_dot_int(path, &m, 1, &[acts.token(0)], &mut o);
+                assert!((o[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0), "{path:?} {} {}", o[0], want[0]);
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Krasis CPU core: expert kernels, quantisation, thread pool and expert store.
+//! `python.rs` is the only module that knows PyO3.
+
+pub mod bandwidth;
+pub mod kernels;
+pub mod matmul;
+pub mod moe;
+pub mod numa;
+pub mod pool;
+pub mod quant;
+pub mod simd;
+pub mod store;
+pub mod topology;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+#[cfg(feature = "extension-module")]
+mod python;

@@ -1,0 +1,345 @@
+//! A fixed pool of worker threads, created once and pinned one per core, that all run the same
+//! job (a closure of the worker id) and then wait for the next. Idle workers spin for a short
+//! while (`KRASIS_SPIN_US`, default 200 us) so back-to-back calls start in well under a
+//! microsecond, then park on a condition variable so an idle runtime costs no CPU.
+
+use crate::topology::Topology;
+use std::cell::UnsafeCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+type Job = *const (dyn Fn(usize) + Sync + 'static);
+
+struct Shared {
+    epoch: AtomicU64,
+    /// Written by `run` before it bumps `epoch`, read by workers after they see the new epoch.
+    job: UnsafeCell<Option<Job>>,
+    remaining: AtomicUsize,
+    panicked: AtomicBool,
+    sleeping: AtomicUsize,
+    shutdown: AtomicBool,
+    wake_lock: Mutex<()>,
+    wake: Condvar,
+    done_lock: Mutex<()>,
+    done: Condvar,
+    spin: Duration,
+}
+
+// SAFETY: every field but `job` is Sync by itself. `job` is written only by `run` while it holds
+// the dispatch lock and no worker is running a job (remaining == 0), and read by workers only
+// after an Acquire load of `epoch` that follows the Release bump made after the write; the
+// pointee is `Sync`, and `run` does not return (so the closure stays alive) until every worker
+// has finished with it.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<()>>,
+    dispatch: Mutex<()>,
+    /// (cpu, numa node index) of each worker.
+    placement: Vec<(usize, usize)>,
+    num_nodes: usize,
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes a bit inside it (cpu < CPU_SETSIZE is
+    // checked); sched_setaffinity(0, ..) only affects the calling thread. Failure is harmless.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn worker(shared: Arc<Shared>, tid: usize, cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        pin_to(c);
+    }
+    let mut seen = 0u64;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = shared.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && start.elapsed() > shared.spin {
+                let mut g = shared.wake_lock.lock().unwrap();
+                shared.sleeping.fetch_add(1, Ordering::SeqCst);
+                while shared.epoch.load(Ordering::SeqCst) == seen {
+                    g = shared.wake.wait(g).unwrap();
+                }
+                shared.sleeping.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            std::hint::spin_loop();
+        }
+        if shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: see `unsafe impl Sync for Shared`: the job was published before the epoch we
+        // just observed and stays alive until we decrement `remaining` below.
+        let job = unsafe { (*shared.job.get()).expect("job published with the epoch") };
+        // SAFETY: `job` points to a live closure (see above).
+        let f = unsafe { &*job };
+        if catch_unwind(AssertUnwindSafe(|| f(tid))).is_err() {
+            shared.panicked.store(true, Ordering::Relaxed);
+        }
+        if shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = shared.done_lock.lock().unwrap();
+            shared.done.notify_one();
+        }
+    }
+}
+
+impl Pool {
+    /// A pool of `n` workers pinned round-robin over the topology's cores (`pin` false: unpinned).
+    pub fn new(n: usize, topo: &Topology, pin: bool) -> Pool {
+        let n = n.max(1);
+        let spin_us = std::env::var("KRASIS_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(200u64);
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            remaining: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleeping: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            done_lock: Mutex::new(()),
+            done: Condvar::new(),
+            spin: Duration::from_micros(spin_us),
+        });
+        let placement: Vec<(usize, usize)> = (0..n).map(|i| topo.cores[i % topo.cores.len()]).collect();
+        let handles = placement
+            .iter()
+            .enumerate()
+            .map(|(tid, &(cpu, _))| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("krasis-worker-{tid}"))
+                    .spawn(move || worker(s, tid, if pin { Some(cpu) } else { None }))
+                    .expect("spawning a pool worker thread")
+            })
+            .collect();
+        let used_nodes = placement.iter().map(|p| p.1).max().unwrap_or(0) + 1;
+        Pool { shared, handles, dispatch: Mutex::new(()), placement, num_nodes: used_nodes }
+    }
+
+    pub fn num_threads(&self) -> usize {
+        self.placement.len()
+    }
+    /// Number of NUMA nodes that have at least one worker.
+    pub fn num_nodes(&self) -> usize {
+        self.num_nodes
+    }
+    /// NUMA node index of worker `tid`.
+    pub fn node_of(&self, tid: usize) -> usize {
+        self.placement[tid].1
+    }
+    pub fn placement(&self) -> &[(usize, usize)] {
+        &self.placement
+    }
+
+    /// Run `f(tid)` on every worker and return when all have finished. Panics if a worker's call
+    /// panicked. Must not be called from inside a job (it would wait for itself).
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        let _d = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // SAFETY: erasing the lifetime is sound because this function does not return until
+        // `remaining` reaches 0, i.e. until every worker has finished calling `f`.
+        let job: Job = unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f) };
+        // SAFETY: we hold the dispatch lock and no job is running (remaining == 0), so no worker
+        // reads `job` concurrently (see `unsafe impl Sync for Shared`).
+        unsafe { *s.job.get() = Some(job) };
+        s.panicked.store(false, Ordering::Relaxed);
+        s.remaining.store(self.num_threads(), Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleeping.load(Ordering::SeqCst) > 0 {
+            let _g = s.wake_lock.lock().unwrap();
+            s.wake.notify_all();
+        }
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while s.remaining.load(Ordering::Acquire) != 0 {
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && start.elapsed() > s.spin {
+                let mut g = s.done_lock.lock().unwrap();
+                while s.remaining.load(Ordering::Acquire) != 0 {
+                    g = s.done.wait(g).unwrap();
+                }
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if s.panicked.load(Ordering::Relaxed) {
+            panic!("a krasis pool worker panicked (see the message above)");
+        }
+    }
+
+    /// Mean wall time of `run` with an empty job, in seconds, over `iters` back-to-back calls.
+    pub fn dispatch_overhead(&self, iters: usize) -> f64 {
+        self.run(&|_| {});
+        let t = Instant::now();
+        for _ in 0..iters {
+            self.run(&|_| {});
+        }
+        t.elapsed().as_secs_f64() / iters.max(1) as f64
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        s.shutdown.store(true, Ordering::Release);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = s.wake_lock.lock().unwrap();
+            s.wake.notify_all();
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+static GLOBAL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
+static REQUESTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads a new pool gets: `set_num_threads`, else `KRASIS_THREADS`, else one per physical core.
+pub fn default_threads(topo: &Topology) -> usize {
+    let req = REQUESTED.load(Ordering::Relaxed);
+    if req > 0 {
+        return req;
+    }
+    if let Some(n) = std::env::var("KRASIS_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        if n > 0 {
+            return n;
+        }
+    }
+    topo.cores.len()
+}
+
+/// The process-wide pool, created on first use.
+pub fn global() -> Arc<Pool> {
+    let mut g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.as_ref() {
+        return p.clone();
+    }
+    let topo = Topology::detect();
+    let p = Arc::new(Pool::new(default_threads(&topo), &topo, true));
+    *g = Some(p.clone());
+    p
+}
+
+/// Use `n` workers from now on; the current pool (if any) is retired once its last user is done.
+pub fn set_num_threads(n: usize) -> Result<(), String> {
+    if n == 0 {
+        return Err("number of threads must be at least 1".into());
+    }
+    REQUESTED.store(n, Ordering::Relaxed);
+    let mut g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+    if g.as_ref().map(|p| p.num_threads()) != Some(n) {
+        *g = None;
+    }
+    Ok(())
+}
+
+/// Split `0..total` into `parts` contiguous ranges whose lengths differ by at most one.
+pub fn split_range(total: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1);
+    (total * i / parts)..(total * (i + 1) / parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_runs_each_job_once() {
+        let topo = Topology::detect();
+        let pool = Pool::new(3, &topo, false);
+        let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        for _ in 0..1000 {
+            pool.run(&|tid| {
+                hits[tid].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1000));
+    }
+
+    #[test]
+    fn parked_workers_wake_up() {
+        std::env::set_var("KRASIS_SPIN_US", "0");
+        let pool = Pool::new(2, &Topology::detect(), false);
+        std::env::remove_var("KRASIS_SPIN_US");
+        let n = AtomicUsize::new(0);
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(2));
+            pool.run(&|_| {
+                n.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(n.load(Ordering::Relaxed), 40);
+    }
+
+    #[test]
+    fn worker_panic_reaches_caller_and_pool_survives() {
+        let pool = Pool::new(2, &Topology::detect(), false);
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|tid| assert!(tid != 1, "boom"))));
+        assert!(r.is_err());
+        let n = AtomicUsize::new(0);
+        pool.run(&|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn split_range_covers_everything() {
+        let v: Vec<_> = (0..3).map(|i| split_range(10, 3, i)).collect();
+        assert_eq!(v, vec![0..3, 3..6, 6..10]);
+    }
+}
+
+/// A mutable slice shared by workers that each write a different part of it.
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: Disjoint only hands out access through `unsafe` methods whose contract is that no two
+// threads touch the same element; with that, sharing it is like sharing disjoint &mut [T] parts.
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+unsafe impl<T: Send> Send for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        Disjoint { ptr: s.as_mut_ptr(), len: s.len(), _borrow: std::marker::PhantomData }
+    }
+    /// # Safety
+    /// No other thread may access any element of `r` while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [T] {
+        assert!(r.start <= r.end && r.end <= self.len, "Disjoint range out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
+    }
+    /// # Safety
+    /// No other thread may access element `i` concurrently.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn at(&self, i: usize) -> &mut T {
+        assert!(i < self.len, "Disjoint index out of bounds");
+        &mut *self.ptr.add(i)
+    }
+}

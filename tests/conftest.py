@@ -1,0 +1,27 @@
+import pytest
+import torch
+from tiny_models import ALL, build_hf_model, save_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """name -> (transformers model in float32, directory of its saved checkpoint), built once per session."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            family, overrides = ALL[name]
+            model = build_hf_model(family, overrides)
+            built[name] = (model, save_tiny(model, tmp_path_factory.mktemp(name)))
+        return built[name]
+
+    return get

@@ -1,0 +1,41 @@
+"""Sampling settings behave as documented."""
+
+import torch
+
+import krasis
+from krasis.engine.sampling import sample
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(50)
+    assert sample(logits, 0.0, 1.0, 0, None) == int(logits.argmax())
+
+
+def test_top_k_one_is_argmax_at_any_temperature():
+    logits = torch.randn(50)
+    g = torch.Generator().manual_seed(0)
+    assert all(sample(logits, 2.0, 1.0, 1, g) == int(logits.argmax()) for _ in range(20))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.1, 0.1]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample(logits, 1.0, 0.7, 0, g) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_same_seed_same_tokens(tiny_checkpoint):
+    llm = krasis.LLM(tiny_checkpoint("qwen3_moe_mixed")[1])
+    a = llm.generate([5, 6, 7], max_new_tokens=8, temperature=1.5, seed=42)
+    b = llm.generate([5, 6, 7], max_new_tokens=8, temperature=1.5, seed=42)
+    c = llm.generate([5, 6, 7], max_new_tokens=8, temperature=1.5, seed=43)
+    assert a == b and a != c
+
+
+def test_generation_stops_after_eos(tiny_checkpoint):
+    llm = krasis.LLM(tiny_checkpoint("qwen3_moe_mixed")[1])
+    llm.eos_token_ids = set()
+    free = llm.generate([5, 6, 7], max_new_tokens=8)
+    stop_at = max(i for i, t in enumerate(free) if t not in free[:i])
+    llm.eos_token_ids = {free[stop_at]}
+    assert llm.generate([5, 6, 7], max_new_tokens=8) == free[: stop_at + 1]
