@@ -87,8 +87,3 @@ def test_prompt_longer_than_context(tiny_checkpoint):
     llm = krasis.LLM(tiny_checkpoint("qwen3_moe_mixed")[1])
     with pytest.raises(InvalidInputError, match="context is 512 tokens"):
         llm.generate([1] * 500, max_new_tokens=20)
-
-
-def test_quantised_experts_not_yet_available_is_explicit(tiny_checkpoint):
-    with pytest.raises(NotImplementedError, match="expert_bits=16"):
-        krasis.LLM(tiny_checkpoint("qwen3_moe_mixed")[1], expert_bits=4)

@@ -47,3 +47,15 @@ def test_krasis_chat_answers_each_line_and_keeps_the_conversation(tiny_checkpoin
     assert r.returncode == 0, r.stderr
     answers = [line for line in r.stdout.split("> ") if line.strip()]
     assert len(answers) == 2
+
+
+def test_cpu_expert_bits_flag_runs_the_quantised_path(tiny_checkpoint, tmp_path):
+    import krasis
+
+    _, path = tiny_checkpoint("deepseek_v2_lite_like")
+    r = run_krasis(["--non-interactive", "--model-path", str(path), "--prompt", "Hi", "--max-tokens", "5",
+                    "--dtype", "float32", "--cpu-expert-bits", "4", "--threads", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    llm = krasis.LLM(path, expert_bits=4)
+    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    assert r.stdout == llm.tokenizer.decode(llm.generate(ids, max_new_tokens=5)) + "\n"

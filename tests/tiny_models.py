@@ -13,11 +13,11 @@ VOCAB = 320
 
 QWEN3_MOE = {
     # GQA 4/2, a dense layer between MoE layers, normalised top-k
-    "qwen3_moe_mixed": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+    "qwen3_moe_mixed": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
                             num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True),
     # odd head counts (3 heads, 1 KV head), sparse step 2, unnormalised top-k, YaRN in the legacy rope_scaling style
-    "qwen3_moe_odd_yarn": dict(hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
+    "qwen3_moe_odd_yarn": dict(hidden_size=192, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=3,
                                num_attention_heads=3, num_key_value_heads=1, head_dim=24, num_experts=6,
                                num_experts_per_tok=3, decoder_sparse_step=2, norm_topk_prob=False,
                                rope_scaling={"rope_type": "yarn", "factor": 4.0,
@@ -26,7 +26,7 @@ QWEN3_MOE = {
 
 DEEPSEEK_V2 = {
     # no q LoRA, greedy routing, a dense first layer, two shared experts, YaRN with mscale (V2-Lite style)
-    "deepseek_v2_lite_like": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+    "deepseek_v2_lite_like": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=3,
                                   num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
                                   num_experts_per_tok=3, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
                                   qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, topk_method="greedy",
@@ -35,7 +35,7 @@ DEEPSEEK_V2 = {
                                                    "original_max_position_embeddings": 64, "beta_fast": 32,
                                                    "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
     # q LoRA, group-limited routing, scaling factor, odd head count, plain RoPE, one shared expert
-    "deepseek_v2_grouped_qlora": dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
+    "deepseek_v2_grouped_qlora": dict(hidden_size=192, intermediate_size=128, moe_intermediate_size=64,
                                       num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3,
                                       n_routed_experts=12, n_shared_experts=1, num_experts_per_tok=4,
                                       first_k_dense_replace=0, kv_lora_rank=24, q_lora_rank=40, qk_rope_head_dim=8,

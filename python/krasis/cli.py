@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="compute dtype (default bfloat16)")
+    p.add_argument("--cpu-expert-bits", type=int, choices=(16, 8, 4), default=16,
+                   help="routed experts on the CPU: 16 = unquantised, 8 or 4 = INT8/INT4 Rust kernels "
+                        "(which also run dense MLPs, shared experts and lm_head in INT8); default 16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU expert kernel threads (default: physical cores; env KRASIS_THREADS)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
     return p
 
@@ -57,7 +62,11 @@ def _run_prompt(args: argparse.Namespace) -> int:
     if model_path is None:
         model_path = ensure_demo_model()
         print(DEMO_NOTE.format(path=model_path), file=sys.stderr)
-    llm = LLM(model_path, device=args.device, dtype=args.dtype)
+    if args.threads is not None:
+        from . import _core
+
+        _core.set_num_threads(args.threads)
+    llm = LLM(model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits)
     tok = llm.tokenizer
     if tok.has_chat_template and not args.raw_prompt:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

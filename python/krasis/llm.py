@@ -36,6 +36,22 @@ def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer)
     return ids
 
 
+def _load_quantised(ckpt: Checkpoint, spec, dtype: torch.dtype, expert_bits: int):
+    """Weights with routed experts at ``expert_bits`` in the Rust expert store and the dense MLPs, shared
+    experts and lm_head in INT8 (Rust kernels); attention, norms and routers stay in ``dtype``."""
+    from .engine.cpu_quant import CPUQuantLinear, experts_factory
+
+    weights = load_weights(ckpt, spec, dtype, "cpu", experts_factory=experts_factory(spec, expert_bits))
+    for layer in weights.layers:
+        for role, tensor in layer.mlp.items():
+            if role != "router":
+                layer.mlp[role] = CPUQuantLinear(tensor, bits=8)
+    weights.lm_head = CPUQuantLinear(weights.lm_head, bits=8)
+    log.info("routed experts INT%d and dense MLPs / shared experts / lm_head INT8 on the CPU (Rust kernels)",
+             expert_bits)
+    return weights
+
+
 class LLM:
     """A loaded model.
 
@@ -48,9 +64,9 @@ class LLM:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
             raise ValueError(f"expert_bits must be 16, 8 or 4, not {expert_bits!r}")
-        if expert_bits != 16:
-            raise NotImplementedError("quantised experts (expert_bits 8 or 4) need the Rust CPU expert engine, "
-                                      "which is not wired in yet; use expert_bits=16")
+        if expert_bits != 16 and device != "cpu":
+            raise NotImplementedError("quantised experts on the GPU arrive with the GPU engine; use device='cpu' "
+                                      "for expert_bits 8 or 4, or expert_bits=16 on 'cuda'")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
         if device not in ("cpu", "cuda"):
@@ -65,7 +81,10 @@ class LLM:
         self.tokenizer = Tokenizer(self.model_path)
         log.info("loading %s (%s, %d layers, %s experts) on %s in %s", self.model_path, self.spec.family,
                  self.spec.num_layers, self.spec.moe.num_experts if self.spec.moe else 0, device, dtype)
-        weights = load_weights(ckpt, self.spec, self.dtype, self.device)
+        if expert_bits == 16:
+            weights = load_weights(ckpt, self.spec, self.dtype, self.device)
+        else:
+            weights = _load_quantised(ckpt, self.spec, self.dtype, expert_bits)
         self._forward = Forward(self.spec, weights, self.dtype, self.device)
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
         self.max_context = self.spec.max_position_embeddings

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.spec import ArchSpec, GQASpec
+from ..ops.linear import linear
 from ..ops.attention import gqa_attention, mla_attention_absorbed, mla_attention_expanded
 from ..ops.mlp import swiglu
 from ..ops.norms import rms_norm
@@ -41,7 +42,7 @@ class Forward:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [T, vocab] in the compute dtype."""
-        return F.linear(hidden, self.w.lm_head)
+        return linear(hidden, self.w.lm_head)
 
     def _attention(self, index: int, layer: LayerWeights, h: torch.Tensor, cache: KVCache, start: int,
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

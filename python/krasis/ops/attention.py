@@ -18,22 +18,20 @@ def causal_mask(start: int, t: int, total: int, device: torch.device) -> torch.T
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Scaled dot-product attention; q [T, H, D], k [S, H, D], v [S, H, Dv] -> [T, H, Dv]."""
+    """Scaled dot-product attention; q [T, H, D], k [S, KV, D], v [S, KV, Dv] with H a multiple of KV
+    -> [T, H, Dv]. Runs on [1, heads, tokens, dim] views so torch picks its fused (flash) kernels."""
     t, s = q.shape[0], k.shape[0]
     # A fresh sequence uses SDPA's own causal path (its fastest); a continuation needs the offset mask.
     fresh = start == 0 and s == t
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=None if fresh else causal_mask(start, t, s, q.device), is_causal=fresh and t > 1, scale=scale)
-    return out.transpose(0, 1)
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=None if fresh else causal_mask(start, t, s, q.device), is_causal=fresh and t > 1, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Grouped-query attention; q [T, H, D], k/v [S, KV, D] with H a multiple of KV -> [T, H, D]."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    """Grouped-query attention; q [T, H, D], k/v [S, KV, D] -> [T, H, D]."""
     return sdpa(q, k, v, start, scale)
 
 

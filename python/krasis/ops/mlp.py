@@ -6,10 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear import QuantizedLinear, linear
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+Weight = torch.Tensor | QuantizedLinear
+
+
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)); x [T, H], gate/up [I, H], down [H, I] -> [T, H]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

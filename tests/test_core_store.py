@@ -1,0 +1,173 @@
+"""krasis._core.ExpertStore: fused routed-expert forward against a float64 torch/numpy reference."""
+
+import numpy as np
+import pytest
+
+from krasis import _core
+
+RNG = np.random.default_rng()
+PATHS = ["avx512", "avx2", "scalar"]
+H, I, E, L = 256, 384, 8, 2
+
+
+def rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def rel_err(got, ref):
+    return np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max()
+
+
+@pytest.fixture(params=PATHS)
+def simd(request):
+    if request.param not in _core.supported_simd_paths():
+        pytest.skip(f"this CPU cannot run the {request.param} path (has {_core.supported_simd_paths()})")
+    _core.set_simd_path(request.param)
+    yield request.param
+    _core.set_simd_path(None)
+
+
+def filled_store(bits, group_size):
+    store = _core.ExpertStore(L, E, H, I, bits, group_size)
+    for layer in range(L):
+        for e in range(E):
+            store.set_expert(layer, e, rand(I, H, scale=0.1), rand(I, H), rand(H, I))
+    return store
+
+
+def dequantized_expert(store, layer, e):
+    raw = np.asarray(store.expert_view(layer, e))
+    lay = store.layout()
+    out = []
+    for name in ("gate", "up", "down"):
+        m = lay[name]
+        q = raw[m["offset"] : m["offset"] + m["weights_nbytes"]]
+        s = raw[m["scales_offset"] : m["scales_offset"] + m["scales_nbytes"]].view(np.float32)
+        out.append(_core.dequantize(q, s, m["n"], m["k"], store.bits, store.group_size).astype(np.float64))
+    return out
+
+
+def reference(store, layer, x, ids, w):
+    y = np.zeros((x.shape[0], H))
+    cache = {}
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e not in cache:
+                cache[e] = dequantized_expert(store, layer, e)
+            g, u, d = cache[e]
+            xt = x[t].astype(np.float64)
+            gv, uv = g @ xt, u @ xt
+            h = gv / (1 + np.exp(-gv)) * uv
+            y[t] += w[t, j] * (d @ h)
+    return y
+
+
+STORES = {}
+
+
+def store_for(bits, group_size):
+    key = (bits, group_size)
+    if key not in STORES:
+        STORES[key] = filled_store(bits, group_size)
+    return STORES[key]
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, 128), (4, 32), (8, 64)])
+@pytest.mark.parametrize("m", [1, 4, 19])
+def test_forward_matches_reference(simd, bits, group_size, m):
+    store = store_for(bits, group_size)
+    k = 3
+    x = rand(m, H)
+    ids = np.stack([RNG.choice(E, k, replace=False) for _ in range(m)]).astype(np.int64)
+    w = RNG.random((m, k)).astype(np.float32)
+    ref = reference(store, 1, x, ids, w)
+    yi = store.forward(1, x, ids, w, act_int8=True)
+    yf = store.forward(1, x, ids.astype(np.int32), w, act_int8=False)
+    assert yi.shape == (m, H) and yi.dtype == np.float32
+    assert rel_err(yi, ref) < 1e-2
+    assert rel_err(yf, ref) < 1e-4
+    _core.set_simd_path("scalar")
+    assert rel_err(yi, store.forward(1, x, ids, w, act_int8=True).astype(np.float64)) < 1e-4
+
+
+def test_torch_reference_bf16_weights():
+    torch = pytest.importorskip("torch")
+    store = _core.ExpertStore(1, 4, H, I, 8, 64)
+    mats = {}
+    for e in range(4):
+        g, u, d = (torch.randn(I, H) * 0.1).bfloat16(), torch.randn(I, H).bfloat16(), torch.randn(H, I).bfloat16()
+        store.set_expert(0, e, *(t.view(torch.uint16).numpy() for t in (g, u, d)))
+        mats[e] = [torch.from_numpy(a) for a in dequantized_expert(store, 0, e)]
+    x = torch.randn(2, H)
+    ids = torch.tensor([[0, 3], [2, 1]])
+    w = torch.rand(2, 2)
+    ref = torch.zeros(2, H, dtype=torch.float64)
+    for t in range(2):
+        for j in range(2):
+            g, u, d = mats[int(ids[t, j])]
+            xt = x[t].double()
+            ref[t] += w[t, j].double() * (d @ (torch.nn.functional.silu(g @ xt) * (u @ xt)))
+    y = store.forward(0, x.numpy(), ids.numpy(), w.numpy(), act_int8=False)
+    assert rel_err(y, ref.numpy()) < 1e-4
+
+
+def test_quantized_parts_and_bytes_round_trip():
+    store = _core.ExpertStore(1, 3, H, I, 4, 64, numa="off")
+    g, u, d = rand(I, H), rand(I, H), rand(H, I)
+    store.set_expert(0, 0, g, u, d)
+    parts = []
+    for a in (g, u, d):
+        parts += list(_core.quantize(a, 4, 64))
+    store.set_expert_quantized(0, 1, *parts)
+    np.testing.assert_array_equal(store.expert_view(0, 0), store.expert_view(0, 1))
+    store.set_expert_bytes(0, 2, np.array(store.expert_view(0, 0)))
+    np.testing.assert_array_equal(store.expert_view(0, 0), store.expert_view(0, 2))
+    view = store.expert_view(0, 0)
+    assert view.nbytes == store.expert_nbytes and not view.flags.writeable
+    bufs = store.buffers()
+    assert len(bufs) == 1 and bufs[0][1] == 3 * store.expert_nbytes and bufs[0][0] % 4096 == 0
+    assert (store.num_layers, store.num_experts, store.hidden, store.intermediate) == (1, 3, H, I)
+    assert (store.bits, store.group_size, store.numa) == (4, 64, "off")
+
+
+def test_view_keeps_store_alive():
+    store = _core.ExpertStore(1, 2, H, I, 8, 128)
+    store.set_expert(0, 1, rand(I, H), rand(I, H), rand(H, I))
+    view = store.expert_view(0, 1)
+    copy = np.array(view)
+    del store
+    np.testing.assert_array_equal(view, copy)
+
+
+def test_bad_inputs_raise():
+    store = store_for(4, 128)
+    x = rand(2, H)
+    ids = np.array([[0, 1], [2, 3]])
+    w = rand(2, 2)
+    with pytest.raises(ValueError):
+        store.forward(0, x, np.array([[0, E], [1, 2]]), w)  # id out of range
+    with pytest.raises(ValueError):
+        store.forward(0, x, np.array([[0, -1], [1, 2]]), w)
+    with pytest.raises(ValueError):
+        store.forward(L, x, ids, w)
+    with pytest.raises(ValueError):
+        store.forward(0, rand(2, H + 64), ids, w)
+    with pytest.raises(ValueError):
+        store.forward(0, x, ids, rand(2, 3))
+    with pytest.raises(TypeError):
+        store.forward(0, x.astype(np.float64), ids, w)
+    with pytest.raises(TypeError):
+        store.forward(0, x, ids.astype(np.float32), w)
+    with pytest.raises(ValueError):
+        store.forward(0, rand(H, 2).T, ids, w)  # non-contiguous
+    with pytest.raises(ValueError):
+        store.set_expert(0, E, rand(I, H), rand(I, H), rand(H, I))
+    with pytest.raises(ValueError):
+        store.set_expert(0, 0, rand(I, H + 64), rand(I, H), rand(H, I))
+    with pytest.raises(ValueError):
+        store.set_expert_bytes(0, 0, np.zeros(10, np.uint8))
+    with pytest.raises(ValueError):
+        _core.ExpertStore(1, 2, 100, I, 4, 64)
+    with pytest.raises(ValueError):
+        _core.ExpertStore(1, 2, H, I, 4, 64, numa="maybe")
