@@ -1,8 +1,8 @@
 //! Dense quantised matmul y[M, N] = x[M, K] @ W^T, rows of W split over the pool's workers.
 
-use crate::kernels::{row_dot_f32, row_dot_int, MAX_TOKENS};
-use crate::pool::{split_range, Disjoint, Pool};
-use crate::quant::{quantize_act, ActSlices, quantize_rows, ActRef, MatLayout, MatRef, QuantActs};
+use crate::kernels::{row_dot_f32, row_dot_int, row_tiles, MAX_TOKENS, ROW_TILE};
+use crate::pool::{split_range, Disjoint, Pool, WorkQueue};
+use crate::quant::{quantize_act, quantize_rows, ActRef, ActSlices, MatLayout, MatRef, QuantActs};
 use crate::simd::SimdPath;
 
 /// Float weights in one of the accepted input dtypes, row-major [N, K].
@@ -28,14 +28,26 @@ impl WeightSrc<'_> {
         let n = out.len();
         match self {
             WeightSrc::F32(s) => out.copy_from_slice(&s[start..start + n]),
-            WeightSrc::F16(s) => out.iter_mut().zip(&s[start..start + n]).for_each(|(o, b)| *o = crate::quant::f16_to_f32(*b)),
-            WeightSrc::Bf16(s) => out.iter_mut().zip(&s[start..start + n]).for_each(|(o, b)| *o = crate::quant::bf16_to_f32(*b)),
+            WeightSrc::F16(s) => out
+                .iter_mut()
+                .zip(&s[start..start + n])
+                .for_each(|(o, b)| *o = crate::quant::f16_to_f32(*b)),
+            WeightSrc::Bf16(s) => out
+                .iter_mut()
+                .zip(&s[start..start + n])
+                .for_each(|(o, b)| *o = crate::quant::bf16_to_f32(*b)),
         }
     }
 }
 
 /// Quantise `src` [N, K] into `weights` / `scales` (the layout's sizes), rows split over workers.
-pub fn quantize_parallel(pool: &Pool, layout: &MatLayout, src: WeightSrc, weights: &mut [u8], scales: &mut [f32]) {
+pub fn quantize_parallel(
+    pool: &Pool,
+    layout: &MatLayout,
+    src: WeightSrc,
+    weights: &mut [u8],
+    scales: &mut [f32],
+) {
     let (n, k) = (layout.n, layout.k);
     assert_eq!(src.len(), n * k, "weights must hold N*K values");
     assert_eq!(weights.len(), layout.weights_nbytes());
@@ -63,10 +75,10 @@ pub fn quantize_parallel(pool: &Pool, layout: &MatLayout, src: WeightSrc, weight
     });
 }
 
-/// Quantise M tokens of activations (per group, INT8), tokens split over workers when M*K is large.
+/// Quantise M tokens of activations (see `QuantActs`), tokens split over the workers unless tiny.
 pub fn quantize_acts(pool: &Pool, x: &[f32], k: usize, group: usize) -> QuantActs {
     let m = x.len() / k;
-    if m * k < (1 << 16) {
+    if m < 2 || m * k < 4096 {
         return QuantActs::from_rows(x, k, group);
     }
     let mut acts = QuantActs::new(m, k, group);
@@ -95,40 +107,58 @@ pub fn quantize_acts(pool: &Pool, x: &[f32], k: usize, group: usize) -> QuantAct
     acts
 }
 
+/// Rows per unit of work in `matmul`.
+const CHUNK_ROWS: usize = 64;
+
 /// y[M, N] = x[M, K] @ W^T.
 pub fn matmul(pool: &Pool, path: SimdPath, w: &MatRef, x: &[f32], act_int8: bool) -> Vec<f32> {
     let (n, k) = (w.layout.n, w.layout.k);
     assert_eq!(x.len() % k, 0, "x must hold M*K values");
     let m = x.len() / k;
-    let acts = if act_int8 { Some(quantize_acts(pool, x, k, w.layout.group)) } else { None };
+    let _pin = pool.pin_caller();
+    let acts = if act_int8 {
+        Some(quantize_acts(pool, x, k, w.layout.group))
+    } else {
+        None
+    };
     let mut y = vec![0f32; m * n];
     let out = Disjoint::new(&mut y);
-    let nt = pool.num_threads();
-    pool.run(&|tid| {
-        let mut o = [0f32; MAX_TOKENS];
-        let rows = split_range(n, nt, tid);
-        if rows.is_empty() {
-            return;
-        }
+    // Rows in chunks from a queue: a worker the OS delays holds up only its current chunk.
+    let queue = WorkQueue::new(n.div_ceil(CHUNK_ROWS));
+    pool.run(&|_| {
+        let mut o = [0f32; MAX_TOKENS * ROW_TILE];
         let starts: Vec<usize> = (0..m).step_by(MAX_TOKENS).collect();
         let act_blocks: Vec<Vec<ActRef>> = match &acts {
-            Some(a) => starts.iter().map(|&t0| (t0..(t0 + MAX_TOKENS).min(m)).map(|t| a.token(t)).collect()).collect(),
+            Some(a) => starts
+                .iter()
+                .map(|&t0| (t0..(t0 + MAX_TOKENS).min(m)).map(|t| a.token(t)).collect())
+                .collect(),
             None => Vec::new(),
         };
         let x_blocks: Vec<Vec<&[f32]>> = starts
             .iter()
-            .map(|&t0| (t0..(t0 + MAX_TOKENS).min(m)).map(|t| &x[t * k..(t + 1) * k]).collect())
+            .map(|&t0| {
+                (t0..(t0 + MAX_TOKENS).min(m))
+                    .map(|t| &x[t * k..(t + 1) * k])
+                    .collect()
+            })
             .collect();
-        for r in rows {
-            for (b, &t0) in starts.iter().enumerate() {
-                if act_int8 {
-                    row_dot_int(path, w, r, &act_blocks[b], &mut o);
-                } else {
-                    row_dot_f32(path, w, r, &x_blocks[b], &mut o);
-                }
-                for (i, v) in o.iter().take(x_blocks[b].len()).enumerate() {
-                    // SAFETY: element (t, r) is written only by the worker that owns row r.
-                    unsafe { *out.at((t0 + i) * n + r) = *v };
+        while let Some(c) = queue.take() {
+            let rows = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
+            for tile in row_tiles(rows) {
+                for (b, &t0) in starts.iter().enumerate() {
+                    let tb = x_blocks[b].len();
+                    if act_int8 {
+                        row_dot_int(path, w, tile.clone(), &act_blocks[b], &mut o);
+                    } else {
+                        row_dot_f32(path, w, tile.clone(), &x_blocks[b], &mut o);
+                    }
+                    for (i, r) in tile.clone().enumerate() {
+                        for j in 0..tb {
+                            // SAFETY: element (t, r) is written only by the worker that took row r's chunk.
+                            unsafe { *out.at((t0 + j) * n + r) = o[i * tb + j] };
+                        }
+                    }
                 }
             }
         }
@@ -144,18 +174,34 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
-    pub fn from_parts(layout: MatLayout, weights: Vec<u8>, scales: Vec<f32>) -> Result<QuantMatrix, String> {
+    pub fn from_parts(
+        layout: MatLayout,
+        weights: Vec<u8>,
+        scales: Vec<f32>,
+    ) -> Result<QuantMatrix, String> {
         MatRef::new(layout, &weights, &scales)?;
-        Ok(QuantMatrix { layout, weights, scales })
+        Ok(QuantMatrix {
+            layout,
+            weights,
+            scales,
+        })
     }
     pub fn quantize(pool: &Pool, layout: MatLayout, src: WeightSrc) -> QuantMatrix {
         let mut weights = vec![0u8; layout.weights_nbytes()];
         let mut scales = vec![0f32; layout.scales_len()];
         quantize_parallel(pool, &layout, src, &mut weights, &mut scales);
-        QuantMatrix { layout, weights, scales }
+        QuantMatrix {
+            layout,
+            weights,
+            scales,
+        }
     }
     pub fn as_ref(&self) -> MatRef<'_> {
-        MatRef { layout: self.layout, weights: &self.weights, scales: &self.scales }
+        MatRef {
+            layout: self.layout,
+            weights: &self.weights,
+            scales: &self.scales,
+        }
     }
     pub fn nbytes(&self) -> usize {
         self.weights.len() + self.scales.len() * 4
@@ -176,11 +222,19 @@ mod tests {
         for (bits, g, m) in [(4, 128, 1), (8, 64, 5), (4, 32, 9), (8, 128, 3)] {
             let (n, k) = (37, 256);
             let w = rng.normal_vec(n * k);
-            let qm = QuantMatrix::quantize(&pool, MatLayout::new(n, k, bits, g).unwrap(), WeightSrc::F32(&w));
+            let qm = QuantMatrix::quantize(
+                &pool,
+                MatLayout::new(n, k, bits, g).unwrap(),
+                WeightSrc::F32(&w),
+            );
             let deq = dequantize(&qm.as_ref());
             let x = rng.normal_vec(m * k);
             let want: Vec<f64> = (0..m * n)
-                .map(|i| (0..k).map(|j| deq[(i % n) * k + j] as f64 * x[(i / n) * k + j] as f64).sum())
+                .map(|i| {
+                    (0..k)
+                        .map(|j| deq[(i % n) * k + j] as f64 * x[(i / n) * k + j] as f64)
+                        .sum()
+                })
                 .collect();
             for path in SimdPath::all_supported() {
                 assert!(rel_err(&matmul(&pool, path, &qm.as_ref(), &x, true), &want) < 1e-2);
@@ -202,7 +256,10 @@ mod tests {
         let b = QuantMatrix::quantize(&pool, l, WeightSrc::F32(&wb));
         assert_eq!(a.weights, b.weights);
         assert_eq!(a.scales, b.scales);
-        let hf: Vec<u16> = w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+        let hf: Vec<u16> = w
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_bits())
+            .collect();
         let c = QuantMatrix::quantize(&pool, l, WeightSrc::F16(&hf));
         let wh: Vec<f32> = hf.iter().map(|b| crate::quant::f16_to_f32(*b)).collect();
         let d = QuantMatrix::quantize(&pool, l, WeightSrc::F32(&wh));

@@ -2,19 +2,21 @@
 //! y[t] = sum_j w[t, j] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = ids[t, j].
 //!
 //! Three steps on the pool, each a barrier:
-//! 1. gate/up: the rows of every expert in use, laid end to end, split over the workers of the
+//! 1. gate/up: the rows of every expert in use, in chunks of 32, queued for the workers of the
 //!    expert's NUMA node; each row is computed for all tokens routed to that expert.
 //! 2. (INT8 activations only) quantise the hidden vectors h, one per (token, expert) pair.
-//! 3. down: the H output rows split over each node's workers, each looping over that node's
-//!    experts and summing weight * row . h into its rows of y. With several nodes each node
+//! 3. down: the H output rows in chunks of 32, queued for each node's workers; a chunk loops over
+//!    that node's experts, summing weight * row . h into its rows of y. With several nodes each node
 //!    sums into its own partial y, added at the end.
 
-use crate::kernels::{row_dot_f32, row_dot_int, MAX_TOKENS};
+use crate::kernels::{row_dot_f32, row_dot_int, row_tiles, MAX_TOKENS, ROW_TILE};
 use crate::matmul::quantize_acts;
-use crate::numa::{plan_slot_rows, worker_groups};
-use crate::pool::{split_range, Disjoint, Pool};
+use crate::numa::{chunk_slot_rows, worker_groups};
+use crate::pool::{Disjoint, Pool, WorkQueue};
 use crate::quant::{ActRef, MatRef};
 use crate::simd::SimdPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// One expert's three matrices and the NUMA node its memory is on.
 #[derive(Clone, Copy)]
@@ -30,6 +32,32 @@ struct Slot<'a> {
     expert: ExpertRef<'a>,
     pairs: Vec<(usize, f32, usize)>,
 }
+
+/// Nanoseconds spent in each step of `moe_forward` since the last `take_phase_times` (setup and
+/// activation quantisation, gate/up, h quantisation, down, total): a cheap profile for benchmarks.
+static PHASE_NS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// Read and reset the per-step times (seconds) and the number of calls.
+pub fn take_phase_times() -> ([f64; 5], u64) {
+    let mut out = [0f64; 5];
+    for (o, a) in out.iter_mut().zip(&PHASE_NS) {
+        *o = a.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+    }
+    (out, CALLS.swap(0, Ordering::Relaxed))
+}
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn lap(i: usize, t: &mut Instant) {
+    let now = Instant::now();
+    PHASE_NS[i].fetch_add((now - *t).as_nanos() as u64, Ordering::Relaxed);
+    *t = now;
+}
+
+/// Rows per unit of work taken from a queue.
+const CHUNK_ROWS: usize = 32;
+
+/// One block of up to MAX_TOKENS inputs as the kernels take them: quantised (INT8 mode) and f32.
+type TokenBlock<'a> = (Vec<ActRef<'a>>, Vec<&'a [f32]>);
 
 fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
@@ -50,9 +78,15 @@ pub fn moe_forward<'a>(
     act_int8: bool,
     numa: bool,
 ) -> Vec<f32> {
+    let _pin = pool.pin_caller();
+    let start = Instant::now();
+    let mut t = start;
     assert_eq!(x.len() % hidden, 0, "x must be [M, hidden]");
     let m = x.len() / hidden;
-    assert!(m > 0 && ids.len() % m == 0 && ids.len() == weights.len(), "ids and weights must be [M, k]");
+    assert!(
+        m > 0 && ids.len().is_multiple_of(m) && ids.len() == weights.len(),
+        "ids and weights must be [M, k]"
+    );
     let topk = ids.len() / m;
 
     // Group the (token, expert) pairs by expert, in order of first use.
@@ -62,7 +96,10 @@ pub fn moe_forward<'a>(
         for j in 0..topk {
             let e = ids[t * topk + j];
             let s = *slot_of.entry(e).or_insert_with(|| {
-                slots.push(Slot { expert: expert(e), pairs: Vec::new() });
+                slots.push(Slot {
+                    expert: expert(e),
+                    pairs: Vec::new(),
+                });
                 slots.len() - 1
             });
             let p = t * topk + j;
@@ -72,21 +109,56 @@ pub fn moe_forward<'a>(
     let npairs = m * topk;
     let nt = pool.num_threads();
     let groups = if numa {
-        worker_groups(&(0..nt).map(|t| pool.node_of(t)).collect::<Vec<_>>(), pool.num_nodes())
+        worker_groups(
+            &(0..nt).map(|t| pool.node_of(t)).collect::<Vec<_>>(),
+            pool.num_nodes(),
+        )
     } else {
         vec![(0..nt).collect()]
     };
     let slot_nodes: Vec<usize> = slots
         .iter()
-        .map(|s| if numa { s.expert.node % groups.len() } else { 0 })
-        .map(|n| if groups[n].is_empty() { groups.iter().position(|g| !g.is_empty()).unwrap() } else { n })
+        .map(|s| {
+            if numa {
+                s.expert.node % groups.len()
+            } else {
+                0
+            }
+        })
+        .map(|n| {
+            if groups[n].is_empty() {
+                groups.iter().position(|g| !g.is_empty()).unwrap()
+            } else {
+                n
+            }
+        })
         .collect();
-    let gate_plan = plan_slot_rows(&slot_nodes, inter, &groups);
+    // Per node: chunks of gate/up rows, and chunks of down (output) rows, each taken from a queue
+    // by that node's workers.
+    let gate_chunks = chunk_slot_rows(&slot_nodes, inter, &groups, CHUNK_ROWS);
+    let gate_queues: Vec<WorkQueue> = gate_chunks
+        .iter()
+        .map(|c| WorkQueue::new(c.len()))
+        .collect();
+    let down_chunks = hidden.div_ceil(CHUNK_ROWS);
+    let down_queues: Vec<WorkQueue> = groups.iter().map(|_| WorkQueue::new(down_chunks)).collect();
+    let node_of_worker: Vec<usize> = (0..nt)
+        .map(|tid| groups.iter().position(|g| g.contains(&tid)).unwrap_or(0))
+        .collect();
 
-    let xacts = if act_int8 { Some(quantize_acts(pool, x, hidden, slots[0].expert.gate.layout.group)) } else { None };
+    let xacts = if act_int8 {
+        Some(quantize_acts(
+            pool,
+            x,
+            hidden,
+            slots[0].expert.gate.layout.group,
+        ))
+    } else {
+        None
+    };
     let xrow = |t: usize| &x[t * hidden..(t + 1) * hidden];
     // Per slot, per block of up to MAX_TOKENS pairs: the kernels' token arguments.
-    let x_chunks: Vec<Vec<(Vec<ActRef>, Vec<&[f32]>)>> = slots
+    let x_chunks: Vec<Vec<TokenBlock>> = slots
         .iter()
         .map(|s| {
             s.pairs
@@ -102,28 +174,36 @@ pub fn moe_forward<'a>(
         })
         .collect();
 
+    lap(0, &mut t);
     // 1. h[p] = silu(gate x) * up x for every pair p.
     let mut h = vec![0f32; npairs * inter];
     {
         let hd = Disjoint::new(&mut h);
         pool.run(&|tid| {
-            let (mut og, mut ou) = ([0f32; MAX_TOKENS], [0f32; MAX_TOKENS]);
-            for (si, rows) in &gate_plan[tid] {
+            let (mut og, mut ou) = ([0f32; MAX_TOKENS * ROW_TILE], [0f32; MAX_TOKENS * ROW_TILE]);
+            let node = node_of_worker[tid];
+            while let Some(c) = gate_queues[node].take() {
+                let (si, rows) = &gate_chunks[node][c];
                 let slot = &slots[*si];
-                for r in rows.clone() {
+                for tile in row_tiles(rows.clone()) {
                     for (ci, chunk) in slot.pairs.chunks(MAX_TOKENS).enumerate() {
                         let (ar, xs) = &x_chunks[*si][ci];
                         if act_int8 {
-                            row_dot_int(path, &slot.expert.gate, r, ar, &mut og);
-                            row_dot_int(path, &slot.expert.up, r, ar, &mut ou);
+                            row_dot_int(path, &slot.expert.gate, tile.clone(), ar, &mut og);
+                            row_dot_int(path, &slot.expert.up, tile.clone(), ar, &mut ou);
                         } else {
-                            row_dot_f32(path, &slot.expert.gate, r, xs, &mut og);
-                            row_dot_f32(path, &slot.expert.up, r, xs, &mut ou);
+                            row_dot_f32(path, &slot.expert.gate, tile.clone(), xs, &mut og);
+                            row_dot_f32(path, &slot.expert.up, tile.clone(), xs, &mut ou);
                         }
-                        for (i, &(_, _, p)) in chunk.iter().enumerate() {
-                            // SAFETY: (pair p, row r) belongs to this worker's plan only:
-                            // plan_slot_rows covers every (slot, row) exactly once.
-                            unsafe { *hd.at(p * inter + r) = silu(og[i]) * ou[i] };
+                        let tb = chunk.len();
+                        for (i, r) in tile.clone().enumerate() {
+                            for (j, &(_, _, p)) in chunk.iter().enumerate() {
+                                let (g, u) = (og[i * tb + j], ou[i * tb + j]);
+                                // SAFETY: (pair p, row r) belongs to one chunk, and each chunk
+                                // is taken by one worker: chunk_slot_rows covers every (slot,
+                                // row) once and WorkQueue hands out each chunk once.
+                                unsafe { *hd.at(p * inter + r) = silu(g) * u };
+                            }
                         }
                     }
                 }
@@ -131,14 +211,20 @@ pub fn moe_forward<'a>(
         });
     }
 
+    lap(1, &mut t);
     // 2. Quantise h per pair.
     let group = slots[0].expert.down.layout.group;
-    let hacts = if act_int8 { Some(quantize_acts(pool, &h, inter, group)) } else { None };
+    let hacts = if act_int8 {
+        Some(quantize_acts(pool, &h, inter, group))
+    } else {
+        None
+    };
 
+    lap(2, &mut t);
     // 3. y[t] += w * down h, per node.
     let ngroups = groups.len();
     let mut partial = vec![0f32; ngroups * m * hidden];
-    let h_chunks: Vec<Vec<(Vec<ActRef>, Vec<&[f32]>)>> = slots
+    let h_chunks: Vec<Vec<TokenBlock>> = slots
         .iter()
         .map(|s| {
             s.pairs
@@ -148,7 +234,12 @@ pub fn moe_forward<'a>(
                         Some(a) => c.iter().map(|&(_, _, p)| a.token(p)).collect(),
                         None => Vec::new(),
                     };
-                    (ar, c.iter().map(|&(_, _, p)| &h[p * inter..(p + 1) * inter]).collect())
+                    (
+                        ar,
+                        c.iter()
+                            .map(|&(_, _, p)| &h[p * inter..(p + 1) * inter])
+                            .collect(),
+                    )
                 })
                 .collect()
         })
@@ -156,42 +247,49 @@ pub fn moe_forward<'a>(
     {
         let yd = Disjoint::new(&mut partial);
         pool.run(&|tid| {
-            let Some(node) = groups.iter().position(|g| g.contains(&tid)) else { return };
-            let wi = groups[node].iter().position(|&t| t == tid).unwrap();
-            let rows = split_range(hidden, groups[node].len(), wi);
-            if rows.is_empty() {
-                return;
-            }
+            let node = node_of_worker[tid];
             let base = node * m * hidden;
-            let mut o = [0f32; MAX_TOKENS];
-            for (si, slot) in slots.iter().enumerate() {
-                if slot_nodes[si] != node {
-                    continue;
-                }
-                for r in rows.clone() {
-                    for (ci, chunk) in slot.pairs.chunks(MAX_TOKENS).enumerate() {
-                        let (ar, hs) = &h_chunks[si][ci];
-                        if act_int8 {
-                            row_dot_int(path, &slot.expert.down, r, ar, &mut o);
-                        } else {
-                            row_dot_f32(path, &slot.expert.down, r, hs, &mut o);
-                        }
-                        for (i, &(t, w, _)) in chunk.iter().enumerate() {
-                            // SAFETY: rows `rows` of this node's partial output belong to this
-                            // worker only (split_range over the node's workers is disjoint).
-                            unsafe { *yd.at(base + t * hidden + r) += w * o[i] };
+            let mut o = [0f32; MAX_TOKENS * ROW_TILE];
+            while let Some(c) = down_queues[node].take() {
+                let rows = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(hidden);
+                for (si, slot) in slots.iter().enumerate() {
+                    if slot_nodes[si] != node {
+                        continue;
+                    }
+                    for tile in row_tiles(rows.clone()) {
+                        for (ci, chunk) in slot.pairs.chunks(MAX_TOKENS).enumerate() {
+                            let (ar, hs) = &h_chunks[si][ci];
+                            if act_int8 {
+                                row_dot_int(path, &slot.expert.down, tile.clone(), ar, &mut o);
+                            } else {
+                                row_dot_f32(path, &slot.expert.down, tile.clone(), hs, &mut o);
+                            }
+                            let tb = chunk.len();
+                            for (i, r) in tile.clone().enumerate() {
+                                for (j, &(t, w, _)) in chunk.iter().enumerate() {
+                                    // SAFETY: rows `rows` of this node's partial output belong to
+                                    // the one worker that took chunk c from the node's queue.
+                                    unsafe { *yd.at(base + t * hidden + r) += w * o[i * tb + j] };
+                                }
+                            }
                         }
                     }
                 }
             }
         });
     }
+    lap(3, &mut t);
+    PHASE_NS[4].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    CALLS.fetch_add(1, Ordering::Relaxed);
     if ngroups == 1 {
         return partial;
     }
     let mut y = partial[..m * hidden].to_vec();
     for g in 1..ngroups {
-        for (a, b) in y.iter_mut().zip(&partial[g * m * hidden..(g + 1) * m * hidden]) {
+        for (a, b) in y
+            .iter_mut()
+            .zip(&partial[g * m * hidden..(g + 1) * m * hidden])
+        {
             *a += b;
         }
     }

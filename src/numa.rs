@@ -20,7 +20,9 @@ impl NumaPolicy {
             "auto" => Ok(NumaPolicy::Auto),
             "interleave" => Ok(NumaPolicy::Interleave),
             "off" => Ok(NumaPolicy::Off),
-            o => Err(format!("numa must be \"auto\", \"interleave\" or \"off\", got {o:?}")),
+            o => Err(format!(
+                "numa must be \"auto\", \"interleave\" or \"off\", got {o:?}"
+            )),
         }
     }
     pub fn name(self) -> &'static str {
@@ -42,15 +44,30 @@ pub fn mbind(addr: *mut u8, len: usize, nodes: &[usize], interleave: bool) -> Re
     let bits = 8 * std::mem::size_of::<libc::c_ulong>();
     for &n in nodes {
         if n >= mask.len() * bits {
-            return Err(format!("NUMA node {n} beyond the supported {} nodes", mask.len() * bits));
+            return Err(format!(
+                "NUMA node {n} beyond the supported {} nodes",
+                mask.len() * bits
+            ));
         }
         mask[n / bits] |= 1 << (n % bits);
     }
-    let mode = if interleave { MPOL_INTERLEAVE } else { MPOL_BIND };
+    let mode = if interleave {
+        MPOL_INTERLEAVE
+    } else {
+        MPOL_BIND
+    };
     // SAFETY: mbind only changes the memory policy of the given range of this process's address
     // space; the mask array outlives the call and maxnode matches its size in bits.
     let rc = unsafe {
-        libc::syscall(libc::SYS_mbind, addr as usize, len, mode, mask.as_ptr(), (mask.len() * bits) as libc::c_ulong, 0u32)
+        libc::syscall(
+            libc::SYS_mbind,
+            addr as usize,
+            len,
+            mode,
+            mask.as_ptr(),
+            (mask.len() * bits) as libc::c_ulong,
+            0u32,
+        )
     };
     if rc != 0 {
         return Err(format!("mbind failed: {}", std::io::Error::last_os_error()));
@@ -72,54 +89,41 @@ pub fn worker_groups(worker_nodes: &[usize], num_nodes: usize) -> Vec<Vec<usize>
     g
 }
 
-/// Rows of the slots (experts in use) that each worker computes: the slots of node n, each with
-/// `rows` rows, laid end to end and split evenly over node n's workers. Slots of a node without
-/// workers go to all workers. Returns, per worker, (slot, row range) segments.
-pub fn plan_slot_rows(slot_nodes: &[usize], rows: usize, groups: &[Vec<usize>]) -> Vec<Vec<(usize, Range<usize>)>> {
-    let nworkers: usize = groups.iter().map(|g| g.len()).sum();
-    let mut plan = vec![Vec::new(); nworkers];
-    let all: Vec<usize> = (0..nworkers).collect();
-    let mut orphans = Vec::new();
-    let mut by_node: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
+/// The work of one phase as chunks per node: the rows of every slot (expert in use) on node n,
+/// cut into pieces of at most `chunk` rows, go to `chunks[n]`; node n's workers take them from a
+/// queue. Slots of a node without workers go to the first node that has some.
+pub fn chunk_slot_rows(
+    slot_nodes: &[usize],
+    rows: usize,
+    groups: &[Vec<usize>],
+    chunk: usize,
+) -> Vec<Vec<(usize, Range<usize>)>> {
+    let fallback = groups.iter().position(|g| !g.is_empty()).unwrap_or(0);
+    let mut chunks = vec![Vec::new(); groups.len().max(1)];
     for (slot, &n) in slot_nodes.iter().enumerate() {
-        if n < groups.len() && !groups[n].is_empty() {
-            by_node[n].push(slot);
+        let n = if n < groups.len() && !groups[n].is_empty() {
+            n
         } else {
-            orphans.push(slot);
+            fallback
+        };
+        let mut r = 0;
+        while r < rows {
+            let end = (r + chunk).min(rows);
+            chunks[n].push((slot, r..end));
+            r = end;
         }
     }
-    let mut assign = |slots: &[usize], workers: &[usize]| {
-        let total = slots.len() * rows;
-        for (wi, &w) in workers.iter().enumerate() {
-            let r = crate::pool::split_range(total, workers.len(), wi);
-            let mut v = r.start;
-            while v < r.end {
-                let (si, row) = (v / rows, v % rows);
-                let end = (r.end - si * rows).min(rows);
-                plan[w].push((slots[si], row..end));
-                v = si * rows + end;
-            }
-        }
-    };
-    for (n, slots) in by_node.iter().enumerate() {
-        if !slots.is_empty() {
-            assign(slots, &groups[n]);
-        }
-    }
-    if !orphans.is_empty() {
-        assign(&orphans, &all);
-    }
-    plan
+    chunks
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn coverage(plan: &[Vec<(usize, Range<usize>)>], slots: usize, rows: usize) -> Vec<usize> {
+    fn coverage(chunks: &[Vec<(usize, Range<usize>)>], slots: usize, rows: usize) -> Vec<usize> {
         let mut hits = vec![0usize; slots * rows];
-        for segs in plan {
-            for (s, r) in segs {
+        for node in chunks {
+            for (s, r) in node {
                 for i in r.clone() {
                     hits[s * rows + i] += 1;
                 }
@@ -129,12 +133,12 @@ mod tests {
     }
 
     #[test]
-    fn one_node_splits_evenly_over_all_workers() {
+    fn one_node_gets_every_row_once() {
         let groups = worker_groups(&[0, 0, 0, 0], 1);
-        let plan = plan_slot_rows(&[0, 0, 0], 10, &groups);
-        assert!(coverage(&plan, 3, 10).iter().all(|&h| h == 1));
-        let lens: Vec<usize> = plan.iter().map(|s| s.iter().map(|(_, r)| r.len()).sum()).collect();
-        assert!(lens.iter().all(|&l| l == 7 || l == 8), "{lens:?}");
+        let chunks = chunk_slot_rows(&[0, 0, 0], 100, &groups, 32);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].len(), 3 * 4);
+        assert!(coverage(&chunks, 3, 100).iter().all(|&h| h == 1));
     }
 
     #[test]
@@ -143,20 +147,25 @@ mod tests {
         let groups = worker_groups(&[0, 1, 0, 1], 2);
         assert_eq!(groups, vec![vec![0, 2], vec![1, 3]]);
         let slot_nodes: Vec<usize> = (0..5).map(|e| expert_node(e, 2)).collect();
-        let plan = plan_slot_rows(&slot_nodes, 8, &groups);
-        assert!(coverage(&plan, 5, 8).iter().all(|&h| h == 1));
-        for (w, segs) in plan.iter().enumerate() {
-            for (s, _) in segs {
-                assert_eq!(slot_nodes[*s], [0, 1, 0, 1][w], "worker {w} got slot {s} of another node");
+        let chunks = chunk_slot_rows(&slot_nodes, 40, &groups, 16);
+        assert!(coverage(&chunks, 5, 40).iter().all(|&h| h == 1));
+        for (n, node) in chunks.iter().enumerate() {
+            for (s, _) in node {
+                assert_eq!(
+                    slot_nodes[*s], n,
+                    "slot {s} of node {} queued on node {n}",
+                    slot_nodes[*s]
+                );
             }
         }
     }
 
     #[test]
-    fn slots_of_a_node_without_workers_go_to_everyone() {
+    fn slots_of_a_node_without_workers_go_elsewhere() {
         let groups = worker_groups(&[0, 0], 2); // node 1 has no workers
-        let plan = plan_slot_rows(&[0, 1, 1], 4, &groups);
-        assert!(coverage(&plan, 3, 4).iter().all(|&h| h == 1));
+        let chunks = chunk_slot_rows(&[0, 1, 1], 4, &groups, 2);
+        assert!(chunks[1].is_empty());
+        assert!(coverage(&chunks, 3, 4).iter().all(|&h| h == 1));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! A fixed pool of worker threads, created once and pinned one per core, that all run the same
-//! job (a closure of the worker id) and then wait for the next. Idle workers spin for a short
+//! job (a closure of the worker id) and then wait for the next. The calling thread is worker 0
+//! (it runs its share instead of idling, so n workers use exactly n cores; it is not pinned),
+//! and n - 1 threads are spawned for workers 1..n. Idle workers spin for a short
 //! while (`KRASIS_SPIN_US`, default 200 us) so back-to-back calls start in well under a
 //! microsecond, then park on a condition variable so an idle runtime costs no CPU.
 
@@ -43,6 +45,7 @@ pub struct Pool {
     /// (cpu, numa node index) of each worker.
     placement: Vec<(usize, usize)>,
     num_nodes: usize,
+    pinned: bool,
 }
 
 fn pin_to(cpu: usize) {
@@ -55,6 +58,58 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// While alive, keeps the calling thread on one CPU (the core no spawned worker uses), so the
+/// caller's share of a job never time-slices with a spinning worker; restores the caller's own
+/// affinity on drop so threads it creates later (torch, numpy) do not inherit a one-core mask.
+pub struct CallerPin {
+    saved: Option<libc::cpu_set_t>,
+}
+
+thread_local! {
+    /// Whether a CallerPin is alive on this thread (nested pins are no-ops).
+    static CALLER_PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl CallerPin {
+    fn new(cpu: Option<usize>) -> CallerPin {
+        let Some(cpu) = cpu.filter(|&c| c < libc::CPU_SETSIZE as usize) else {
+            return CallerPin { saved: None };
+        };
+        if CALLER_PINNED.with(|p| p.get()) {
+            return CallerPin { saved: None };
+        }
+        // SAFETY: zeroed cpu_set_t values are valid; the libc calls read/write only those sets and
+        // affect only the calling thread.
+        unsafe {
+            let mut saved: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(0, size, &mut saved) != 0 {
+                return CallerPin { saved: None };
+            }
+            if libc::CPU_COUNT(&saved) == 1 && libc::CPU_ISSET(cpu, &saved) {
+                return CallerPin { saved: None }; // already there (nested or pinned by the user)
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_setaffinity(0, size, &one) != 0 {
+                return CallerPin { saved: None };
+            }
+            CALLER_PINNED.with(|p| p.set(true));
+            CallerPin { saved: Some(saved) }
+        }
+    }
+}
+
+impl Drop for CallerPin {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            // SAFETY: restores the mask read in `new` for the calling thread only.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), saved) };
+            CALLER_PINNED.with(|p| p.set(false));
+        }
     }
 }
 
@@ -73,7 +128,7 @@ fn worker(shared: Arc<Shared>, tid: usize, cpu: Option<usize>) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && start.elapsed() > shared.spin {
+            if spins.is_multiple_of(256) && start.elapsed() > shared.spin {
                 let mut g = shared.wake_lock.lock().unwrap();
                 shared.sleeping.fetch_add(1, Ordering::SeqCst);
                 while shared.epoch.load(Ordering::SeqCst) == seen {
@@ -106,7 +161,10 @@ impl Pool {
     /// A pool of `n` workers pinned round-robin over the topology's cores (`pin` false: unpinned).
     pub fn new(n: usize, topo: &Topology, pin: bool) -> Pool {
         let n = n.max(1);
-        let spin_us = std::env::var("KRASIS_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(200u64);
+        let spin_us = std::env::var("KRASIS_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200u64);
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: UnsafeCell::new(None),
@@ -120,10 +178,12 @@ impl Pool {
             done: Condvar::new(),
             spin: Duration::from_micros(spin_us),
         });
-        let placement: Vec<(usize, usize)> = (0..n).map(|i| topo.cores[i % topo.cores.len()]).collect();
+        let placement: Vec<(usize, usize)> =
+            (0..n).map(|i| topo.cores[i % topo.cores.len()]).collect();
         let handles = placement
             .iter()
             .enumerate()
+            .skip(1)
             .map(|(tid, &(cpu, _))| {
                 let s = shared.clone();
                 std::thread::Builder::new()
@@ -133,7 +193,14 @@ impl Pool {
             })
             .collect();
         let used_nodes = placement.iter().map(|p| p.1).max().unwrap_or(0) + 1;
-        Pool { shared, handles, dispatch: Mutex::new(()), placement, num_nodes: used_nodes }
+        Pool {
+            shared,
+            handles,
+            dispatch: Mutex::new(()),
+            placement,
+            num_nodes: used_nodes,
+            pinned: pin,
+        }
     }
 
     pub fn num_threads(&self) -> usize {
@@ -151,10 +218,25 @@ impl Pool {
         &self.placement
     }
 
+    /// Keep the calling thread on worker 0's core until the guard drops. `run` does this by
+    /// itself; holding one guard across several `run` calls (one operation) saves the syscalls.
+    pub fn pin_caller(&self) -> CallerPin {
+        CallerPin::new(if self.pinned {
+            Some(self.placement[0].0)
+        } else {
+            None
+        })
+    }
+
     /// Run `f(tid)` on every worker and return when all have finished. Panics if a worker's call
     /// panicked. Must not be called from inside a job (it would wait for itself).
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         let _d = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
+        let _pin = CallerPin::new(if self.pinned {
+            Some(self.placement[0].0)
+        } else {
+            None
+        });
         let s = &*self.shared;
         // SAFETY: erasing the lifetime is sound because this function does not return until
         // `remaining` reaches 0, i.e. until every worker has finished calling `f`.
@@ -163,17 +245,20 @@ impl Pool {
         // reads `job` concurrently (see `unsafe impl Sync for Shared`).
         unsafe { *s.job.get() = Some(job) };
         s.panicked.store(false, Ordering::Relaxed);
-        s.remaining.store(self.num_threads(), Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
-        if s.sleeping.load(Ordering::SeqCst) > 0 {
-            let _g = s.wake_lock.lock().unwrap();
-            s.wake.notify_all();
+        s.remaining.store(self.num_threads() - 1, Ordering::Relaxed);
+        if self.num_threads() > 1 {
+            s.epoch.fetch_add(1, Ordering::SeqCst);
+            if s.sleeping.load(Ordering::SeqCst) > 0 {
+                let _g = s.wake_lock.lock().unwrap();
+                s.wake.notify_all();
+            }
         }
+        let own = catch_unwind(AssertUnwindSafe(|| f(0)));
         let start = Instant::now();
         let mut spins = 0u32;
         while s.remaining.load(Ordering::Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && start.elapsed() > s.spin {
+            if spins.is_multiple_of(256) && start.elapsed() > s.spin {
                 let mut g = s.done_lock.lock().unwrap();
                 while s.remaining.load(Ordering::Acquire) != 0 {
                     g = s.done.wait(g).unwrap();
@@ -182,6 +267,9 @@ impl Pool {
             }
             std::hint::spin_loop();
         }
+        if let Err(e) = own {
+            std::panic::resume_unwind(e);
+        }
         if s.panicked.load(Ordering::Relaxed) {
             panic!("a krasis pool worker panicked (see the message above)");
         }
@@ -189,6 +277,7 @@ impl Pool {
 
     /// Mean wall time of `run` with an empty job, in seconds, over `iters` back-to-back calls.
     pub fn dispatch_overhead(&self, iters: usize) -> f64 {
+        let _pin = self.pin_caller();
         self.run(&|_| {});
         let t = Instant::now();
         for _ in 0..iters {
@@ -213,7 +302,9 @@ impl Drop for Pool {
     }
 }
 
-static GLOBAL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
+/// The process-wide pool and the process id that created it: a child made by fork() has none of
+/// the parent's worker threads, so it must build its own pool instead of waiting on dead ones.
+static GLOBAL: Mutex<Option<(u32, Arc<Pool>)>> = Mutex::new(None);
 static REQUESTED: AtomicUsize = AtomicUsize::new(0);
 
 /// Threads a new pool gets: `set_num_threads`, else `KRASIS_THREADS`, else one per physical core.
@@ -222,7 +313,10 @@ pub fn default_threads(topo: &Topology) -> usize {
     if req > 0 {
         return req;
     }
-    if let Some(n) = std::env::var("KRASIS_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+    if let Some(n) = std::env::var("KRASIS_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
         if n > 0 {
             return n;
         }
@@ -233,12 +327,20 @@ pub fn default_threads(topo: &Topology) -> usize {
 /// The process-wide pool, created on first use.
 pub fn global() -> Arc<Pool> {
     let mut g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = g.as_ref() {
-        return p.clone();
+    let pid = std::process::id();
+    match g.take() {
+        Some((owner, p)) if owner == pid => {
+            *g = Some((owner, p.clone()));
+            return p;
+        }
+        // Inherited through fork(): its threads do not exist here, and joining them in Drop would
+        // hang, so leak it.
+        Some((_, p)) => std::mem::forget(p),
+        None => {}
     }
     let topo = Topology::detect();
     let p = Arc::new(Pool::new(default_threads(&topo), &topo, true));
-    *g = Some(p.clone());
+    *g = Some((pid, p.clone()));
     p
 }
 
@@ -249,16 +351,80 @@ pub fn set_num_threads(n: usize) -> Result<(), String> {
     }
     REQUESTED.store(n, Ordering::Relaxed);
     let mut g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
-    if g.as_ref().map(|p| p.num_threads()) != Some(n) {
-        *g = None;
+    let same = matches!(g.as_ref(), Some((owner, p)) if *owner == std::process::id() && p.num_threads() == n);
+    if !same {
+        if let Some((owner, p)) = g.take() {
+            if owner != std::process::id() {
+                std::mem::forget(p); // inherited through fork(): see `global`
+            }
+        }
     }
     Ok(())
+}
+
+/// Hands out the indices 0..n, each once, to whichever worker asks next: work is taken in small
+/// chunks, so a worker that the OS delays (or that started late) holds up only its current chunk.
+pub struct WorkQueue {
+    next: AtomicUsize,
+    n: usize,
+}
+
+impl WorkQueue {
+    pub fn new(n: usize) -> WorkQueue {
+        WorkQueue {
+            next: AtomicUsize::new(0),
+            n,
+        }
+    }
+    pub fn take(&self) -> Option<usize> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        (i < self.n).then_some(i)
+    }
 }
 
 /// Split `0..total` into `parts` contiguous ranges whose lengths differ by at most one.
 pub fn split_range(total: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     let parts = parts.max(1);
     (total * i / parts)..(total * (i + 1) / parts)
+}
+
+/// A mutable slice shared by workers that each write a different part of it.
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: Disjoint only hands out access through `unsafe` methods whose contract is that no two
+// threads touch the same element; with that, sharing it is like sharing disjoint &mut [T] parts.
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+unsafe impl<T: Send> Send for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        Disjoint {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+    /// # Safety
+    /// No other thread may access any element of `r` while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [T] {
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "Disjoint range out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
+    }
+    /// # Safety
+    /// No other thread may access element `i` concurrently.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn at(&self, i: usize) -> &mut T {
+        assert!(i < self.len, "Disjoint index out of bounds");
+        &mut *self.ptr.add(i)
+    }
 }
 
 #[cfg(test)]
@@ -296,7 +462,9 @@ mod tests {
     #[test]
     fn worker_panic_reaches_caller_and_pool_survives() {
         let pool = Pool::new(2, &Topology::detect(), false);
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|tid| assert!(tid != 1, "boom"))));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(&|tid| assert!(tid != 1, "boom"))
+        }));
         assert!(r.is_err());
         let n = AtomicUsize::new(0);
         pool.run(&|_| {
@@ -306,40 +474,21 @@ mod tests {
     }
 
     #[test]
+    fn work_queue_hands_out_each_index_once() {
+        let pool = Pool::new(3, &Topology::detect(), false);
+        let q = WorkQueue::new(1000);
+        let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(&|_| {
+            while let Some(i) = q.take() {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
     fn split_range_covers_everything() {
         let v: Vec<_> = (0..3).map(|i| split_range(10, 3, i)).collect();
         assert_eq!(v, vec![0..3, 3..6, 6..10]);
-    }
-}
-
-/// A mutable slice shared by workers that each write a different part of it.
-pub struct Disjoint<'a, T> {
-    ptr: *mut T,
-    len: usize,
-    _borrow: std::marker::PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: Disjoint only hands out access through `unsafe` methods whose contract is that no two
-// threads touch the same element; with that, sharing it is like sharing disjoint &mut [T] parts.
-unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
-unsafe impl<T: Send> Send for Disjoint<'_, T> {}
-
-impl<'a, T> Disjoint<'a, T> {
-    pub fn new(s: &'a mut [T]) -> Self {
-        Disjoint { ptr: s.as_mut_ptr(), len: s.len(), _borrow: std::marker::PhantomData }
-    }
-    /// # Safety
-    /// No other thread may access any element of `r` while the returned slice lives.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [T] {
-        assert!(r.start <= r.end && r.end <= self.len, "Disjoint range out of bounds");
-        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
-    }
-    /// # Safety
-    /// No other thread may access element `i` concurrently.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn at(&self, i: usize) -> &mut T {
-        assert!(i < self.len, "Disjoint index out of bounds");
-        &mut *self.ptr.add(i)
     }
 }

@@ -1,15 +1,697 @@
 //! PyO3 bindings: type conversion and Python exceptions only; the logic lives in the other modules.
+use crate::matmul::{matmul, QuantMatrix, WeightSrc};
+use crate::numa::NumaPolicy;
+use crate::pool;
+use crate::quant::{dequantize as dequantize_mat, MatLayout, MatRef};
+use crate::simd::{self, SimdPath};
+use crate::store::ExpertStore;
+use numpy::ndarray::ArrayView1;
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
 
-/// The SIMD path the kernels use on this CPU ("avx512", "avx2" or "scalar").
+fn verr(e: String) -> PyErr {
+    PyValueError::new_err(e)
+}
+
+fn path() -> PyResult<SimdPath> {
+    simd::active().map_err(verr)
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray2<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    if !a.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        )));
+    }
+    a.as_slice().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        ))
+    })
+}
+
+fn f32_2d<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
+    match obj.cast::<PyArray2<f32>>() {
+        Ok(a) => Ok(a.readonly()),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} must be a 2-D numpy float32 array (torch: tensor.float().numpy())"
+        ))),
+    }
+}
+
+fn check_shape(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
+    if got != want {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have shape {want:?}, got {got:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn to_2d<'py, T: numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    PyArray1::from_vec(py, v).reshape([rows, cols])
+}
+
+/// The float weights of a 2-D array in one of the accepted dtypes, with (N, K).
+enum FloatArray<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F16(PyReadonlyArray2<'py, half::f16>),
+    U16(PyReadonlyArray2<'py, u16>),
+}
+
+impl<'py> FloatArray<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, dtype: Option<&str>, name: &str) -> PyResult<Self> {
+        let a = if let Ok(a) = obj.cast::<PyArray2<f32>>() {
+            FloatArray::F32(a.readonly())
+        } else if let Ok(a) = obj.cast::<PyArray2<half::f16>>() {
+            FloatArray::F16(a.readonly())
+        } else if let Ok(a) = obj.cast::<PyArray2<u16>>() {
+            FloatArray::U16(a.readonly())
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must be a 2-D numpy array of float32, float16, or uint16 holding bfloat16 bits"
+            )));
+        };
+        let want = match &a {
+            FloatArray::F32(_) => "f32",
+            FloatArray::F16(_) => "f16",
+            FloatArray::U16(_) => "bf16",
+        };
+        if let Some(d) = dtype {
+            if d != want {
+                return Err(PyValueError::new_err(format!(
+                    "dtype={d:?} does not match the array (numpy dtype means {want:?}; bf16 is passed as uint16)"
+                )));
+            }
+        }
+        Ok(a)
+    }
+    fn shape(&self) -> (usize, usize) {
+        let s = match self {
+            FloatArray::F32(a) => a.shape().to_vec(),
+            FloatArray::F16(a) => a.shape().to_vec(),
+            FloatArray::U16(a) => a.shape().to_vec(),
+        };
+        (s[0], s[1])
+    }
+    fn src(&self, name: &str) -> PyResult<WeightSrc<'_>> {
+        Ok(match self {
+            FloatArray::F32(a) => WeightSrc::F32(contiguous(a, name)?),
+            FloatArray::F16(a) => {
+                let s = contiguous(a, name)?;
+                // SAFETY: half::f16 is a repr(transparent) wrapper of u16, so the slice has the
+                // same size, alignment and valid bit patterns as a [u16] of equal length.
+                WeightSrc::F16(unsafe {
+                    std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len())
+                })
+            }
+            FloatArray::U16(a) => WeightSrc::Bf16(contiguous(a, name)?),
+        })
+    }
+}
+
+/// The SIMD path the kernels use now ("avx512", "avx2" or "scalar").
 #[pyfunction]
-fn simd_path() -> &'static str {
-    crate::simd::detect().name()
+fn simd_path() -> PyResult<&'static str> {
+    Ok(path()?.name())
+}
+
+/// Force a SIMD path ("avx512", "avx2", "scalar"), or None for KRASIS_SIMD / auto-detection.
+#[pyfunction]
+#[pyo3(signature = (name=None))]
+fn set_simd_path(name: Option<&str>) -> PyResult<()> {
+    let p = name.map(SimdPath::parse).transpose().map_err(verr)?;
+    simd::force(p).map_err(verr)
+}
+
+/// SIMD paths this CPU can run, fastest first.
+#[pyfunction]
+fn supported_simd_paths() -> Vec<&'static str> {
+    SimdPath::all_supported()
+        .into_iter()
+        .map(|p| p.name())
+        .collect()
+}
+
+/// Use n worker threads (re-creates the pool).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    pool::set_num_threads(n).map_err(verr)
+}
+
+/// Worker threads in the pool (creates it if needed).
+#[pyfunction]
+fn num_threads() -> usize {
+    pool::global().num_threads()
+}
+
+/// NUMA nodes the pool's workers span.
+#[pyfunction]
+fn num_numa_nodes() -> usize {
+    pool::global().num_nodes()
+}
+
+type Packed<'py> = (Bound<'py, PyArray2<u8>>, Bound<'py, PyArray2<f32>>);
+
+/// Quantise a float matrix [N, K] -> (packed weights uint8 [N, K*bits/8], scales float32 [N, K/group_size]).
+#[pyfunction]
+#[pyo3(signature = (w, bits, group_size=128, dtype=None))]
+fn quantize<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    bits: u32,
+    group_size: usize,
+    dtype: Option<&str>,
+) -> PyResult<Packed<'py>> {
+    let a = FloatArray::extract(w, dtype, "w")?;
+    let (n, k) = a.shape();
+    let layout = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
+    let src = a.src("w")?;
+    let p = pool::global();
+    let m = py.detach(|| QuantMatrix::quantize(&p, layout, src));
+    Ok((
+        to_2d(py, m.weights, n, layout.row_bytes())?,
+        to_2d(py, m.scales, n, layout.groups_per_row())?,
+    ))
+}
+
+fn bytes_of<'a>(
+    a: &'a Bound<'_, PyAny>,
+    name: &str,
+) -> PyResult<numpy::PyReadonlyArrayDyn<'a, u8>> {
+    a.cast::<numpy::PyArrayDyn<u8>>()
+        .map(|x| x.readonly())
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy uint8 array")))
+}
+
+fn f32s_of<'a>(
+    a: &'a Bound<'_, PyAny>,
+    name: &str,
+) -> PyResult<numpy::PyReadonlyArrayDyn<'a, f32>> {
+    a.cast::<numpy::PyArrayDyn<f32>>()
+        .map(|x| x.readonly())
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy float32 array")))
+}
+
+fn slice_dyn<'a, T: numpy::Element>(
+    a: &'a numpy::PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    if !a.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        )));
+    }
+    a.as_slice().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        ))
+    })
+}
+
+/// Dequantise packed weights and scales back to float32 [N, K].
+#[pyfunction]
+#[pyo3(signature = (qweight, scales, n, k, bits, group_size=128))]
+fn dequantize<'py>(
+    py: Python<'py>,
+    qweight: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    n: usize,
+    k: usize,
+    bits: u32,
+    group_size: usize,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let layout = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
+    let (q, s) = (bytes_of(qweight, "qweight")?, f32s_of(scales, "scales")?);
+    let m =
+        MatRef::new(layout, slice_dyn(&q, "qweight")?, slice_dyn(&s, "scales")?).map_err(verr)?;
+    let out = py.detach(|| dequantize_mat(&m));
+    to_2d(py, out, n, k)
+}
+
+/// Best DRAM read rate in bytes/s, measured with the pool's workers over a buffer of nbytes.
+#[pyfunction]
+#[pyo3(signature = (nbytes=1usize << 30, repeats=5))]
+fn read_bandwidth(py: Python<'_>, nbytes: usize, repeats: usize) -> f64 {
+    let p = pool::global();
+    py.detach(|| crate::bandwidth::read_bandwidth(&p, nbytes, repeats))
+}
+
+/// Mean seconds for one pool dispatch of an empty job (back-to-back calls).
+#[pyfunction]
+#[pyo3(signature = (iters=10000))]
+fn pool_dispatch_overhead(py: Python<'_>, iters: usize) -> f64 {
+    let p = pool::global();
+    py.detach(|| p.dispatch_overhead(iters))
+}
+
+fn layout_dict<'py>(py: Python<'py>, l: &MatLayout, offset: usize) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("offset", offset)?;
+    d.set_item("n", l.n)?;
+    d.set_item("k", l.k)?;
+    d.set_item("weights_nbytes", l.weights_nbytes())?;
+    d.set_item("scales_offset", offset + l.scales_offset())?;
+    d.set_item("scales_nbytes", l.scales_len() * 4)?;
+    d.set_item("nbytes", l.nbytes())?;
+    Ok(d)
+}
+
+/// Byte layout of one quantised matrix block (offsets relative to the block).
+#[pyfunction]
+#[pyo3(signature = (n, k, bits, group_size=128))]
+fn matrix_layout<'py>(
+    py: Python<'py>,
+    n: usize,
+    k: usize,
+    bits: u32,
+    group_size: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let l = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
+    layout_dict(py, &l, 0)
+}
+
+#[pyclass(name = "QuantMatrix", module = "krasis._core")]
+struct PyQuantMatrix {
+    inner: QuantMatrix,
+}
+
+#[pymethods]
+impl PyQuantMatrix {
+    #[new]
+    #[pyo3(signature = (qweight, scales, n, k, bits, group_size=128))]
+    fn new(
+        qweight: &Bound<'_, PyAny>,
+        scales: &Bound<'_, PyAny>,
+        n: usize,
+        k: usize,
+        bits: u32,
+        group_size: usize,
+    ) -> PyResult<Self> {
+        let layout = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
+        let (q, s) = (bytes_of(qweight, "qweight")?, f32s_of(scales, "scales")?);
+        let inner = QuantMatrix::from_parts(
+            layout,
+            slice_dyn(&q, "qweight")?.to_vec(),
+            slice_dyn(&s, "scales")?.to_vec(),
+        )
+        .map_err(verr)?;
+        Ok(PyQuantMatrix { inner })
+    }
+
+    /// Quantise a float matrix [N, K] (float32, float16, or uint16 bf16 bits).
+    #[staticmethod]
+    #[pyo3(signature = (w, bits, group_size=128, dtype=None))]
+    fn from_float(
+        py: Python<'_>,
+        w: &Bound<'_, PyAny>,
+        bits: u32,
+        group_size: usize,
+        dtype: Option<&str>,
+    ) -> PyResult<Self> {
+        let a = FloatArray::extract(w, dtype, "w")?;
+        let (n, k) = a.shape();
+        let layout = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
+        let src = a.src("w")?;
+        let p = pool::global();
+        Ok(PyQuantMatrix {
+            inner: py.detach(|| QuantMatrix::quantize(&p, layout, src)),
+        })
+    }
+
+    /// y [M, N] = x [M, K] @ W^T.
+    #[pyo3(signature = (x, act_int8=true))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        act_int8: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let xa = f32_2d(x, "x")?;
+        let shape = xa.shape().to_vec();
+        let l = self.inner.layout;
+        if shape[1] != l.k || shape[0] == 0 {
+            return Err(PyValueError::new_err(format!(
+                "x must have shape [M >= 1, {}], got {shape:?}",
+                l.k
+            )));
+        }
+        let xs = contiguous(&xa, "x")?;
+        let (p, sp) = (pool::global(), path()?);
+        let w = self.inner.as_ref();
+        let y = py.detach(|| matmul(&p, sp, &w, xs, act_int8));
+        to_2d(py, y, shape[0], l.n)
+    }
+
+    #[getter]
+    fn n(&self) -> usize {
+        self.inner.layout.n
+    }
+    #[getter]
+    fn k(&self) -> usize {
+        self.inner.layout.k
+    }
+    #[getter]
+    fn bits(&self) -> u32 {
+        self.inner.layout.bits
+    }
+    #[getter]
+    fn group_size(&self) -> usize {
+        self.inner.layout.group
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    fn __repr__(&self) -> String {
+        let l = self.inner.layout;
+        format!(
+            "QuantMatrix(n={}, k={}, bits={}, group_size={})",
+            l.n, l.k, l.bits, l.group
+        )
+    }
+}
+
+#[pyclass(name = "ExpertStore", module = "krasis._core")]
+struct PyExpertStore {
+    inner: ExpertStore,
+}
+
+fn ids_2d(obj: &Bound<'_, PyAny>, m: usize, num_experts: usize) -> PyResult<(Vec<usize>, usize)> {
+    let (vals, shape): (Vec<i64>, Vec<usize>) = if let Ok(a) = obj.cast::<PyArray2<i64>>() {
+        let r = a.readonly();
+        (contiguous(&r, "expert_ids")?.to_vec(), r.shape().to_vec())
+    } else if let Ok(a) = obj.cast::<PyArray2<i32>>() {
+        let r = a.readonly();
+        (
+            contiguous(&r, "expert_ids")?
+                .iter()
+                .map(|&v| v as i64)
+                .collect(),
+            r.shape().to_vec(),
+        )
+    } else {
+        return Err(PyTypeError::new_err(
+            "expert_ids must be a 2-D numpy int64 or int32 array [M, k]",
+        ));
+    };
+    if shape[0] != m || shape[1] == 0 {
+        return Err(PyValueError::new_err(format!(
+            "expert_ids must have shape [M={m}, k >= 1], got {shape:?}"
+        )));
+    }
+    let mut out = Vec::with_capacity(vals.len());
+    for v in vals {
+        if v < 0 || v as usize >= num_experts {
+            return Err(PyValueError::new_err(format!(
+                "expert id {v} out of range [0, {num_experts})"
+            )));
+        }
+        out.push(v as usize);
+    }
+    Ok((out, shape[1]))
+}
+
+#[pymethods]
+impl PyExpertStore {
+    #[new]
+    #[pyo3(signature = (num_layers, num_experts, hidden, intermediate, bits, group_size=128, numa="auto"))]
+    fn new(
+        num_layers: usize,
+        num_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        bits: u32,
+        group_size: usize,
+        numa: &str,
+    ) -> PyResult<Self> {
+        let policy = NumaPolicy::parse(numa).map_err(verr)?;
+        let nodes = crate::topology::Topology::detect().num_nodes;
+        let inner = ExpertStore::new(
+            num_layers,
+            num_experts,
+            hidden,
+            intermediate,
+            bits,
+            group_size,
+            policy,
+            nodes,
+        )
+        .map_err(verr)?;
+        Ok(PyExpertStore { inner })
+    }
+
+    /// A store over finished cache files, one per MoE layer, memory-mapped (no parse, no copy).
+    #[staticmethod]
+    #[pyo3(signature = (paths, num_experts, hidden, intermediate, bits, group_size=128))]
+    fn open(
+        py: Python<'_>,
+        paths: Vec<String>,
+        num_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        bits: u32,
+        group_size: usize,
+    ) -> PyResult<Self> {
+        let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
+        let inner = py
+            .detach(|| ExpertStore::open_files(&paths, num_experts, hidden, intermediate, bits, group_size))
+            .map_err(verr)?;
+        Ok(PyExpertStore { inner })
+    }
+
+    /// Quantise float gate [I, H], up [I, H], down [H, I] into place.
+    fn set_expert(
+        &mut self,
+        py: Python<'_>,
+        layer: usize,
+        expert: usize,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        down: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (h, i) = (self.inner.layout.hidden, self.inner.layout.inter);
+        let arrays = [
+            FloatArray::extract(gate, None, "gate")?,
+            FloatArray::extract(up, None, "up")?,
+            FloatArray::extract(down, None, "down")?,
+        ];
+        for (a, (name, want)) in
+            arrays
+                .iter()
+                .zip([("gate", (i, h)), ("up", (i, h)), ("down", (h, i))])
+        {
+            if a.shape() != want {
+                return Err(PyValueError::new_err(format!(
+                    "{name} must have shape {want:?}, got {:?}",
+                    a.shape()
+                )));
+            }
+        }
+        let srcs = [
+            arrays[0].src("gate")?,
+            arrays[1].src("up")?,
+            arrays[2].src("down")?,
+        ];
+        let p = pool::global();
+        let store = &mut self.inner;
+        py.detach(|| store.set_expert(&p, layer, expert, srcs))
+            .map_err(verr)
+    }
+
+    /// Copy already-quantised parts (as `quantize` returns them) into place.
+    #[allow(clippy::too_many_arguments)]
+    fn set_expert_quantized(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        gate_q: &Bound<'_, PyAny>,
+        gate_s: &Bound<'_, PyAny>,
+        up_q: &Bound<'_, PyAny>,
+        up_s: &Bound<'_, PyAny>,
+        down_q: &Bound<'_, PyAny>,
+        down_s: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (gq, gs) = (bytes_of(gate_q, "gate_q")?, f32s_of(gate_s, "gate_s")?);
+        let (uq, us) = (bytes_of(up_q, "up_q")?, f32s_of(up_s, "up_s")?);
+        let (dq, ds) = (bytes_of(down_q, "down_q")?, f32s_of(down_s, "down_s")?);
+        let parts = [
+            (slice_dyn(&gq, "gate_q")?, slice_dyn(&gs, "gate_s")?),
+            (slice_dyn(&uq, "up_q")?, slice_dyn(&us, "up_s")?),
+            (slice_dyn(&dq, "down_q")?, slice_dyn(&ds, "down_s")?),
+        ];
+        self.inner
+            .set_expert_quantized(layer, expert, parts)
+            .map_err(verr)
+    }
+
+    /// Copy one expert's packed bytes (expert_nbytes long, as expert_view shows them) into place.
+    fn set_expert_bytes(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let d = bytes_of(data, "data")?;
+        self.inner
+            .set_expert_bytes(layer, expert, slice_dyn(&d, "data")?)
+            .map_err(verr)
+    }
+
+    /// A read-only uint8 view (no copy) of one expert's packed bytes; it keeps the store alive.
+    fn expert_view<'py>(
+        slf: Bound<'py, Self>,
+        layer: usize,
+        expert: usize,
+    ) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let arr = {
+            let this = slf.borrow();
+            let bytes = this.inner.expert_bytes(layer, expert).map_err(verr)?;
+            let view = ArrayView1::from(bytes);
+            // SAFETY: the bytes live in the store's mapping, which is never moved or unmapped while
+            // the store object exists, and the array holds a reference to that object (container).
+            unsafe { PyArray1::borrow_from_array(&view, slf.clone().into_any()) }
+        };
+        let kw = PyDict::new(slf.py());
+        kw.set_item("write", false)?;
+        arr.call_method("setflags", (), Some(&kw))?;
+        Ok(arr)
+    }
+
+    /// Routed-expert forward of one layer: x float32 [M, H], expert_ids int [M, k], weights float32 [M, k].
+    #[pyo3(signature = (layer, x, expert_ids, weights, act_int8=true))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        x: &Bound<'py, PyAny>,
+        expert_ids: &Bound<'py, PyAny>,
+        weights: &Bound<'py, PyAny>,
+        act_int8: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let s = &self.inner;
+        if layer >= s.num_layers {
+            return Err(PyValueError::new_err(format!(
+                "layer {layer} out of range (num_layers={})",
+                s.num_layers
+            )));
+        }
+        let h = s.layout.hidden;
+        let xa = f32_2d(x, "x")?;
+        let m = xa.shape()[0];
+        if m == 0 {
+            return Err(PyValueError::new_err("x must have at least one row"));
+        }
+        check_shape("x", xa.shape(), &[m, h])?;
+        let (ids, k) = ids_2d(expert_ids, m, s.num_experts)?;
+        let wa = f32_2d(weights, "weights")?;
+        check_shape("weights", wa.shape(), &[m, k])?;
+        let (xs, ws) = (contiguous(&xa, "x")?, contiguous(&wa, "weights")?);
+        let (p, sp) = (pool::global(), path()?);
+        let y = py
+            .detach(|| s.forward(&p, sp, layer, xs, &ids, ws, act_int8))
+            .map_err(verr)?;
+        to_2d(py, y, m, h)
+    }
+
+    /// (address, nbytes) of each layer's buffer (layer order), for pinning / registering.
+    fn buffers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.inner.buffers())
+    }
+
+    /// Byte layout of one expert: offsets of gate, up, down blocks and their parts.
+    fn layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let l = &self.inner.layout;
+        let d = PyDict::new(py);
+        d.set_item("expert_nbytes", l.nbytes)?;
+        d.set_item("gate", layout_dict(py, &l.gate, l.gate_offset)?)?;
+        d.set_item("up", layout_dict(py, &l.up, l.up_offset)?)?;
+        d.set_item("down", layout_dict(py, &l.down, l.down_offset)?)?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn expert_nbytes(&self) -> usize {
+        self.inner.layout.nbytes
+    }
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers
+    }
+    #[getter]
+    fn num_experts(&self) -> usize {
+        self.inner.num_experts
+    }
+    #[getter]
+    fn hidden(&self) -> usize {
+        self.inner.layout.hidden
+    }
+    #[getter]
+    fn intermediate(&self) -> usize {
+        self.inner.layout.inter
+    }
+    #[getter]
+    fn bits(&self) -> u32 {
+        self.inner.layout.gate.bits
+    }
+    #[getter]
+    fn group_size(&self) -> usize {
+        self.inner.layout.gate.group
+    }
+    #[getter]
+    fn numa(&self) -> &'static str {
+        self.inner.policy.name()
+    }
+    fn __repr__(&self) -> String {
+        let s = &self.inner;
+        format!(
+            "ExpertStore(num_layers={}, num_experts={}, hidden={}, intermediate={}, bits={}, group_size={}, numa={:?})",
+            s.num_layers, s.num_experts, s.layout.hidden, s.layout.inter, s.layout.gate.bits, s.layout.gate.group, s.policy.name()
+        )
+    }
+}
+
+/// Seconds spent per step of ExpertStore.forward since the last call, and the call count:
+/// ({"setup": s, "gate_up": s, "quantize_h": s, "down": s, "total": s}, calls). For benchmarks.
+#[pyfunction]
+fn moe_phase_times<'py>(py: Python<'py>) -> PyResult<(Bound<'py, PyDict>, u64)> {
+    let (t, calls) = crate::moe::take_phase_times();
+    let d = PyDict::new(py);
+    for (name, v) in ["setup", "gate_up", "quantize_h", "down", "total"]
+        .iter()
+        .zip(t)
+    {
+        d.set_item(*name, v)?;
+    }
+    Ok((d, calls))
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(supported_simd_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(num_numa_nodes, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(matrix_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_dispatch_overhead, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_phase_times, m)?)?;
+    m.add_class::<PyQuantMatrix>()?;
+    m.add_class::<PyExpertStore>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

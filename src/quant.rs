@@ -24,6 +24,13 @@ pub fn align_up(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
+/// Round to nearest (ties away from zero) without a libm call: x86-64's baseline has no SSE4.1
+/// `roundss`, so `f32::round` would be a function call per value. Exact for |v| < 2^22.
+#[inline(always)]
+pub fn round_i32(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
+}
+
 /// Where the parts of one quantised matrix lie, a plain function of (N, K, bits, group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatLayout {
@@ -44,7 +51,7 @@ impl MatLayout {
         if n == 0 || k == 0 {
             return Err(format!("matrix shape must be non-empty, got N={n} K={k}"));
         }
-        if k % 64 != 0 || k % group != 0 {
+        if !k.is_multiple_of(64) || !k.is_multiple_of(group) {
             return Err(format!(
                 "K={k} must be a multiple of 64 and of group_size={group} (pad the input dimension)"
             ));
@@ -110,7 +117,11 @@ impl<'a> MatRef<'a> {
                 layout.scales_len()
             ));
         }
-        Ok(MatRef { layout, weights, scales })
+        Ok(MatRef {
+            layout,
+            weights,
+            scales,
+        })
     }
 
     /// A view of a matrix stored as one block of `layout.nbytes()` bytes at `bytes`.
@@ -118,11 +129,19 @@ impl<'a> MatRef<'a> {
         assert!(bytes.len() >= layout.nbytes(), "matrix block too short");
         let so = layout.scales_offset();
         let sb = &bytes[so..so + layout.scales_len() * 4];
-        assert!(sb.as_ptr() as usize % 4 == 0, "scales must be 4-byte aligned");
+        assert!(
+            (sb.as_ptr() as usize).is_multiple_of(4),
+            "scales must be 4-byte aligned"
+        );
         // SAFETY: `sb` is in bounds, 4-byte aligned (checked above), and every bit pattern is a
         // valid f32; the returned slice borrows `bytes` for the same lifetime.
-        let scales = unsafe { std::slice::from_raw_parts(sb.as_ptr() as *const f32, layout.scales_len()) };
-        MatRef { layout, weights: &bytes[..layout.weights_nbytes()], scales }
+        let scales =
+            unsafe { std::slice::from_raw_parts(sb.as_ptr() as *const f32, layout.scales_len()) };
+        MatRef {
+            layout,
+            weights: &bytes[..layout.weights_nbytes()],
+            scales,
+        }
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
@@ -150,8 +169,19 @@ pub fn unpack(row: &[u8], bits: u32, i: usize) -> i32 {
 
 /// Quantise rows `rows` of a float matrix `w` [N, K] (row-major) into `weights` / `scales`, which
 /// hold exactly those rows (the caller slices them).
-pub fn quantize_rows(layout: &MatLayout, w: &[f32], rows: Range<usize>, weights: &mut [u8], scales: &mut [f32]) {
-    let (k, g, rb, gpr) = (layout.k, layout.group, layout.row_bytes(), layout.groups_per_row());
+pub fn quantize_rows(
+    layout: &MatLayout,
+    w: &[f32],
+    rows: Range<usize>,
+    weights: &mut [u8],
+    scales: &mut [f32],
+) {
+    let (k, g, rb, gpr) = (
+        layout.k,
+        layout.group,
+        layout.row_bytes(),
+        layout.groups_per_row(),
+    );
     let qmax = layout.qmax();
     let mut q = vec![0i32; k];
     for (ri, r) in rows.enumerate() {
@@ -163,7 +193,7 @@ pub fn quantize_rows(layout: &MatLayout, w: &[f32], rows: Range<usize>, weights:
             scales[ri * gpr + gi] = s;
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             for (j, v) in part.iter().enumerate() {
-                q[gi * g + j] = ((v * inv).round() as i32).clamp(-(qmax as i32), qmax as i32);
+                q[gi * g + j] = round_i32(v * inv).clamp(-(qmax as i32), qmax as i32);
             }
         }
         let dst = &mut weights[ri * rb..(ri + 1) * rb];
@@ -284,23 +314,123 @@ pub struct ActSlices<'a> {
     pub scaled_sums: &'a mut [f32],
 }
 
-/// Quantise one token's activations (see `QuantActs`) into `out`.
+/// Quantise one token's activations (see `QuantActs`) into `out`; AVX2 when the CPU has it.
 pub fn quantize_act(x: &[f32], group: usize, out: ActSlices) {
+    assert!(
+        group.is_multiple_of(32) && x.len().is_multiple_of(group),
+        "activations must be whole groups of 32k values"
+    );
+    assert!(out.hi.len() >= x.len() && out.lo.len() >= x.len());
+    assert!(out.scales.len() >= x.len() / group && out.scaled_sums.len() >= x.len() / group);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2+FMA checked just above; the asserts above give every length it reads
+            // and writes.
+            return unsafe { quantize_act_avx2(x, group, out) };
+        }
+    }
+    quantize_act_scalar(x, group, out)
+}
+
+/// The scalar definition of `quantize_act`.
+pub fn quantize_act_scalar(x: &[f32], group: usize, out: ActSlices) {
     for (gi, part) in x.chunks_exact(group).enumerate() {
         let amax = part.iter().fold(0f32, |m, v| m.max(v.abs()));
         let unit = amax / (127.0 * HI_WEIGHT as f32);
         let inv = if unit > 0.0 { 1.0 / unit } else { 0.0 };
         let mut sum = 0i64;
         for (j, v) in part.iter().enumerate() {
-            let full = (v * inv).round() as i32; // in units, |full| <= 127 * 254
-            let hi = ((full as f32 / HI_WEIGHT as f32).round() as i32).clamp(-127, 127);
-            let lo = (full - HI_WEIGHT * hi).clamp(-127, 127);
+            let full = round_i32(v * inv).clamp(-127 * HI_WEIGHT, 127 * HI_WEIGHT); // in units
+                                                                                    // hi = full / 254 rounded to nearest, so lo = full - 254 * hi lies in -127..=127.
+            let hi = (full + if full >= 0 { 127 } else { -127 }) / HI_WEIGHT;
+            let lo = full - HI_WEIGHT * hi;
             out.hi[gi * group + j] = hi as i8;
             out.lo[gi * group + j] = lo as i8;
             sum += (HI_WEIGHT * hi + lo) as i64;
         }
         out.scales[gi] = unit;
         out.scaled_sums[gi] = unit * sum as f32;
+    }
+}
+
+/// AVX2 `quantize_act`: same units and same `254 * hi + lo` as the scalar version (at an exact
+/// tie of full / 254 the split may differ, e.g. hi = 1, lo = -127 instead of hi = 0, lo = 127).
+///
+/// # Safety
+/// AVX2+FMA present; the slice lengths checked in `quantize_act`; group a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_act_avx2(x: &[f32], group: usize, out: ActSlices) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let half = _mm256_set1_ps(0.5);
+    let lim = 127 * HI_WEIGHT;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for gi in 0..x.len() / group {
+        let base = x.as_ptr().add(gi * group);
+        let mut m = _mm256_setzero_ps();
+        for i in (0..group).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(base.add(i)), abs_mask));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let unit = amax / (127.0 * HI_WEIGHT as f32);
+        let inv = _mm256_set1_ps(if unit > 0.0 { 1.0 / unit } else { 0.0 });
+        let mut sum = _mm256_setzero_si256();
+        for i in (0..group).step_by(32) {
+            let mut his = [_mm256_setzero_si256(); 4];
+            let mut los = [_mm256_setzero_si256(); 4];
+            for q in 0..4 {
+                let f = _mm256_mul_ps(_mm256_loadu_ps(base.add(i + 8 * q)), inv);
+                // Round half away from zero: truncate f + copysign(0.5, f).
+                let r = _mm256_add_ps(f, _mm256_or_ps(_mm256_and_ps(f, sign_mask), half));
+                let full = _mm256_max_epi32(
+                    _mm256_min_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(lim)),
+                    _mm256_set1_epi32(-lim),
+                );
+                let fh = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(full),
+                    _mm256_set1_ps(1.0 / HI_WEIGHT as f32),
+                );
+                let rh = _mm256_add_ps(fh, _mm256_or_ps(_mm256_and_ps(fh, sign_mask), half));
+                let hi = _mm256_max_epi32(
+                    _mm256_min_epi32(_mm256_cvttps_epi32(rh), _mm256_set1_epi32(127)),
+                    _mm256_set1_epi32(-127),
+                );
+                let lo =
+                    _mm256_sub_epi32(full, _mm256_mullo_epi32(hi, _mm256_set1_epi32(HI_WEIGHT)));
+                sum = _mm256_add_epi32(sum, full);
+                his[q] = hi;
+                los[q] = lo;
+            }
+            // Narrow 4 x 8 i32 to 32 i8 in order (the packs interleave 128-bit lanes; undo it).
+            let pack = |v: [__m256i; 4]| {
+                let b = _mm256_packs_epi16(
+                    _mm256_packs_epi32(v[0], v[1]),
+                    _mm256_packs_epi32(v[2], v[3]),
+                );
+                _mm256_permutevar8x32_epi32(b, order)
+            };
+            _mm256_storeu_si256(
+                out.hi.as_mut_ptr().add(gi * group + i) as *mut __m256i,
+                pack(his),
+            );
+            _mm256_storeu_si256(
+                out.lo.as_mut_ptr().add(gi * group + i) as *mut __m256i,
+                pack(los),
+            );
+        }
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+        out.scales[gi] = unit;
+        out.scaled_sums[gi] = unit * total as f32;
     }
 }
 
@@ -318,6 +448,64 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
 mod tests {
     use super::*;
     use crate::testutil::Rng;
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn act_terms_are_in_range_and_exact() {
+        let mut rng = Rng::new(0);
+        let x: Vec<f32> = rng.normal_vec(1024).iter().map(|v| v * 3.0).collect();
+        let a = QuantActs::from_rows(&x, 1024, 64);
+        for i in 0..1024 {
+            let (hi, lo) = (a.hi[i] as i32, a.lo[i] as i32);
+            assert!((-127..=127).contains(&hi) && (-127..=127).contains(&lo));
+            let back = a.scales[i / 64] * (HI_WEIGHT * hi + lo) as f32;
+            assert!((back - x[i]).abs() <= a.scales[i / 64] * 0.5001 + 1e-6);
+        }
+        assert_eq!(round_i32(2.5), 3);
+        assert_eq!(round_i32(-2.5), -3);
+        assert_eq!(round_i32(-0.2), 0);
+    }
+
+    #[test]
+    fn simd_act_quantisation_matches_scalar() {
+        let mut rng = Rng::new(0);
+        for g in GROUP_SIZES {
+            let mut x: Vec<f32> = rng.normal_vec(1024).iter().map(|v| v * 5.0).collect();
+            x[3] = 0.0;
+            x[70] = -x[71]; // ties and signs
+            let (mut a, mut b) = (QuantActs::new(1, 1024, g), QuantActs::new(1, 1024, g));
+            quantize_act(
+                &x,
+                g,
+                ActSlices {
+                    hi: &mut a.hi,
+                    lo: &mut a.lo,
+                    scales: &mut a.scales,
+                    scaled_sums: &mut a.scaled_sums,
+                },
+            );
+            quantize_act_scalar(
+                &x,
+                g,
+                ActSlices {
+                    hi: &mut b.hi,
+                    lo: &mut b.lo,
+                    scales: &mut b.scales,
+                    scaled_sums: &mut b.scaled_sums,
+                },
+            );
+            assert_eq!(a.scales, b.scales);
+            for i in 0..1024 {
+                let fa = HI_WEIGHT * a.hi[i] as i32 + a.lo[i] as i32;
+                let fb = HI_WEIGHT * b.hi[i] as i32 + b.lo[i] as i32;
+                assert_eq!(fa, fb, "value {i}");
+                assert!(a.lo[i] != -128 && a.hi[i] != -128);
+            }
+            for (p, q) in a.scaled_sums.iter().zip(&b.scaled_sums) {
+                assert!((p - q).abs() <= 1e-6 * q.abs().max(1.0));
+            }
+        }
+    }
 
     #[test]
     fn layout_is_aligned_and_checked() {
@@ -345,7 +533,10 @@ mod tests {
                 let d = dequantize(&m);
                 for i in 0..w.len() {
                     let s = sc[i / g];
-                    assert!((d[i] - w[i]).abs() <= s * 0.5001 + 1e-7, "bits {bits} g {g} i {i}");
+                    assert!(
+                        (d[i] - w[i]).abs() <= s * 0.5001 + 1e-7,
+                        "bits {bits} g {g} i {i}"
+                    );
                 }
             }
         }

@@ -30,7 +30,9 @@ impl SimdPath {
             "avx512" => Ok(SimdPath::Avx512),
             "avx2" => Ok(SimdPath::Avx2),
             "scalar" => Ok(SimdPath::Scalar),
-            other => Err(format!("unknown SIMD path {other:?}: use avx512, avx2 or scalar")),
+            other => Err(format!(
+                "unknown SIMD path {other:?}: use avx512, avx2 or scalar"
+            )),
         }
     }
 

@@ -32,12 +32,29 @@ pub struct ExpertLayout {
 }
 
 impl ExpertLayout {
-    pub fn new(hidden: usize, inter: usize, bits: u32, group: usize) -> Result<ExpertLayout, String> {
-        let gate = MatLayout::new(inter, hidden, bits, group).map_err(|e| format!("gate/up [I, H]: {e}"))?;
-        let down = MatLayout::new(hidden, inter, bits, group).map_err(|e| format!("down [H, I]: {e}"))?;
+    pub fn new(
+        hidden: usize,
+        inter: usize,
+        bits: u32,
+        group: usize,
+    ) -> Result<ExpertLayout, String> {
+        let gate = MatLayout::new(inter, hidden, bits, group)
+            .map_err(|e| format!("gate/up [I, H]: {e}"))?;
+        let down =
+            MatLayout::new(hidden, inter, bits, group).map_err(|e| format!("down [H, I]: {e}"))?;
         let (gate_offset, up_offset, down_offset) = (0, gate.nbytes(), 2 * gate.nbytes());
         let nbytes = align_up(down_offset + down.nbytes(), PAGE);
-        Ok(ExpertLayout { hidden, inter, gate, up: gate, down, gate_offset, up_offset, down_offset, nbytes })
+        Ok(ExpertLayout {
+            hidden,
+            inter,
+            gate,
+            up: gate,
+            down,
+            gate_offset,
+            up_offset,
+            down_offset,
+            nbytes,
+        })
     }
     /// (layout, offset) of matrix 0 = gate, 1 = up, 2 = down.
     pub fn matrix(&self, i: usize) -> (MatLayout, usize) {
@@ -79,11 +96,22 @@ impl ExpertStore {
             .checked_mul(layout.nbytes)
             .ok_or_else(|| "layer size overflows".to_string())?;
         let mut buffers = Vec::with_capacity(num_layers);
-        let num_nodes = if policy == NumaPolicy::Auto { machine_nodes.max(1) } else { 1 };
+        let num_nodes = if policy == NumaPolicy::Auto {
+            machine_nodes.max(1)
+        } else {
+            1
+        };
         for _ in 0..num_layers {
-            let mut map = MmapMut::map_anon(len).map_err(|e| format!("cannot map {len} bytes for a layer: {e}"))?;
+            let mut map = MmapMut::map_anon(len)
+                .map_err(|e| format!("cannot map {len} bytes for a layer: {e}"))?;
             // SAFETY: madvise only hints the kernel about this mapping, which we own; failure is harmless.
-            unsafe { libc::madvise(map.as_mut_ptr() as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+            unsafe {
+                libc::madvise(
+                    map.as_mut_ptr() as *mut libc::c_void,
+                    len,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
             if machine_nodes > 1 {
                 let all: Vec<usize> = (0..machine_nodes).collect();
                 let r = match policy {
@@ -101,15 +129,79 @@ impl ExpertStore {
             }
             buffers.push(map);
         }
-        Ok(ExpertStore { layout, num_layers, num_experts, policy, num_nodes, buffers })
+        Ok(ExpertStore {
+            layout,
+            num_layers,
+            num_experts,
+            policy,
+            num_nodes,
+            buffers,
+        })
+    }
+
+    /// A store whose layer buffers are the given cache files (one per layer, each exactly
+    /// `num_experts * expert_nbytes` bytes in this layout), memory-mapped: nothing is parsed or
+    /// copied, pages come from the page cache as the kernels touch them.
+    pub fn open_files(
+        paths: &[std::path::PathBuf],
+        num_experts: usize,
+        hidden: usize,
+        inter: usize,
+        bits: u32,
+        group: usize,
+    ) -> Result<ExpertStore, String> {
+        if paths.is_empty() || num_experts == 0 {
+            return Err("need at least one layer file and one expert".into());
+        }
+        let layout = ExpertLayout::new(hidden, inter, bits, group)?;
+        let len = num_experts
+            .checked_mul(layout.nbytes)
+            .ok_or_else(|| "layer size overflows".to_string())?;
+        let mut buffers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("cannot open cache file {}: {e}", path.display()))?;
+            let size = file
+                .metadata()
+                .map_err(|e| format!("cannot stat cache file {}: {e}", path.display()))?
+                .len();
+            if size != len as u64 {
+                return Err(format!(
+                    "cache file {} has {size} bytes, expected {len} ({num_experts} experts x {} bytes): \
+                     it is truncated or belongs to another configuration",
+                    path.display(),
+                    layout.nbytes
+                ));
+            }
+            // SAFETY: the mapping is private (copy-on-write), so nothing written through it reaches
+            // the file. Cache parts are finished files that Krasis only ever replaces by rename, never
+            // modifies in place, so the bytes under the map do not change while it lives.
+            let map = unsafe { memmap2::MmapOptions::new().len(len).map_copy(&file) }
+                .map_err(|e| format!("cannot map cache file {}: {e}", path.display()))?;
+            buffers.push(map);
+        }
+        Ok(ExpertStore {
+            layout,
+            num_layers: paths.len(),
+            num_experts,
+            policy: NumaPolicy::Off,
+            num_nodes: 1,
+            buffers,
+        })
     }
 
     fn check(&self, layer: usize, expert: usize) -> Result<(), String> {
         if layer >= self.num_layers {
-            return Err(format!("layer {layer} out of range (num_layers={})", self.num_layers));
+            return Err(format!(
+                "layer {layer} out of range (num_layers={})",
+                self.num_layers
+            ));
         }
         if expert >= self.num_experts {
-            return Err(format!("expert {expert} out of range (num_experts={})", self.num_experts));
+            return Err(format!(
+                "expert {expert} out of range (num_experts={})",
+                self.num_experts
+            ));
         }
         Ok(())
     }
@@ -138,11 +230,22 @@ impl ExpertStore {
             let (ml, off) = l.matrix(i);
             MatRef::from_block(ml, &b[off..off + ml.nbytes()])
         };
-        Ok(ExpertRef { gate: mat(0), up: mat(1), down: mat(2), node: self.node_of(expert) })
+        Ok(ExpertRef {
+            gate: mat(0),
+            up: mat(1),
+            down: mat(2),
+            node: self.node_of(expert),
+        })
     }
 
     /// Quantise float gate [I, H], up [I, H], down [H, I] into the expert's place.
-    pub fn set_expert(&mut self, pool: &Pool, layer: usize, expert: usize, mats: [WeightSrc; 3]) -> Result<(), String> {
+    pub fn set_expert(
+        &mut self,
+        pool: &Pool,
+        layer: usize,
+        expert: usize,
+        mats: [WeightSrc; 3],
+    ) -> Result<(), String> {
         let l = self.layout;
         for (i, src) in mats.iter().enumerate() {
             let (ml, _) = l.matrix(i);
@@ -166,14 +269,21 @@ impl ExpertStore {
             // SAFETY: `sb` lies inside the block, is 4-byte aligned (the mapping is page aligned
             // and every offset is a multiple of 64), has room for scales_len() f32s, and any
             // bytes are valid f32s; it is borrowed mutably from `b` for this iteration only.
-            let scales = unsafe { std::slice::from_raw_parts_mut(sb.as_mut_ptr() as *mut f32, ml.scales_len()) };
+            let scales = unsafe {
+                std::slice::from_raw_parts_mut(sb.as_mut_ptr() as *mut f32, ml.scales_len())
+            };
             quantize_parallel(pool, &ml, src, w, scales);
         }
         Ok(())
     }
 
     /// Copy already-quantised (weights, scales) for gate, up, down into the expert's place.
-    pub fn set_expert_quantized(&mut self, layer: usize, expert: usize, parts: [(&[u8], &[f32]); 3]) -> Result<(), String> {
+    pub fn set_expert_quantized(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        parts: [(&[u8], &[f32]); 3],
+    ) -> Result<(), String> {
         let l = self.layout;
         for (i, (w, s)) in parts.iter().enumerate() {
             let (ml, _) = l.matrix(i);
@@ -192,10 +302,18 @@ impl ExpertStore {
     }
 
     /// Copy one expert's bytes (as `expert_bytes` returns them) into place.
-    pub fn set_expert_bytes(&mut self, layer: usize, expert: usize, bytes: &[u8]) -> Result<(), String> {
+    pub fn set_expert_bytes(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        bytes: &[u8],
+    ) -> Result<(), String> {
         let n = self.layout.nbytes;
         if bytes.len() != n {
-            return Err(format!("expert bytes must be expert_nbytes={n} long, got {}", bytes.len()));
+            return Err(format!(
+                "expert bytes must be expert_nbytes={n} long, got {}",
+                bytes.len()
+            ));
         }
         self.expert_bytes_mut(layer, expert)?.copy_from_slice(bytes);
         Ok(())
@@ -203,7 +321,10 @@ impl ExpertStore {
 
     /// (address, length) of each layer's buffer.
     pub fn buffers(&self) -> Vec<(usize, usize)> {
-        self.buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect()
+        self.buffers
+            .iter()
+            .map(|b| (b.as_ptr() as usize, b.len()))
+            .collect()
     }
 
     /// Routed-expert forward for one layer: x [M, H], ids/weights [M, k] -> y [M, H].
@@ -220,19 +341,33 @@ impl ExpertStore {
     ) -> Result<Vec<f32>, String> {
         self.check(layer, 0)?;
         if let Some(bad) = ids.iter().find(|&&e| e >= self.num_experts) {
-            return Err(format!("expert id {bad} out of range (num_experts={})", self.num_experts));
+            return Err(format!(
+                "expert id {bad} out of range (num_experts={})",
+                self.num_experts
+            ));
         }
         let h = self.layout.hidden;
-        if x.is_empty() || x.len() % h != 0 {
+        if x.is_empty() || !x.len().is_multiple_of(h) {
             return Err(format!("x must be [M, {h}] with M >= 1"));
         }
         let m = x.len() / h;
-        if ids.len() != weights.len() || ids.is_empty() || ids.len() % m != 0 {
+        if ids.len() != weights.len() || ids.is_empty() || !ids.len().is_multiple_of(m) {
             return Err(format!("expert_ids and weights must both be [M={m}, k]"));
         }
         let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
         let numa = self.policy == NumaPolicy::Auto && self.num_nodes > 1;
-        Ok(moe_forward(pool, path, &get, h, self.layout.inter, x, ids, weights, act_int8, numa))
+        Ok(moe_forward(
+            pool,
+            path,
+            &get,
+            h,
+            self.layout.inter,
+            x,
+            ids,
+            weights,
+            act_int8,
+            numa,
+        ))
     }
 }
 
@@ -244,7 +379,13 @@ mod tests {
     use crate::topology::Topology;
 
     /// float64 reference of the routed-expert forward from the dequantised weights.
-    fn reference(store: &ExpertStore, layer: usize, x: &[f32], ids: &[usize], w: &[f32]) -> Vec<f64> {
+    fn reference(
+        store: &ExpertStore,
+        layer: usize,
+        x: &[f32],
+        ids: &[usize],
+        w: &[f32],
+    ) -> Vec<f64> {
         let (h, i) = (store.layout.hidden, store.layout.inter);
         let m = x.len() / h;
         let k = ids.len() / m;
@@ -270,7 +411,14 @@ mod tests {
         y
     }
 
-    fn filled(pool: &Pool, rng: &mut Rng, bits: u32, g: usize, policy: NumaPolicy, nodes: usize) -> ExpertStore {
+    fn filled(
+        pool: &Pool,
+        rng: &mut Rng,
+        bits: u32,
+        g: usize,
+        policy: NumaPolicy,
+        nodes: usize,
+    ) -> ExpertStore {
         let (layers, experts, h, i) = (2, 6, 128, 256);
         let mut s = ExpertStore::new(layers, experts, h, i, bits, g, policy, nodes).unwrap();
         for l in 0..layers {
@@ -278,7 +426,17 @@ mod tests {
                 let gate: Vec<f32> = rng.normal_vec(i * h).iter().map(|v| v * 0.1).collect();
                 let up = rng.normal_vec(i * h);
                 let down = rng.normal_vec(h * i);
-                s.set_expert(pool, l, e, [WeightSrc::F32(&gate), WeightSrc::F32(&up), WeightSrc::F32(&down)]).unwrap();
+                s.set_expert(
+                    pool,
+                    l,
+                    e,
+                    [
+                        WeightSrc::F32(&gate),
+                        WeightSrc::F32(&up),
+                        WeightSrc::F32(&down),
+                    ],
+                )
+                .unwrap();
             }
         }
         s
@@ -336,13 +494,30 @@ mod tests {
         s.set_expert_bytes(1, 4, &b).unwrap();
         assert_eq!(s.expert_bytes(1, 4).unwrap(), &b[..]);
         let e = s.expert(0, 2).unwrap();
-        let parts = [(e.gate.weights.to_vec(), e.gate.scales.to_vec()), (e.up.weights.to_vec(), e.up.scales.to_vec()), (e.down.weights.to_vec(), e.down.scales.to_vec())];
-        s.set_expert_quantized(1, 5, [(&parts[0].0, &parts[0].1), (&parts[1].0, &parts[1].1), (&parts[2].0, &parts[2].1)]).unwrap();
+        let parts = [
+            (e.gate.weights.to_vec(), e.gate.scales.to_vec()),
+            (e.up.weights.to_vec(), e.up.scales.to_vec()),
+            (e.down.weights.to_vec(), e.down.scales.to_vec()),
+        ];
+        s.set_expert_quantized(
+            1,
+            5,
+            [
+                (&parts[0].0, &parts[0].1),
+                (&parts[1].0, &parts[1].1),
+                (&parts[2].0, &parts[2].1),
+            ],
+        )
+        .unwrap();
         assert_eq!(s.expert_bytes(1, 5).unwrap(), &b[..]);
         assert!(s.expert_bytes(2, 0).is_err());
-        assert!(s.forward(&pool, SimdPath::Scalar, 0, &[0.0; 128], &[6], &[1.0], true).is_err());
+        assert!(s
+            .forward(&pool, SimdPath::Scalar, 0, &[0.0; 128], &[6], &[1.0], true)
+            .is_err());
         let bufs = s.buffers();
         assert_eq!(bufs.len(), 2);
-        assert!(bufs.iter().all(|(a, n)| a % PAGE == 0 && *n == 6 * s.layout.nbytes));
+        assert!(bufs
+            .iter()
+            .all(|(a, n)| a % PAGE == 0 && *n == 6 * s.layout.nbytes));
     }
 }

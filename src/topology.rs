@@ -30,13 +30,18 @@ pub fn allowed_cpus() -> Vec<usize> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
-            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect();
             if !cpus.is_empty() {
                 return cpus;
             }
         }
     }
-    (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect()
+    (0..std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1))
+        .collect()
 }
 
 fn read_usize(path: &str) -> Option<usize> {
@@ -50,7 +55,10 @@ pub fn physical_cores() -> Vec<usize> {
     let mut out = Vec::new();
     for &c in &allowed {
         let base = format!("/sys/devices/system/cpu/cpu{c}/topology");
-        let key = match (read_usize(&format!("{base}/physical_package_id")), read_usize(&format!("{base}/core_id"))) {
+        let key = match (
+            read_usize(&format!("{base}/physical_package_id")),
+            read_usize(&format!("{base}/core_id")),
+        ) {
             (Some(p), Some(core)) => (p, core),
             _ => return allowed, // no topology information: treat every CPU as a core
         };
@@ -67,7 +75,10 @@ pub fn numa_nodes() -> Vec<(usize, Vec<usize>)> {
     if let Ok(rd) = fs::read_dir("/sys/devices/system/node") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(id) = name.strip_prefix("node").and_then(|s| s.parse::<usize>().ok()) {
+            if let Some(id) = name
+                .strip_prefix("node")
+                .and_then(|s| s.parse::<usize>().ok())
+            {
                 if let Ok(list) = fs::read_to_string(e.path().join("cpulist")) {
                     nodes.push((id, parse_cpulist(&list)));
                 }
@@ -91,8 +102,19 @@ pub struct Topology {
 impl Topology {
     pub fn detect() -> Topology {
         let nodes = numa_nodes();
-        let node_of = |cpu: usize| nodes.iter().find(|(_, cpus)| cpus.contains(&cpu)).map(|(n, _)| *n).unwrap_or(0);
-        Topology::from_cores(physical_cores().into_iter().map(|c| (c, node_of(c))).collect())
+        let node_of = |cpu: usize| {
+            nodes
+                .iter()
+                .find(|(_, cpus)| cpus.contains(&cpu))
+                .map(|(n, _)| *n)
+                .unwrap_or(0)
+        };
+        Topology::from_cores(
+            physical_cores()
+                .into_iter()
+                .map(|c| (c, node_of(c)))
+                .collect(),
+        )
     }
 
     /// Order (cpu, node) pairs round-robin over nodes and renumber nodes 0..num_nodes.
@@ -116,7 +138,10 @@ impl Topology {
         if ordered.is_empty() {
             ordered.push((0, 0));
         }
-        Topology { num_nodes: ids.len().max(1), cores: ordered }
+        Topology {
+            num_nodes: ids.len().max(1),
+            cores: ordered,
+        }
     }
 }
 

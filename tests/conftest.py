@@ -25,3 +25,11 @@ def tiny_checkpoint(tmp_path_factory):
         return built[name]
 
     return get
+
+
+def pytest_configure(config):
+    # Tests never touch the user's ~/.krasis: models and caches they write go to a throwaway home.
+    import os
+    import tempfile
+
+    os.environ["KRASIS_HOME"] = tempfile.mkdtemp(prefix="krasis-test-home-")

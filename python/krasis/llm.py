@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .cache import QuantConfig, ensure_cache
+from .cache.loader import load_cached_weights
 from .checkpoint import Checkpoint
 from .engine.forward import Forward
 from .engine.kv_cache import KVCache
@@ -36,30 +39,17 @@ def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer)
     return ids
 
 
-def _load_quantised(ckpt: Checkpoint, spec, dtype: torch.dtype, expert_bits: int):
-    """Weights with routed experts at ``expert_bits`` in the Rust expert store and the dense MLPs, shared
-    experts and lm_head in INT8 (Rust kernels); attention, norms and routers stay in ``dtype``."""
-    from .engine.cpu_quant import CPUQuantLinear, experts_factory
-
-    weights = load_weights(ckpt, spec, dtype, "cpu", experts_factory=experts_factory(spec, expert_bits))
-    for layer in weights.layers:
-        for role, tensor in layer.mlp.items():
-            if role != "router":
-                layer.mlp[role] = CPUQuantLinear(tensor, bits=8)
-    weights.lm_head = CPUQuantLinear(weights.lm_head, bits=8)
-    log.info("routed experts INT%d and dense MLPs / shared experts / lm_head INT8 on the CPU (Rust kernels)",
-             expert_bits)
-    return weights
-
-
 class LLM:
     """A loaded model.
 
     device: "cpu" or "cuda"; expert_bits: 16 (unquantised), 8 or 4; dtype: compute dtype of everything
-    that is not a quantised expert ("float32" or "bfloat16").
+    that is not quantised ("float32" or "bfloat16"). With expert_bits 8 or 4 the weights come from the weight
+    cache (built on first use): ``quant`` sets the other parts' formats (default: INT8 dense MLPs, shared
+    experts and lm_head, BF16 attention, group size 128); ``verify_cache`` checks every cache file's checksum.
     """
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", expert_bits: int = 16, dtype: str = "float32"):
+    def __init__(self, model_path: str | Path, device: str = "cpu", expert_bits: int = 16, dtype: str = "float32",
+                 quant: QuantConfig | None = None, verify_cache: bool = False, progress: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
@@ -84,7 +74,9 @@ class LLM:
         if expert_bits == 16:
             weights = load_weights(ckpt, self.spec, self.dtype, self.device)
         else:
-            weights = _load_quantised(ckpt, self.spec, self.dtype, expert_bits)
+            quant = replace(quant or QuantConfig(), cpu_expert_bits=expert_bits)
+            directory, _ = ensure_cache(ckpt, self.spec, quant, verify=verify_cache, progress=progress)
+            weights = load_cached_weights(ckpt, self.spec, self.dtype, quant, directory)
         self._forward = Forward(self.spec, weights, self.dtype, self.device)
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
         self.max_context = self.spec.max_position_embeddings

@@ -4,6 +4,7 @@
 use super::dispatch_tokens;
 use crate::quant::{ActRef, MatRef};
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 /// The 64 stored (unsigned) weights of block `blk` of a row, in order.
 ///
@@ -12,8 +13,10 @@ use std::arch::x86_64::*;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn load_block<const BITS: u32>(row: *const u8, blk: usize) -> __m512i {
     if BITS == 8 {
+        prefetch(row.add(blk * 64));
         _mm512_loadu_si512(row.add(blk * 64) as *const _)
     } else {
+        prefetch(row.add(blk * 32));
         let raw = _mm256_loadu_si256(row.add(blk * 32) as *const __m256i);
         let m = _mm256_set1_epi8(0x0F);
         let lo = _mm256_and_si256(raw, m);
@@ -25,7 +28,19 @@ unsafe fn load_block<const BITS: u32>(row: *const u8, blk: usize) -> __m512i {
 /// 254 * hi + lo as (hi << 8) - (hi << 1) + lo; |result| < 2^31 for groups of at most 128.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 fn combine(hi: __m512i, lo: __m512i) -> __m512i {
-    _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(hi, 8), _mm512_slli_epi32(hi, 1)), lo)
+    _mm512_add_epi32(
+        _mm512_sub_epi32(_mm512_slli_epi32(hi, 8), _mm512_slli_epi32(hi, 1)),
+        lo,
+    )
+}
+
+/// Ask for the weight line PREFETCH_BYTES ahead of `p` (rows are streamed in address order), so
+/// DRAM reads overlap the arithmetic. A prefetch never faults, so any address is fine.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: prefetch is a hint with no architectural effect; it does not fault on any address,
+    // and wrapping_add avoids out-of-bounds pointer arithmetic.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(super::PREFETCH_BYTES) as *const i8) }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -33,75 +48,100 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI present; row `r` exists; each activation has >= K values and groups.
+/// AVX-512 F/BW/VL/VNNI present; the rows exist; `out` holds rows.len() * T values; each activation has >= K values and groups.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn row_dot_int(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
-    dispatch_tokens!(dot_int, m.layout.bits, acts.len(), (m, r, acts, out))
+pub unsafe fn row_dot_int(m: &MatRef, rows: Range<usize>, acts: &[ActRef], out: &mut [f32]) {
+    dispatch_tokens!(dot_int, m.layout.bits, acts.len(), (m, rows, acts, out))
 }
 
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_int<const BITS: u32, const T: usize>(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
-    let l = m.layout;
-    let g = l.group;
-    let row = m.row(r).as_ptr();
-    let ws = m.row_scales(r);
-    let mut facc = [_mm512_setzero_ps(); T];
-    // vpdpbusd multiplies the stored unsigned weights (q + offset) by signed activations; the
-    // offset * sum(x) part is removed once per row below.
-    if g == 32 {
-        // Each 64-value block holds two groups: lanes 0..8 sum values 0..32, lanes 8..16 the rest.
-        for blk in 0..l.k / 64 {
-            let w = load_block::<BITS>(row, blk);
-            let sw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ws[2 * blk]), _mm512_set1_ps(ws[2 * blk + 1]));
-            for t in 0..T {
-                let a = &acts[t];
-                let xh = _mm512_loadu_si512(a.hi.as_ptr().add(blk * 64) as *const _);
-                let xl = _mm512_loadu_si512(a.lo.as_ptr().add(blk * 64) as *const _);
-                let ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xh);
-                let il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xl);
-                let sx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a.scales[2 * blk]), _mm512_set1_ps(a.scales[2 * blk + 1]));
-                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih, il)), _mm512_mul_ps(sw, sx), facc[t]);
-            }
-        }
-    } else {
-        let blocks_per_group = g / 64;
-        for gi in 0..l.k / g {
-            let mut ih = [_mm512_setzero_si512(); T];
-            let mut il = [_mm512_setzero_si512(); T];
-            for b in 0..blocks_per_group {
-                let blk = gi * blocks_per_group + b;
+/// # Safety
+/// As for `row_dot_int`; `acts.len() == T`.
+unsafe fn dot_int<const BITS: u32, const T: usize>(
+    m: &MatRef,
+    rows: Range<usize>,
+    acts: &[ActRef],
+    out: &mut [f32],
+) {
+    let row0 = rows.start;
+    for r in rows {
+        let out = &mut out[(r - row0) * T..(r - row0 + 1) * T];
+        let l = m.layout;
+        let g = l.group;
+        let row = m.row(r).as_ptr();
+        let ws = m.row_scales(r);
+        let mut facc = [_mm512_setzero_ps(); T];
+        // vpdpbusd multiplies the stored unsigned weights (q + offset) by signed activations; the
+        // offset * sum(x) part is removed once per row below.
+        if g == 32 {
+            // Each 64-value block holds two groups: lanes 0..8 sum values 0..32, lanes 8..16 the rest.
+            for blk in 0..l.k / 64 {
                 let w = load_block::<BITS>(row, blk);
+                let sw = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(ws[2 * blk]),
+                    _mm512_set1_ps(ws[2 * blk + 1]),
+                );
                 for t in 0..T {
-                    let xh = _mm512_loadu_si512(acts[t].hi.as_ptr().add(blk * 64) as *const _);
-                    let xl = _mm512_loadu_si512(acts[t].lo.as_ptr().add(blk * 64) as *const _);
-                    ih[t] = _mm512_dpbusd_epi32(ih[t], w, xh);
-                    il[t] = _mm512_dpbusd_epi32(il[t], w, xl);
+                    let a = &acts[t];
+                    let xh = _mm512_loadu_si512(a.hi.as_ptr().add(blk * 64) as *const _);
+                    let xl = _mm512_loadu_si512(a.lo.as_ptr().add(blk * 64) as *const _);
+                    let ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xh);
+                    let il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xl);
+                    let sx = _mm512_mask_blend_ps(
+                        0xFF00,
+                        _mm512_set1_ps(a.scales[2 * blk]),
+                        _mm512_set1_ps(a.scales[2 * blk + 1]),
+                    );
+                    facc[t] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(combine(ih, il)),
+                        _mm512_mul_ps(sw, sx),
+                        facc[t],
+                    );
                 }
             }
-            for t in 0..T {
-                let s = _mm512_set1_ps(ws[gi] * acts[t].scales[gi]);
-                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih[t], il[t])), s, facc[t]);
+        } else {
+            let blocks_per_group = g / 64;
+            for gi in 0..l.k / g {
+                let mut ih = [_mm512_setzero_si512(); T];
+                let mut il = [_mm512_setzero_si512(); T];
+                for b in 0..blocks_per_group {
+                    let blk = gi * blocks_per_group + b;
+                    let w = load_block::<BITS>(row, blk);
+                    for t in 0..T {
+                        let xh = _mm512_loadu_si512(acts[t].hi.as_ptr().add(blk * 64) as *const _);
+                        let xl = _mm512_loadu_si512(acts[t].lo.as_ptr().add(blk * 64) as *const _);
+                        ih[t] = _mm512_dpbusd_epi32(ih[t], w, xh);
+                        il[t] = _mm512_dpbusd_epi32(il[t], w, xl);
+                    }
+                }
+                for t in 0..T {
+                    let s = _mm512_set1_ps(ws[gi] * acts[t].scales[gi]);
+                    facc[t] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih[t], il[t])), s, facc[t]);
+                }
             }
         }
-    }
-    let offset = if BITS == 8 { 128.0 } else { 8.0 };
-    for t in 0..T {
-        out[t] = _mm512_reduce_add_ps(facc[t]) - offset * dot(ws, acts[t].scaled_sums);
+        let offset = if BITS == 8 { 128.0 } else { 8.0 };
+        for t in 0..T {
+            out[t] = _mm512_reduce_add_ps(facc[t]) - offset * dot(ws, acts[t].scaled_sums);
+        }
     }
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI present; row `r` exists; each x has >= K values.
+/// AVX-512 F/BW/VL/VNNI present; the rows exist; `out` holds rows.len() * T values; each x has >= K values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn row_dot_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
-    dispatch_tokens!(dot_f32, m.layout.bits, xs.len(), (m, r, xs, out))
+pub unsafe fn row_dot_f32(m: &MatRef, rows: Range<usize>, xs: &[&[f32]], out: &mut [f32]) {
+    dispatch_tokens!(dot_f32, m.layout.bits, xs.len(), (m, rows, xs, out))
 }
 
 /// acc[t] += (16 weights of piece P, widened and scaled) * x[t][e + 16P..].
 macro_rules! piece {
-    ($q:expr, $P:literal, $e:expr, $g:expr, $ws:expr, $xs:expr, $acc:expr, $T:expr) => {{
+    ($q:expr, $P:literal, $e:expr, $gshift:expr, $ws:expr, $xs:expr, $acc:expr, $T:expr) => {{
         let v = _mm512_extracti32x4_epi32($q, $P);
-        let s = _mm512_set1_ps($ws[($e + 16 * $P) / $g]);
+        let s = _mm512_set1_ps($ws[($e + 16 * $P) >> $gshift]);
         let wf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s);
         for t in 0..$T {
             let x = _mm512_loadu_ps($xs[t].as_ptr().add($e + 16 * $P));
@@ -111,26 +151,39 @@ macro_rules! piece {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_f32<const BITS: u32, const T: usize>(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
-    let l = m.layout;
-    let g = l.group;
-    let row = m.row(r).as_ptr();
-    let ws = m.row_scales(r);
-    let mut acc = [_mm512_setzero_ps(); T];
-    for blk in 0..l.k / 64 {
-        let w = load_block::<BITS>(row, blk);
-        let q = if BITS == 8 {
-            _mm512_xor_si512(w, _mm512_set1_epi8(-128))
-        } else {
-            _mm512_sub_epi8(w, _mm512_set1_epi8(8))
-        };
-        let e = blk * 64;
-        piece!(q, 0, e, g, ws, xs, acc, T);
-        piece!(q, 1, e, g, ws, xs, acc, T);
-        piece!(q, 2, e, g, ws, xs, acc, T);
-        piece!(q, 3, e, g, ws, xs, acc, T);
-    }
-    for t in 0..T {
-        out[t] = _mm512_reduce_add_ps(acc[t]);
+/// # Safety
+/// As for `row_dot_f32`; `xs.len() == T`.
+unsafe fn dot_f32<const BITS: u32, const T: usize>(
+    m: &MatRef,
+    rows: Range<usize>,
+    xs: &[&[f32]],
+    out: &mut [f32],
+) {
+    let row0 = rows.start;
+    for r in rows {
+        let out = &mut out[(r - row0) * T..(r - row0 + 1) * T];
+        let l = m.layout;
+        let g = l.group;
+        // Group sizes are powers of two: shifts and masks instead of divisions in the loops.
+        let gshift = g.trailing_zeros();
+        let row = m.row(r).as_ptr();
+        let ws = m.row_scales(r);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for blk in 0..l.k / 64 {
+            let w = load_block::<BITS>(row, blk);
+            let q = if BITS == 8 {
+                _mm512_xor_si512(w, _mm512_set1_epi8(-128))
+            } else {
+                _mm512_sub_epi8(w, _mm512_set1_epi8(8))
+            };
+            let e = blk * 64;
+            piece!(q, 0, e, gshift, ws, xs, acc, T);
+            piece!(q, 1, e, gshift, ws, xs, acc, T);
+            piece!(q, 2, e, gshift, ws, xs, acc, T);
+            piece!(q, 3, e, gshift, ws, xs, acc, T);
+        }
+        for t in 0..T {
+            out[t] = _mm512_reduce_add_ps(acc[t]);
+        }
     }
 }

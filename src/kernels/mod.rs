@@ -1,50 +1,80 @@
 //! Row dot-product kernels over quantised matrices, one module per SIMD path, and the one place
-//! that dispatches between them. A kernel computes row `r` of W against up to `MAX_TOKENS` tokens
-//! at once, so each weight byte is unpacked once per token block.
+//! that dispatches between them. A kernel computes a range of rows of W, each against up to
+//! `MAX_TOKENS` tokens at once, so each weight byte is unpacked once per token block; the output
+//! is out[(r - rows.start) * T + t].
 //!
 //! Two activation modes: INT8 activations (per-group scales, integer dot products: VNNI on
 //! AVX-512, maddubs/madd on AVX2) and f32 activations (weights widened to f32, FMA).
 
-pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod scalar;
 
 use crate::quant::{ActRef, MatRef};
 use crate::simd::SimdPath;
+use std::ops::Range;
 
 /// The most tokens one kernel call handles.
 pub const MAX_TOKENS: usize = 4;
 
-fn check_int(m: &MatRef, r: usize, acts: &[ActRef], out: &[f32]) {
+/// How far ahead of the weight being read the SIMD kernels prefetch (bytes).
+pub const PREFETCH_BYTES: usize = 4096;
+
+/// Rows per kernel call in the drivers: small enough that a tile of rows stays in L1/L2 while
+/// every token block passes over it, large enough to amortise the call.
+pub const ROW_TILE: usize = 16;
+
+/// `rows` cut into consecutive tiles of at most `ROW_TILE` rows.
+pub fn row_tiles(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    rows.clone()
+        .step_by(ROW_TILE)
+        .map(move |s| s..(s + ROW_TILE).min(rows.end))
+}
+
+fn check_int(m: &MatRef, r: &Range<usize>, acts: &[ActRef], out: &[f32]) {
     let l = m.layout;
-    assert!(r < l.n, "row {r} out of range (N={})", l.n);
-    assert!(!acts.is_empty() && acts.len() <= MAX_TOKENS && out.len() >= acts.len());
+    assert!(
+        r.start <= r.end && r.end <= l.n,
+        "rows {r:?} out of range (N={})",
+        l.n
+    );
+    assert!(!acts.is_empty() && acts.len() <= MAX_TOKENS && out.len() >= acts.len() * r.len());
     for a in acts {
-        assert!(a.hi.len() >= l.k && a.lo.len() >= l.k && a.scales.len() >= l.groups_per_row() && a.scaled_sums.len() >= l.groups_per_row());
+        assert!(
+            a.hi.len() >= l.k
+                && a.lo.len() >= l.k
+                && a.scales.len() >= l.groups_per_row()
+                && a.scaled_sums.len() >= l.groups_per_row()
+        );
     }
 }
 
-fn check_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &[f32]) {
+fn check_f32(m: &MatRef, r: &Range<usize>, xs: &[&[f32]], out: &[f32]) {
     let l = m.layout;
-    assert!(r < l.n, "row {r} out of range (N={})", l.n);
-    assert!(!xs.is_empty() && xs.len() <= MAX_TOKENS && out.len() >= xs.len());
+    assert!(
+        r.start <= r.end && r.end <= l.n,
+        "rows {r:?} out of range (N={})",
+        l.n
+    );
+    assert!(!xs.is_empty() && xs.len() <= MAX_TOKENS && out.len() >= xs.len() * r.len());
     for x in xs {
         assert!(x.len() >= l.k);
     }
 }
 
-/// out[t] = W[r] . act[t] for INT8-quantised activations (group size must equal the matrix's).
-pub fn row_dot_int(path: SimdPath, m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
-    check_int(m, r, acts, out);
+/// out[(r - rows.start) * T + t] = W[r] . act[t] for INT8-quantised activations (group size must
+/// equal the matrix's), r in `rows`.
+pub fn row_dot_int(path: SimdPath, m: &MatRef, r: Range<usize>, acts: &[ActRef], out: &mut [f32]) {
+    check_int(m, &r, acts, out);
     match path {
         SimdPath::Scalar => scalar::row_dot_int(m, r, acts, out),
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx2 => {
             assert!(path.supported(), "CPU lacks AVX2+FMA");
-            // SAFETY: the CPU supports AVX2+FMA (asserted above) and check_int verified that row
-            // r exists and every activation slice holds at least K values / K/group groups, which
+            // SAFETY: the CPU supports AVX2+FMA (asserted above) and check_int verified that the
+            // rows exist and every activation slice holds at least K values / K/group groups, which
             // is all the kernel reads.
             unsafe { avx2::row_dot_int(m, r, acts, out) }
         }
@@ -59,21 +89,21 @@ pub fn row_dot_int(path: SimdPath, m: &MatRef, r: usize, acts: &[ActRef], out: &
     }
 }
 
-/// out[t] = W[r] . x[t] for f32 activations.
-pub fn row_dot_f32(path: SimdPath, m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
-    check_f32(m, r, xs, out);
+/// out[(r - rows.start) * T + t] = W[r] . x[t] for f32 activations, r in `rows`.
+pub fn row_dot_f32(path: SimdPath, m: &MatRef, r: Range<usize>, xs: &[&[f32]], out: &mut [f32]) {
+    check_f32(m, &r, xs, out);
     match path {
         SimdPath::Scalar => scalar::row_dot_f32(m, r, xs, out),
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx2 => {
             assert!(path.supported(), "CPU lacks AVX2+FMA");
-            // SAFETY: CPU support asserted; check_f32 verified row r exists and each x has >= K values.
+            // SAFETY: CPU support asserted; check_f32 verified the rows exist and each x has >= K values.
             unsafe { avx2::row_dot_f32(m, r, xs, out) }
         }
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => {
             assert!(path.supported(), "CPU lacks AVX-512 F/BW/VL/VNNI");
-            // SAFETY: CPU support asserted; check_f32 verified row r exists and each x has >= K values.
+            // SAFETY: CPU support asserted; check_f32 verified the rows exist and each x has >= K values.
             unsafe { avx512::row_dot_f32(m, r, xs, out) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -105,7 +135,13 @@ mod tests {
     use crate::quant::{dequantize, quantize_rows, MatLayout, QuantActs, GROUP_SIZES};
     use crate::testutil::{rel_err, Rng};
 
-    fn make(rng: &mut Rng, n: usize, k: usize, bits: u32, g: usize) -> (MatLayout, Vec<u8>, Vec<f32>) {
+    fn make(
+        rng: &mut Rng,
+        n: usize,
+        k: usize,
+        bits: u32,
+        g: usize,
+    ) -> (MatLayout, Vec<u8>, Vec<f32>) {
         let l = MatLayout::new(n, k, bits, g).unwrap();
         let w = rng.normal_vec(n * k);
         let mut q = vec![0u8; l.weights_nbytes()];
@@ -129,8 +165,9 @@ mod tests {
                     let mut reference = vec![0f64; tokens * n];
                     for t in 0..tokens {
                         for r in 0..n {
-                            reference[t * n + r] =
-                                (0..k).map(|i| deq[r * k + i] as f64 * x[t * k + i] as f64).sum();
+                            reference[t * n + r] = (0..k)
+                                .map(|i| deq[r * k + i] as f64 * x[t * k + i] as f64)
+                                .sum();
                         }
                     }
                     let xs: Vec<&[f32]> = (0..tokens).map(|t| &x[t * k..(t + 1) * k]).collect();
@@ -139,21 +176,31 @@ mod tests {
                     for path in SimdPath::all_supported() {
                         let mut yi = vec![0f32; tokens * n];
                         let mut yf = vec![0f32; tokens * n];
+                        let mut o = vec![0f32; n * tokens];
+                        row_dot_int(path, &m, 0..n, &ar, &mut o);
                         for r in 0..n {
-                            let mut o = [0f32; MAX_TOKENS];
-                            row_dot_int(path, &m, r, &ar, &mut o);
                             for t in 0..tokens {
-                                yi[t * n + r] = o[t];
+                                yi[t * n + r] = o[r * tokens + t];
                             }
-                            row_dot_f32(path, &m, r, &xs, &mut o);
+                        }
+                        // An odd sub-range, to check the row offsets.
+                        row_dot_f32(path, &m, 0..3, &xs, &mut o);
+                        row_dot_f32(path, &m, 3..n, &xs, &mut o[3 * tokens..]);
+                        for r in 0..n {
                             for t in 0..tokens {
-                                yf[t * n + r] = o[t];
+                                yf[t * n + r] = o[r * tokens + t];
                             }
                         }
                         let ei = rel_err(&yi, &reference);
                         let ef = rel_err(&yf, &reference);
-                        assert!(ei < 1e-2, "{path:?} bits {bits} g {g} T {tokens}: int8-act err {ei}");
-                        assert!(ef < 1e-4, "{path:?} bits {bits} g {g} T {tokens}: f32-act err {ef}");
+                        assert!(
+                            ei < 1e-2,
+                            "{path:?} bits {bits} g {g} T {tokens}: int8-act err {ei}"
+                        );
+                        assert!(
+                            ef < 1e-4,
+                            "{path:?} bits {bits} g {g} T {tokens}: f32-act err {ef}"
+                        );
                         if path == SimdPath::Scalar {
                             scalar_int = yi.clone();
                         }
@@ -162,11 +209,11 @@ mod tests {
                     // to float rounding.
                     for path in SimdPath::all_supported() {
                         let mut yi = vec![0f32; tokens * n];
+                        let mut o = vec![0f32; n * tokens];
+                        row_dot_int(path, &m, 0..n, &ar, &mut o);
                         for r in 0..n {
-                            let mut o = [0f32; MAX_TOKENS];
-                            row_dot_int(path, &m, r, &ar, &mut o);
                             for t in 0..tokens {
-                                yi[t * n + r] = o[t];
+                                yi[t * n + r] = o[r * tokens + t];
                             }
                         }
                         let refd: Vec<f64> = scalar_int.iter().map(|v| *v as f64).collect();
@@ -184,17 +231,26 @@ mod tests {
         let k = 256;
         for bits in [4u32, 8] {
             let l = MatLayout::new(2, k, bits, 64).unwrap();
-            let q: Vec<u8> = (0..l.weights_nbytes()).map(|i| if i % 3 == 0 { 0 } else { 255 }).collect();
+            let q: Vec<u8> = (0..l.weights_nbytes())
+                .map(|i| if i % 3 == 0 { 0 } else { 255 })
+                .collect();
             let s = vec![0.01f32; l.scales_len()];
             let m = MatRef::new(l, &q, &s).unwrap();
-            let x: Vec<f32> = (0..k).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            let x: Vec<f32> = (0..k)
+                .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
             let acts = QuantActs::from_rows(&x, k, 64);
             let mut want = [0f32; 4];
-            scalar::row_dot_int(&m, 1, &[acts.token(0)], &mut want);
+            scalar::row_dot_int(&m, 1..2, &[acts.token(0)], &mut want);
             for path in SimdPath::all_supported() {
                 let mut o = [0f32; 4];
-                row_dot_int(path, &m, 1, &[acts.token(0)], &mut o);
-                assert!((o[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0), "{path:?} {} {}", o[0], want[0]);
+                row_dot_int(path, &m, 1..2, &[acts.token(0)], &mut o);
+                assert!(
+                    (o[0] - want[0]).abs() <= 1e-4 * want[0].abs().max(1.0),
+                    "{path:?} {} {}",
+                    o[0],
+                    want[0]
+                );
             }
         }
     }

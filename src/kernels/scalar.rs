@@ -1,9 +1,17 @@
 //! Scalar reference kernels: the definition every SIMD path is tested against.
 
 use crate::quant::{unpack, ActRef, MatRef, HI_WEIGHT};
+use std::ops::Range;
 
 /// out[t] = sum over groups of (W scale * act unit) * (254 * dot(q, hi) + dot(q, lo)).
-pub fn row_dot_int(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
+pub fn row_dot_int(m: &MatRef, rows: Range<usize>, acts: &[ActRef], out: &mut [f32]) {
+    for (i, r) in rows.enumerate() {
+        row_int(m, r, acts, &mut out[i * acts.len()..(i + 1) * acts.len()]);
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+fn row_int(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
     let l = m.layout;
     let (row, ws) = (m.row(r), m.row_scales(r));
     for (t, a) in acts.iter().enumerate() {
@@ -22,7 +30,14 @@ pub fn row_dot_int(m: &MatRef, r: usize, acts: &[ActRef], out: &mut [f32]) {
 }
 
 /// out[t] = sum over groups of W scale * (float dot of the group).
-pub fn row_dot_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
+pub fn row_dot_f32(m: &MatRef, rows: Range<usize>, xs: &[&[f32]], out: &mut [f32]) {
+    for (i, r) in rows.enumerate() {
+        row_f32(m, r, xs, &mut out[i * xs.len()..(i + 1) * xs.len()]);
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+fn row_f32(m: &MatRef, r: usize, xs: &[&[f32]], out: &mut [f32]) {
     let l = m.layout;
     let (row, ws) = (m.row(r), m.row_scales(r));
     for (t, x) in xs.iter().enumerate() {

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.spec import ArchSpec, GQASpec
-from ..ops.linear import linear
 from ..ops.attention import gqa_attention, mla_attention_absorbed, mla_attention_expanded
+from ..ops.linear import linear
 from ..ops.mlp import swiglu
 from ..ops.norms import rms_norm
 from ..ops.rope import Rotary

@@ -68,14 +68,17 @@ def read_expert_tensors(ckpt: Checkpoint, spec: ArchSpec, layer: LayerSpec, expe
 
 
 def load_weights(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, device: torch.device | str,
-                 experts_factory=None) -> ModelWeights:
+                 experts_factory=None, skip: set[str] = frozenset()) -> ModelWeights:
     """Every tensor of the model, converted to ``dtype`` on ``device``.
 
     ``experts_factory(layer_index, read_expert)`` builds a layer's routed experts (default: torch tensors);
-    ``read_expert(e)`` returns expert e's gate/up/down as stored.
+    ``read_expert(e)`` returns expert e's gate/up/down as stored. Tensors named in ``skip`` are not read
+    (their entries are None, for the caller to fill from elsewhere, e.g. a weight cache).
     """
 
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if name in skip:
+            return None
         return ckpt.get(name, shape).to(device=device, dtype=dtype)
 
     h = spec.hidden_size

@@ -1,0 +1,160 @@
+"""Type stubs for krasis._core, the Rust CPU expert engine (see docs: CPU expert formats).
+
+Arrays are numpy, C-contiguous; torch CPU tensors convert with ``.numpy()`` (bfloat16 is passed as
+its uint16 bits: ``t.view(torch.uint16).numpy()``). Wrong shapes, dtypes, ids out of range or
+non-contiguous inputs raise ValueError / TypeError. Heavy calls release the GIL.
+"""
+
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def simd_path() -> str:
+    """The SIMD path the kernels use now: "avx512", "avx2" or "scalar"."""
+
+def set_simd_path(name: Optional[str] = None) -> None:
+    """Force a path for later calls (ValueError if the CPU lacks it); None: KRASIS_SIMD / auto."""
+
+def supported_simd_paths() -> list[str]:
+    """Paths this CPU can run, fastest first."""
+
+def set_num_threads(n: int) -> None:
+    """Use n worker threads (re-creates the pool). Default: KRASIS_THREADS or physical cores."""
+
+def num_threads() -> int: ...
+def num_numa_nodes() -> int:
+    """NUMA nodes the pool's workers span."""
+
+def quantize(
+    w: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
+    bits: int,
+    group_size: int = 128,
+    dtype: Optional[str] = None,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Quantise w [N, K] -> (packed weights uint8 [N, K*bits/8], scales float32 [N, K/group_size]).
+
+    dtype ("f32", "f16", "bf16") is optional and must match the array (uint16 means bf16 bits).
+    """
+
+def dequantize(
+    qweight: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    n: int,
+    k: int,
+    bits: int,
+    group_size: int = 128,
+) -> npt.NDArray[np.float32]:
+    """Packed weights + scales -> float32 [N, K]."""
+
+def matrix_layout(n: int, k: int, bits: int, group_size: int = 128) -> dict[str, int]:
+    """Byte layout of one matrix block: offset, n, k, weights_nbytes, scales_offset, scales_nbytes, nbytes."""
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best DRAM read rate in bytes/s, measured with the pool's pinned workers."""
+
+def pool_dispatch_overhead(iters: int = 10000) -> float:
+    """Mean seconds per dispatch of an empty job to the pool."""
+
+class QuantMatrix:
+    """A quantised dense matrix W [N, K]; forward computes x @ W^T."""
+
+    def __init__(
+        self,
+        qweight: npt.NDArray[np.uint8],
+        scales: npt.NDArray[np.float32],
+        n: int,
+        k: int,
+        bits: int,
+        group_size: int = 128,
+    ) -> None: ...
+    @staticmethod
+    def from_float(
+        w: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
+        bits: int,
+        group_size: int = 128,
+        dtype: Optional[str] = None,
+    ) -> "QuantMatrix": ...
+    def forward(self, x: npt.NDArray[np.float32], act_int8: bool = True) -> npt.NDArray[np.float32]:
+        """x float32 [M, K] -> y float32 [M, N]."""
+    @property
+    def n(self) -> int: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+class ExpertStore:
+    """All routed experts of a model (layers x experts x gate/up/down), quantised, page-aligned."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        bits: int,
+        group_size: int = 128,
+        numa: str = "auto",
+    ) -> None:
+        """numa: "auto" (expert e on node e % nodes), "interleave", or "off"."""
+    def set_expert(
+        self,
+        layer: int,
+        expert: int,
+        gate: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
+        up: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
+        down: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
+    ) -> None:
+        """Quantise gate [I, H], up [I, H], down [H, I] into place."""
+    def set_expert_quantized(
+        self,
+        layer: int,
+        expert: int,
+        gate_q: npt.NDArray[np.uint8],
+        gate_s: npt.NDArray[np.float32],
+        up_q: npt.NDArray[np.uint8],
+        up_s: npt.NDArray[np.float32],
+        down_q: npt.NDArray[np.uint8],
+        down_s: npt.NDArray[np.float32],
+    ) -> None:
+        """Copy quantize() outputs for gate, up, down into place."""
+    def set_expert_bytes(self, layer: int, expert: int, data: npt.NDArray[np.uint8]) -> None:
+        """Copy one expert's packed bytes (expert_nbytes, as expert_view shows them) into place."""
+    def expert_view(self, layer: int, expert: int) -> npt.NDArray[np.uint8]:
+        """Read-only zero-copy view of one expert's packed bytes (keeps the store alive)."""
+    def forward(
+        self,
+        layer: int,
+        x: npt.NDArray[np.float32],
+        expert_ids: npt.NDArray[np.int64] | npt.NDArray[np.int32],
+        weights: npt.NDArray[np.float32],
+        act_int8: bool = True,
+    ) -> npt.NDArray[np.float32]:
+        """y[t] = sum_j weights[t, j] * down(silu(gate x[t]) * up x[t]) for expert expert_ids[t, j]; [M, H]."""
+    def buffers(self) -> list[tuple[int, int]]:
+        """(address, nbytes) of each layer's buffer, layer order."""
+    def layout(self) -> dict:
+        """expert_nbytes and, for gate/up/down, offset, n, k, weights_nbytes, scales_offset, scales_nbytes, nbytes."""
+    @property
+    def expert_nbytes(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def intermediate(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def numa(self) -> str: ...

@@ -1,0 +1,108 @@
+"""Building a cache: every part written atomically with a checksum sidecar (so a killed build resumes where it
+stopped), the manifest last; an existing cache is checked (sizes always, checksums on request) and any
+missing, truncated or mismatched part is reported and rebuilt, never used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..checkpoint import Checkpoint
+from ..models.spec import ArchSpec
+from ..paths import cache_dir
+from .files import check_free_space, sha256_file, write_json_atomic
+from .key import FORMAT_VERSION, cache_key
+from .parts import Part, cache_parts
+from .quant_config import QuantConfig
+
+log = logging.getLogger("krasis")
+
+MANIFEST = "manifest.json"
+
+
+def _sidecar(directory: Path, part: Part) -> Path:
+    return directory / (part.rel + ".done")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _part_problem(directory: Path, rel: str, record: dict | None, verify: bool) -> str | None:
+    """Why a finished part cannot be used, or None when it can."""
+    path = directory / rel
+    if record is None:
+        return "has no record of being finished"
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != record.get("size"):
+        return f"has {size} bytes, expected {record.get('size')} (truncated or overwritten)"
+    if verify and sha256_file(path) != record.get("sha256"):
+        return "does not match its checksum (corrupted)"
+    return None
+
+
+def _discard(directory: Path, part: Part, why: str) -> None:
+    log.warning("cache part %s %s: rebuilding it", directory / part.rel, why)
+    (directory / part.rel).unlink(missing_ok=True)
+    _sidecar(directory, part).unlink(missing_ok=True)
+
+
+def ensure_cache(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, verify: bool = False,
+                 progress: bool = True) -> tuple[Path, dict]:
+    """The directory and manifest of a complete, checked cache for this model and config, building
+    (or finishing, or repairing) it first when needed."""
+    directory = cache_dir() / cache_key(ckpt, quant)
+    parts = list(cache_parts(ckpt, spec, quant))
+    manifest = _read_json(directory / MANIFEST)
+    if manifest is not None and set(manifest.get("files", {})) != {p.rel for p in parts}:
+        log.warning("cache manifest %s does not list this model's parts: rebuilding", directory / MANIFEST)
+        manifest = None
+    # A manifest's records are checked on sizes (checksums with verify); without one, every finished part
+    # is checked against its sidecar's checksum before it is trusted.
+    records = manifest["files"] if manifest else {p.rel: _read_json(_sidecar(directory, p)) for p in parts}
+    todo = []
+    for part in parts:
+        if not (directory / part.rel).exists() and records.get(part.rel) is None:
+            todo.append(part)
+            continue
+        why = _part_problem(directory, part.rel, records.get(part.rel), verify or manifest is None)
+        if why:
+            _discard(directory, part, why)
+            todo.append(part)
+    if manifest is not None and not todo:
+        return directory, manifest
+    (directory / MANIFEST).unlink(missing_ok=True)
+    if todo:
+        _build(directory, todo, progress)
+    files = {p.rel: {"kind": p.kind, "layer": p.layer, **_read_json(_sidecar(directory, p))} for p in parts}
+    manifest = {"format_version": FORMAT_VERSION, "model_dir": str(ckpt.model_dir), "family": spec.family,
+                "quant": quant.as_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    write_json_atomic(directory / MANIFEST, manifest)
+    return directory, manifest
+
+
+def _build(directory: Path, todo: list[Part], progress: bool) -> None:
+    needed = sum(p.estimated_size for p in todo)
+    check_free_space(directory, needed)
+    total = sum(p.source_bytes for p in todo)
+    log.info("building %d cache parts in %s (%.2f GB of weights in, about %.2f GB out)", len(todo), directory,
+             total / 1e9, needed / 1e9)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="krasis: building weight cache",
+              disable=not progress) as bar:
+        for part in todo:
+            path = directory / part.rel
+            digest = part.write(path)
+            write_json_atomic(_sidecar(directory, part), {"size": path.stat().st_size, "sha256": digest})
+            bar.update(part.source_bytes)
+    elapsed = time.perf_counter() - start
+    log.info("cache built in %.1f s (%.2f GB/s of source weights)", elapsed, total / 1e9 / max(elapsed, 1e-9))

@@ -1,0 +1,126 @@
+"""The parts a cache is made of: one file of CPU routed experts per MoE layer (the Rust ExpertStore layout),
+and one safetensors file of INT8-quantised dense matrices per layer (plus lm_head) where the config asks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save
+
+from .. import _core
+from ..checkpoint import Checkpoint
+from ..engine.weights import read_expert_tensors
+from ..models.shapes import attention_shapes, mlp_shapes
+from ..models.spec import ArchSpec, LayerSpec
+from .files import write_atomic
+from .quant_config import QuantConfig
+
+# Attention roles that may be INT8 (kv_b stays in the compute dtype: MLA's absorbed decode reshapes it).
+INT8_ATTENTION_ROLES = ("q", "k", "v", "o", "q_a", "q_b", "kv_a")
+
+
+def group_for(k: int, preferred: int) -> int:
+    """The largest supported group size, at most ``preferred``, that divides the input dimension k."""
+    for g in (128, 64, 32):
+        if g <= preferred and k % g == 0:
+            return g
+    raise ValueError(f"input dimension {k} is not a multiple of 32; it cannot be quantised in groups")
+
+
+def as_kernel_input(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view the Rust quantiser reads: float32, float16, or bfloat16 as uint16 bits."""
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype in (torch.float16, torch.float32):
+        return t.numpy()
+    return t.to(torch.float32).numpy()
+
+
+@dataclass
+class Part:
+    """One cache file: where it goes, what it holds, how many source bytes it reads, how to make it."""
+
+    rel: str
+    kind: str
+    layer: int | None
+    source_bytes: int
+    estimated_size: int
+    write: Callable[[Path], str]  # writes the file atomically, returns its sha256
+
+
+def expert_group(spec: ArchSpec, quant: QuantConfig) -> int:
+    return min(group_for(spec.hidden_size, quant.group_size), group_for(spec.moe.intermediate_size, quant.group_size))
+
+
+def expert_dir(spec: ArchSpec, quant: QuantConfig) -> str:
+    return f"cpu_experts_int{quant.cpu_expert_bits}_g{expert_group(spec, quant)}"
+
+
+def _expert_part(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, index: int, layer: LayerSpec,
+                 expert_nbytes: int) -> Part:
+    bits, group, n = quant.cpu_expert_bits, expert_group(spec, quant), spec.moe.num_experts
+    src = 3 * spec.hidden_size * spec.moe.intermediate_size * n * 2
+
+    def write(path: Path) -> str:
+        # one layer at a time: peak memory is one layer's quantised experts plus one expert's source tensors
+        store = _core.ExpertStore(1, n, spec.hidden_size, spec.moe.intermediate_size, bits, group, numa="off")
+        for e in range(n):
+            t = read_expert_tensors(ckpt, spec, layer, e)
+            store.set_expert(0, e, as_kernel_input(t["gate"]), as_kernel_input(t["up"]), as_kernel_input(t["down"]))
+        return write_atomic(path, (memoryview(store.expert_view(0, e)) for e in range(n)))
+
+    return Part(f"{expert_dir(spec, quant)}/layer_{index:03d}.bin", "cpu_experts", index, src, n * expert_nbytes, write)
+
+
+def int8_roles(spec: ArchSpec, layer: LayerSpec, quant: QuantConfig) -> dict[str, str]:
+    """role -> tensor name of a layer's matrices that the config stores in INT8."""
+    names: dict[str, str] = {}
+    if quant.attention_quant == "int8":
+        names.update({r: layer.names.attention[r] for r in attention_shapes(spec, layer) if r in INT8_ATTENTION_ROLES})
+    for role in mlp_shapes(spec, layer):
+        shared = role.startswith("shared_")
+        wanted = quant.shared_expert_quant if shared else quant.dense_mlp_quant
+        if role != "router" and wanted == "int8":
+            names[role] = layer.names.mlp[role]
+    return names
+
+
+def _dense_part(ckpt: Checkpoint, rel: str, index: int | None, names: dict[str, str], quant: QuantConfig) -> Part:
+    shapes = {role: ckpt.shape(name) for role, name in names.items()}
+    src = sum(n * k * 2 for n, k in shapes.values())
+    est = sum(n * k + n * (k // 32) * 4 for n, k in shapes.values()) + 4096
+
+    def write(path: Path) -> str:
+        tensors, meta = {}, {}
+        for role, name in names.items():
+            n, k = shapes[role]
+            group = group_for(k, quant.group_size)
+            qweight, scales = _core.quantize(as_kernel_input(ckpt.get(name)), 8, group)
+            tensors[f"{role}.qweight"], tensors[f"{role}.scales"] = qweight, scales
+            meta[role] = f"{n},{k},8,{group}"
+        return write_atomic(path, [save(tensors, metadata=meta)])
+
+    return Part(rel, "dense_int8", index, src, est, write)
+
+
+def cache_parts(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig) -> Iterator[Part]:
+    """Every part of the cache for ``spec`` and ``quant``, in build order."""
+    expert_nbytes = 0
+    if spec.moe is not None:
+        probe = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.cpu_expert_bits,
+                                  expert_group(spec, quant), numa="off")
+        expert_nbytes = probe.expert_nbytes
+    for index, layer in enumerate(spec.layers):
+        names = int8_roles(spec, layer, quant)
+        if names:
+            yield _dense_part(ckpt, f"dense_int8/layer_{index:03d}.safetensors", index, names, quant)
+        if layer.is_moe:
+            yield _expert_part(ckpt, spec, quant, index, layer, expert_nbytes)
+    if quant.lm_head_quant == "int8":
+        name = spec.embed_name if spec.tie_word_embeddings else spec.lm_head_name
+        yield _dense_part(ckpt, "dense_int8/lm_head.safetensors", None, {"lm_head": name}, quant)
