@@ -5,7 +5,7 @@
 //! 1. gate/up: the rows of every expert in use, in chunks of 32, queued for the workers of the
 //!    expert's NUMA node; each row is computed for all tokens routed to that expert.
 //! 2. (INT8 activations only) quantise the hidden vectors h, one per (token, expert) pair.
-//! 3. down: the H output rows in chunks of 32, queued for each node's workers; a chunk loops over
+//! 3. down: the H output rows in chunks of 64, queued for each node's workers; a chunk loops over
 //!    that node's experts, summing weight * row . h into its rows of y. With several nodes each node
 //!    sums into its own partial y, added at the end.
 
@@ -53,8 +53,11 @@ fn lap(i: usize, t: &mut Instant) {
     *t = now;
 }
 
-/// Rows per unit of work taken from a queue.
+/// Gate/up rows per unit of work taken from a queue.
 const CHUNK_ROWS: usize = 32;
+/// Down (output) rows per unit of work: larger, because each unit visits every expert of its node
+/// and each visit starts a new stream of weights.
+const DOWN_CHUNK_ROWS: usize = 64;
 
 /// One block of up to MAX_TOKENS inputs as the kernels take them: quantised (INT8 mode) and f32.
 type TokenBlock<'a> = (Vec<ActRef<'a>>, Vec<&'a [f32]>);
@@ -140,7 +143,7 @@ pub fn moe_forward<'a>(
         .iter()
         .map(|c| WorkQueue::new(c.len()))
         .collect();
-    let down_chunks = hidden.div_ceil(CHUNK_ROWS);
+    let down_chunks = hidden.div_ceil(DOWN_CHUNK_ROWS);
     let down_queues: Vec<WorkQueue> = groups.iter().map(|_| WorkQueue::new(down_chunks)).collect();
     let node_of_worker: Vec<usize> = (0..nt)
         .map(|tid| groups.iter().position(|g| g.contains(&tid)).unwrap_or(0))
@@ -251,7 +254,7 @@ pub fn moe_forward<'a>(
             let base = node * m * hidden;
             let mut o = [0f32; MAX_TOKENS * ROW_TILE];
             while let Some(c) = down_queues[node].take() {
-                let rows = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(hidden);
+                let rows = c * DOWN_CHUNK_ROWS..((c + 1) * DOWN_CHUNK_ROWS).min(hidden);
                 for (si, slot) in slots.iter().enumerate() {
                     if slot_nodes[si] != node {
                         continue;

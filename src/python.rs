@@ -465,7 +465,9 @@ impl PyExpertStore {
     ) -> PyResult<Self> {
         let paths: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
         let inner = py
-            .detach(|| ExpertStore::open_files(&paths, num_experts, hidden, intermediate, bits, group_size))
+            .detach(|| {
+                ExpertStore::open_files(&paths, num_experts, hidden, intermediate, bits, group_size)
+            })
             .map_err(verr)?;
         Ok(PyExpertStore { inner })
     }

@@ -5,7 +5,6 @@ its uint16 bits: ``t.view(torch.uint16).numpy()``). Wrong shapes, dtypes, ids ou
 non-contiguous inputs raise ValueError / TypeError. Heavy calls release the GIL.
 """
 
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -15,7 +14,7 @@ __version__: str
 def simd_path() -> str:
     """The SIMD path the kernels use now: "avx512", "avx2" or "scalar"."""
 
-def set_simd_path(name: Optional[str] = None) -> None:
+def set_simd_path(name: str | None = None) -> None:
     """Force a path for later calls (ValueError if the CPU lacks it); None: KRASIS_SIMD / auto."""
 
 def supported_simd_paths() -> list[str]:
@@ -32,7 +31,7 @@ def quantize(
     w: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
     bits: int,
     group_size: int = 128,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Quantise w [N, K] -> (packed weights uint8 [N, K*bits/8], scales float32 [N, K/group_size]).
 
@@ -58,6 +57,10 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 def pool_dispatch_overhead(iters: int = 10000) -> float:
     """Mean seconds per dispatch of an empty job to the pool."""
 
+def moe_phase_times() -> tuple[dict[str, float], int]:
+    """Seconds spent per step of ExpertStore.forward since the last call (setup, gate_up,
+    quantize_h, down, total) and the number of calls; resets the counters. For benchmarks."""
+
 class QuantMatrix:
     """A quantised dense matrix W [N, K]; forward computes x @ W^T."""
 
@@ -75,8 +78,8 @@ class QuantMatrix:
         w: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16],
         bits: int,
         group_size: int = 128,
-        dtype: Optional[str] = None,
-    ) -> "QuantMatrix": ...
+        dtype: str | None = None,
+    ) -> QuantMatrix: ...
     def forward(self, x: npt.NDArray[np.float32], act_int8: bool = True) -> npt.NDArray[np.float32]:
         """x float32 [M, K] -> y float32 [M, N]."""
     @property
