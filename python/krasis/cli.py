@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-expert-bits", type=int, choices=(16, 8, 4), default=16,
                    help="routed experts on the CPU: 16 = unquantised, 8 or 4 = INT8/INT4 Rust kernels "
                         "(which also run dense MLPs, shared experts and lm_head in INT8); default 16")
+    q = p.add_argument_group("weight cache (used with --cpu-expert-bits 8 or 4)")
+    q.add_argument("--gpu-expert-bits", type=int, choices=(4, 8), default=4,
+                   help="routed experts for the GPU kernels (recorded in the cache key; default 4)")
+    for part, default in (("shared-expert", "int8"), ("dense-mlp", "int8"), ("lm-head", "int8"), ("attention", "bf16")):
+        q.add_argument(f"--{part}-quant", choices=("int8", "bf16"), default=default,
+                       help=f"{part.replace('-', ' ')} weights: int8 (Rust kernels) or bf16 (default {default})")
+    q.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
+                   help="quantisation group size along the input dimension (default 128)")
+    q.add_argument("--verify-cache", action="store_true",
+                   help="check every cache file's sha256, not only its size, before using it")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU expert kernel threads (default: physical cores; env KRASIS_THREADS)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_prompt(args: argparse.Namespace) -> int:
+    from .cache import QuantConfig
     from .demo import ensure_demo_model
     from .llm import LLM
 
@@ -66,7 +77,11 @@ def _run_prompt(args: argparse.Namespace) -> int:
         from . import _core
 
         _core.set_num_threads(args.threads)
-    llm = LLM(model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits)
+    quant = QuantConfig(gpu_expert_bits=args.gpu_expert_bits, shared_expert_quant=args.shared_expert_quant,
+                        dense_mlp_quant=args.dense_mlp_quant, lm_head_quant=args.lm_head_quant,
+                        attention_quant=args.attention_quant, group_size=args.group_size)
+    llm = LLM(model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
+              verify_cache=args.verify_cache)
     tok = llm.tokenizer
     if tok.has_chat_template and not args.raw_prompt:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

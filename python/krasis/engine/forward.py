@@ -49,9 +49,9 @@ class Forward:
         a, w, t = self.spec.attention, layer.attention, h.shape[0]
         rd = self.spec.rope.dim
         if isinstance(a, GQASpec):
-            q = F.linear(h, w["q"], w.get("q_bias")).view(t, a.num_heads, a.head_dim)
-            k = F.linear(h, w["k"], w.get("k_bias")).view(t, a.num_kv_heads, a.head_dim)
-            v = F.linear(h, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.head_dim)
+            q = linear(h, w["q"], w.get("q_bias")).view(t, a.num_heads, a.head_dim)
+            k = linear(h, w["k"], w.get("k_bias")).view(t, a.num_kv_heads, a.head_dim)
+            v = linear(h, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.head_dim)
             if a.qk_norm:
                 q = rms_norm(q, w["q_norm"], self.spec.rms_norm_eps)
                 k = rms_norm(k, w["k_norm"], self.spec.rms_norm_eps)
@@ -61,19 +61,19 @@ class Forward:
             out = gqa_attention(q, k_all, v_all, start, a.softmax_scale)
         else:
             if "q" in w:
-                q = F.linear(h, w["q"])
+                q = linear(h, w["q"])
             else:
-                q = F.linear(rms_norm(F.linear(h, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], MLA_NORM_EPS), w["q_b"])
+                q = linear(rms_norm(linear(h, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], MLA_NORM_EPS), w["q_b"])
             q = q.view(t, a.num_heads, a.qk_nope_head_dim + a.qk_rope_head_dim)
             q_nope, q_pe = q[..., : a.qk_nope_head_dim], q[..., a.qk_nope_head_dim:]
-            ckv = F.linear(h, w["kv_a"], w.get("kv_a_bias"))
+            ckv = linear(h, w["kv_a"], w.get("kv_a_bias"))
             latent = rms_norm(ckv[:, : a.kv_lora_rank], w["kv_a_norm"], MLA_NORM_EPS)
             k_pe = self.rotary.apply(ckv[:, None, a.kv_lora_rank:], cos, sin)[:, 0]
             q_pe = self.rotary.apply(q_pe, cos, sin)
             lat_all, kpe_all = cache.append(index, latent, k_pe, start)
             attend = mla_attention_absorbed if t <= MLA_ABSORB_MAX_TOKENS else mla_attention_expanded
             out = attend(q_nope, q_pe, lat_all, kpe_all, w["kv_b"], a.v_head_dim, start, a.softmax_scale)
-        return F.linear(out.reshape(t, -1), w["o"], w.get("o_bias"))
+        return linear(out.reshape(t, -1), w["o"], w.get("o_bias"))
 
     def _mlp(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         m = layer.mlp
