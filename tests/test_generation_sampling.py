@@ -39,3 +39,20 @@ def test_generation_stops_after_eos(tiny_checkpoint):
     stop_at = max(i for i, t in enumerate(free) if t not in free[:i])
     llm.eos_token_ids = {free[stop_at]}
     assert llm.generate([5, 6, 7], max_new_tokens=8) == free[: stop_at + 1]
+
+
+def test_prefix_reuse_prefills_only_new_tokens_and_gives_the_same_tokens(tiny_checkpoint):
+    llm = krasis.LLM(tiny_checkpoint("deepseek_v2_lite_like")[1])
+    turn1 = [5, 6, 7, 8, 9, 10]
+    answer = llm.generate(turn1, max_new_tokens=5)
+    list(llm.stream(turn1, max_new_tokens=5, reuse_prefix=True))
+    assert llm.last_cached_tokens == 0
+    turn2 = turn1 + answer + [11, 12]
+    fresh = llm.generate(turn2, max_new_tokens=6)
+    reused = list(llm.stream(turn2, max_new_tokens=6, reuse_prefix=True))
+    assert llm.last_cached_tokens == len(turn1) + len(answer) - 1  # the last answer token was never fed back
+    assert reused == fresh
+    # a conversation that diverges early reuses only the common part
+    diverged = list(llm.stream([5, 6, 99, 98], max_new_tokens=3, reuse_prefix=True))
+    assert llm.last_cached_tokens == 2
+    assert diverged == llm.generate([5, 6, 99, 98], 3)

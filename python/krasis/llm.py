@@ -39,6 +39,15 @@ def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer)
     return ids
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
+
+
 class LLM:
     """A loaded model.
 
@@ -80,6 +89,8 @@ class LLM:
         self._forward = Forward(self.spec, weights, self.dtype, self.device)
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
         self.max_context = self.spec.max_position_embeddings
+        self._session: tuple[KVCache, list[int]] | None = None  # (cache, the tokens it holds) for prefix reuse
+        self.last_cached_tokens = 0
 
     def _check_tokens(self, token_ids: list[int], extra: int = 0) -> torch.Tensor:
         if len(token_ids) == 0:
@@ -106,20 +117,34 @@ class LLM:
 
     @torch.inference_mode()
     def stream(self, token_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None) -> Iterator[int]:
-        """New token ids one at a time; stops after an EOS token or ``max_new_tokens``."""
+               top_k: int = 0, seed: int | None = None, reuse_prefix: bool = False) -> Iterator[int]:
+        """New token ids one at a time; stops after an EOS token or ``max_new_tokens``.
+
+        With ``reuse_prefix`` the KV cache of the previous ``reuse_prefix`` call is kept and only the tokens after
+        the longest common prefix are prefilled (agents resend the whole conversation each turn);
+        ``last_cached_tokens`` then says how many prompt tokens came from the cache.
+        """
         tokens = self._check_tokens(token_ids, max_new_tokens)
         generator = None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        cache = self.new_cache()
-        hidden = self._forward(tokens, cache, 0)
-        for _ in range(max_new_tokens):
+        cache, start = self.new_cache(), 0
+        if reuse_prefix and self._session is not None:
+            cache, cached = self._session
+            start = _common_prefix(cached, token_ids, limit=len(token_ids) - 1)
+            cache.truncate(start)
+        self.last_cached_tokens = start
+        history = list(token_ids)
+        if reuse_prefix:
+            self._session = (cache, history)
+        hidden = self._forward(tokens[start:], cache, start)
+        for step in range(max_new_tokens):
             logits = self._forward.logits(hidden[-1:])[0]
             token = sample(logits, temperature, top_p, top_k, generator)
             yield token
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids or step == max_new_tokens - 1:
                 return
+            history.append(token)
             next_input = torch.tensor([token], dtype=torch.long, device=self.device)
             hidden = self._forward(next_input, cache, cache.length)
 
