@@ -182,3 +182,33 @@ def test_build_peak_memory_stays_near_one_layer_whatever_the_model_size(tmp_path
     layer = r["one_layer_expert_source_bytes"]
     assert r["expert_source_bytes"] == 16 * layer
     assert r["peak_extra_anon_bytes"] < 3 * layer + (32 << 20)
+
+
+def test_disk_full_while_writing_is_a_clear_error_and_leaves_no_finished_looking_part(tmp_path):
+    import errno
+
+    from krasis.cache.files import write_atomic
+
+    def chunks():
+        yield b"x" * 100
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "part.bin"
+    with pytest.raises(CacheError, match="disk is full while writing .*part.bin.*KRASIS_HOME"):
+        write_atomic(target, chunks())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_changed_weight_file_changes_the_key(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoint("qwen3_moe_mixed")[1]
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    key = cache_key(Checkpoint(dst), QuantConfig())
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.bfloat16)
+    save_file(tensors, str(dst / "model.safetensors"))
+    assert cache_key(Checkpoint(dst), QuantConfig()) != key
