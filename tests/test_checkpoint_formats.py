@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from measures import random_prompt, rel_err, rms_rel_err
 from safetensors.torch import load_file, save_file
 
 import krasis
@@ -15,8 +16,6 @@ def copy_model(src, dst):
     return dst
 
 
-def ids():
-    return torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(2)).tolist()
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe_odd_yarn", "deepseek_v2_lite_like"])
@@ -30,7 +29,8 @@ def test_legacy_rope_theta_and_rope_scaling_equal_rope_parameters(tiny_checkpoin
     if rope_type != "default":
         cfg["rope_scaling"] = {"type": rope_type, **params}
     (legacy / "config.json").write_text(json.dumps(cfg))
-    assert torch.equal(krasis.LLM(legacy).prompt_logits(ids()), krasis.LLM(src).prompt_logits(ids()))
+    ids = random_prompt(16, 2)
+    assert torch.equal(krasis.LLM(legacy).prompt_logits(ids), krasis.LLM(src).prompt_logits(ids))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -41,20 +41,21 @@ def test_half_precision_checkpoints_load_and_match_float32_weights(tiny_checkpoi
     save_file(tensors, str(half / "model.safetensors"), metadata={"format": "pt"})
     rounded = copy_model(src, tmp_path / "rounded")  # the same rounded weights, stored as float32
     save_file({k: v.float() for k, v in tensors.items()}, str(rounded / "model.safetensors"))
-    ours, ref = krasis.LLM(half).prompt_logits(ids()), krasis.LLM(rounded).prompt_logits(ids())
-    assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5  # equal up to float32 summation order
+    ids = random_prompt(16, 2)
+    ours, ref = krasis.LLM(half).prompt_logits(ids), krasis.LLM(rounded).prompt_logits(ids)
+    assert rel_err(ours, ref) < 1e-5  # equal up to float32 summation order
 
 
 def test_eos_ids_from_generation_config_stop_generation(tiny_checkpoint, tmp_path):
     model = copy_model(tiny_checkpoint("qwen3_moe_mixed")[1], tmp_path / "m")
     free = krasis.LLM(model)
     free.eos_token_ids = set()
-    tokens = free.generate(ids(), max_new_tokens=10)
+    tokens = free.generate(random_prompt(16, 2), max_new_tokens=10)
     stop = tokens[3]
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 1]}))
     llm = krasis.LLM(model)
     assert stop in llm.eos_token_ids
-    assert llm.generate(ids(), max_new_tokens=10) == tokens[: tokens.index(stop) + 1]
+    assert llm.generate(random_prompt(16, 2), max_new_tokens=10) == tokens[: tokens.index(stop) + 1]
 
 
 def test_int8_attention_option_runs_attention_through_the_rust_kernels(tiny_checkpoint):
@@ -64,6 +65,6 @@ def test_int8_attention_option_runs_attention_through_the_rust_kernels(tiny_chec
     path = tiny_checkpoint("qwen3_moe_mixed")[1]
     llm = krasis.LLM(path, expert_bits=8, quant=QuantConfig(attention_quant="int8"), progress=False)
     assert isinstance(llm._forward.w.layers[0].attention["q"], CPUQuantLinear)
-    ref = krasis.LLM(path).prompt_logits(ids())
-    ours = llm.prompt_logits(ids())
-    assert float((ours - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.08
+    ref = krasis.LLM(path).prompt_logits(random_prompt(16, 2))
+    ours = llm.prompt_logits(random_prompt(16, 2))
+    assert rms_rel_err(ours, ref) < 0.08

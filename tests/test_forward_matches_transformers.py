@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from measures import random_prompt as prompt
+from measures import rel_err
 from tiny_models import ALL
 
 import krasis
@@ -9,13 +11,8 @@ import krasis
 NAMES = sorted(ALL)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
-def prompt(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 300, (n,), generator=g).tolist()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -3,6 +3,8 @@ error bounds of the unquantised model."""
 
 import pytest
 import torch
+from measures import argmax_agreement, rel_err, rms_rel_err
+from measures import random_prompt as prompt
 from tiny_models import ALL
 
 import krasis
@@ -10,20 +12,12 @@ import krasis
 NAMES = sorted(ALL)
 
 
-def prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
-def rms_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
 
-def argmax_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from measures import random_prompt
 
 import krasis
 from krasis.cache import QuantConfig, ensure_cache
@@ -48,8 +49,6 @@ def build(path, bits=4, verify=False):
     return ensure_cache(ckpt, spec, QuantConfig(cpu_expert_bits=bits), verify=verify, progress=False)
 
 
-def prompt():
-    return torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
 def test_first_load_builds_every_part_and_writes_the_manifest_last(tiny_checkpoint, home):
@@ -73,8 +72,8 @@ def test_second_load_builds_nothing(tiny_checkpoint, home):
 
 def test_cached_model_gives_the_same_logits_as_the_first_load(tiny_checkpoint, home):
     path = tiny_checkpoint("deepseek_v2_grouped_qlora")[1]
-    first = krasis.LLM(path, expert_bits=4, progress=False).prompt_logits(prompt())
-    again = krasis.LLM(path, expert_bits=4, progress=False).prompt_logits(prompt())
+    first = krasis.LLM(path, expert_bits=4, progress=False).prompt_logits(random_prompt(12, 1))
+    again = krasis.LLM(path, expert_bits=4, progress=False).prompt_logits(random_prompt(12, 1))
     assert torch.equal(first, again)
 
 
