@@ -171,3 +171,25 @@ def test_bad_inputs_raise():
         _core.ExpertStore(1, 2, 100, I, 4, 64)
     with pytest.raises(ValueError):
         _core.ExpertStore(1, 2, H, I, 4, 64, numa="maybe")
+
+
+def test_forward_alternating_shapes_and_modes_reuses_buffers_correctly(simd):
+    # The forward keeps per-thread buffers between calls; alternating shapes, group sizes,
+    # activation modes and token counts must not leak anything from one call into the next.
+    a = store_for(4, 128)
+    b = _core.ExpertStore(1, 4, 128, 192, 8, 64)
+    for e in range(4):
+        b.set_expert(0, e, rand(192, 128, scale=0.1), rand(192, 128), rand(128, 192))
+    cases = []
+    for store, layer, h, m in [(a, 1, H, 1), (b, 0, 128, 1), (a, 0, H, 3), (b, 0, 128, 2)]:
+        k = 2
+        ne = 4 if store is b else E
+        x = rand(m, h)
+        ids = np.stack([RNG.choice(ne, k, replace=False) for _ in range(m)]).astype(np.int64)
+        w = RNG.random((m, k)).astype(np.float32)
+        cases.append((store, layer, x, ids, w))
+    first = [[s.forward(layer, x, ids, w, act_int8=ai) for ai in (True, False)] for s, layer, x, ids, w in cases]
+    for _ in range(2):
+        for (s, layer, x, ids, w), want in zip(reversed(cases), reversed(first)):
+            for ai, y in zip((True, False), want):
+                np.testing.assert_array_equal(s.forward(layer, x, ids, w, act_int8=ai), y)
