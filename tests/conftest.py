@@ -33,3 +33,14 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["KRASIS_HOME"] = tempfile.mkdtemp(prefix="krasis-test-home-")
+
+
+@pytest.fixture(scope="session")
+def krasis_server(tiny_checkpoint, tmp_path_factory):
+    """A real server subprocess on 127.0.0.1 serving the qwen3_moe_mixed tiny checkpoint (float32)."""
+    from server_process import start_server
+
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    server = start_server(path, tmp_path_factory.mktemp("server-home"))
+    yield server
+    server.stop()

@@ -190,6 +190,6 @@ def test_forward_alternating_shapes_and_modes_reuses_buffers_correctly(simd):
         cases.append((store, layer, x, ids, w))
     first = [[s.forward(layer, x, ids, w, act_int8=ai) for ai in (True, False)] for s, layer, x, ids, w in cases]
     for _ in range(2):
-        for (s, layer, x, ids, w), want in zip(reversed(cases), reversed(first)):
-            for ai, y in zip((True, False), want):
+        for (s, layer, x, ids, w), want in zip(reversed(cases), reversed(first), strict=True):
+            for ai, y in zip((True, False), want, strict=True):
                 np.testing.assert_array_equal(s.forward(layer, x, ids, w, act_int8=ai), y)

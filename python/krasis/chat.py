@@ -1,5 +1,6 @@
-"""``krasis-chat``: a terminal chat with a model, run in this process (a client for the OpenAI-compatible
-server replaces the in-process mode when the server exists)."""
+"""``krasis-chat``: a terminal chat. With ``--url`` / ``--port``, or when a Krasis server is running (found
+through ``~/.krasis/servers/``), it talks to that server (``chat_client``); with ``--model-path`` or no server it
+runs the model in this process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from .errors import KrasisError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="krasis-chat", description="Chat with a model in the terminal.")
-    p.add_argument("--model-path", help="Hugging Face model directory; default: the random-weight demo model")
+    p.add_argument("--model-path", help="run this Hugging Face model directory in this process (default: talk to "
+                                        "a running server, else run the random-weight demo model here)")
+    p.add_argument("--url", help="base URL of a running Krasis (or any OpenAI-compatible) server")
+    p.add_argument("--port", type=int, help="port of a Krasis server on 127.0.0.1")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
@@ -23,6 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    url = args.url or (f"http://127.0.0.1:{args.port}" if args.port else None)
+    if url is None and args.model_path is None:
+        from .server.discovery import running_servers
+
+        servers = running_servers()
+        if servers:
+            from .chat_client import choose_server
+
+            url = choose_server(servers)
+    if url is not None:
+        from .chat_client import run
+
+        return run(url, args.system, args.temperature, args.max_tokens)
     from .cli import DEMO_NOTE
     from .demo import ensure_demo_model
     from .llm import LLM

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every cache file's sha256, not only its size, before using it")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU expert kernel threads (default: physical cores; env KRASIS_THREADS)")
+    s = p.add_argument_group("OpenAI-compatible server (with --serve)")
+    s.add_argument("--serve", action="store_true",
+                   help="after loading, serve the model over the OpenAI API instead of answering --prompt")
+    from .server.__main__ import add_server_arguments
+
+    add_server_arguments(s)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
     return p
 
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="krasis: %(message)s")
-    if not args.non_interactive:
+    if not args.non_interactive and not args.serve:
         print("The interactive launcher is not available yet; run `krasis --non-interactive` "
               "(see `krasis --help`).", file=sys.stderr)
         return 2
@@ -80,8 +86,19 @@ def _run_prompt(args: argparse.Namespace) -> int:
     quant = QuantConfig(gpu_expert_bits=args.gpu_expert_bits, shared_expert_quant=args.shared_expert_quant,
                         dense_mlp_quant=args.dense_mlp_quant, lm_head_quant=args.lm_head_quant,
                         attention_quant=args.attention_quant, group_size=args.group_size)
-    llm = LLM(model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
-              verify_cache=args.verify_cache)
+
+    def load_llm() -> LLM:
+        return LLM(model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
+                   verify_cache=args.verify_cache)
+
+    if args.serve:
+        from pathlib import Path
+
+        from .server.__main__ import serve
+
+        args.served_model_name = args.served_model_name or Path(model_path).resolve().name
+        return serve(args, load_llm)
+    llm = load_llm()
     tok = llm.tokenizer
     if tok.has_chat_template and not args.raw_prompt:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

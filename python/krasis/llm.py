@@ -117,8 +117,12 @@ class LLM:
 
     @torch.inference_mode()
     def stream(self, token_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, reuse_prefix: bool = False) -> Iterator[int]:
+               top_k: int = 0, seed: int | None = None, reuse_prefix: bool = False, min_p: float = 0.0,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[int]:
         """New token ids one at a time; stops after an EOS token or ``max_new_tokens``.
+
+        ``min_p``, ``presence_penalty`` and ``frequency_penalty`` are OpenAI's / llama.cpp's (0 = off); the
+        penalties count the tokens generated in this call.
 
         With ``reuse_prefix`` the KV cache of the previous ``reuse_prefix`` call is kept and only the tokens after
         the longest common prefix are prefilled (agents resend the whole conversation each turn);
@@ -138,9 +142,15 @@ class LLM:
         if reuse_prefix:
             self._session = (cache, history)
         hidden = self._forward(tokens[start:], cache, start)
+        counts = None
+        if presence_penalty or frequency_penalty:
+            counts = torch.zeros(self.spec.vocab_size, dtype=torch.float32, device=self.device)
         for step in range(max_new_tokens):
             logits = self._forward.logits(hidden[-1:])[0]
-            token = sample(logits, temperature, top_p, top_k, generator)
+            token = sample(logits, temperature, top_p, top_k, generator, min_p=min_p,
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, counts=counts)
+            if counts is not None:
+                counts[token] += 1
             yield token
             if token in self.eos_token_ids or step == max_new_tokens - 1:
                 return

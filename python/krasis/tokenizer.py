@@ -86,6 +86,10 @@ class Tokenizer:
         eos = self.special_tokens["eos_token"]
         return self._tok.token_to_id(eos) if eos else None
 
+    def special_token_ids(self) -> set[int]:
+        """Ids of the added tokens marked special (what ``decode(skip_special_tokens=True)`` drops)."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self._templates)
