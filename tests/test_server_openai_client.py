@@ -143,6 +143,17 @@ def test_streamed_text_completion_matches_the_whole_one(client, krasis_server):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_echo_puts_the_prompt_before_the_completion(client, krasis_server, tiny_checkpoint):
+    tok = krasis.LLM(tiny_checkpoint("qwen3_moe_mixed")[1]).tokenizer
+    plain = client.completions.create(model=krasis_server.model, prompt="Once upon", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model=krasis_server.model, prompt="Once upon", max_tokens=5, temperature=0,
+                                       echo=True)
+    from_ids = client.completions.create(model=krasis_server.model, prompt=tok.encode("Once upon"), max_tokens=5,
+                                         temperature=0, echo=True, stream=True)
+    assert echoed.choices[0].text == "Once upon" + plain.choices[0].text
+    assert "".join(c.choices[0].text for c in from_ids) == echoed.choices[0].text
+
+
 def test_twenty_concurrent_streaming_clients_all_get_complete_answers(client, krasis_server):
     prompts = [[{"role": "user", "content": f"Question {i}"}] for i in range(20)]
     expected = [chat(client, krasis_server.model, messages=p, max_tokens=6, temperature=0).choices[0].message.content

@@ -149,8 +149,6 @@ def create_app(llm=None, model_name: str | None = None, max_queue: int = 64) -> 
         generator = ready_generator(req.model)
         llm = generator.llm
         _check_sampling(req)
-        if req.echo:
-            raise APIError(400, "'echo' is not supported", param="echo")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -160,14 +158,16 @@ def create_app(llm=None, model_name: str | None = None, max_queue: int = 64) -> 
         if not prompt_ids:
             raise APIError(400, "'prompt' is empty; give some text or token ids", param="prompt")
         max_tokens = _max_tokens(req.max_tokens, len(prompt_ids), llm.max_context)
+        # echo: the answer starts with the prompt, as given (text) or decoded (token ids)
+        echoed = "" if not req.echo else prompt if isinstance(prompt, str) else llm.tokenizer.decode(prompt_ids)
         run = _start(generator, prompt_ids, req, max_tokens)
         await _unless_client_leaves(run.check_prompt(), run, request)
         ids = ResponseIds(state.model_name, prefix="cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse_response(_text_events(run, ids, include_usage))
+            return _sse_response(_text_events(run, ids, include_usage, echoed))
         text = await _unless_client_leaves(_collect(run), run, request)
-        return text_response(ids, text, run.finish_reason, run.usage)
+        return text_response(ids, echoed + text, run.finish_reason, run.usage)
 
     return app
 
@@ -304,9 +304,11 @@ async def _chat_events(run: TextRun, ids: ResponseIds, include_usage: bool, thin
         run.stream.cancel()
 
 
-async def _text_events(run: TextRun, ids: ResponseIds, include_usage: bool) -> AsyncIterator[str]:
+async def _text_events(run: TextRun, ids: ResponseIds, include_usage: bool, echoed: str = "") -> AsyncIterator[str]:
     chunks = TextChunks(ids, include_usage)
     try:
+        if echoed:
+            yield chunks.text(echoed)
         try:
             async for piece in run.deltas():
                 yield chunks.text(piece)
