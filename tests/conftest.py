@@ -12,6 +12,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def simd(request):
+    """Each CPU kernel path in turn (skipped where this CPU lacks it), restored to the default afterwards."""
+    from krasis import _core
+
+    if request.param not in _core.supported_simd_paths():
+        pytest.skip(f"this CPU cannot run the {request.param} path (has {_core.supported_simd_paths()})")
+    _core.set_simd_path(request.param)
+    yield request.param
+    _core.set_simd_path(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """name -> (transformers model in float32, directory of its saved checkpoint), built once per session."""

@@ -2,29 +2,19 @@
 
 import numpy as np
 import pytest
+from measures import RNG
+from measures import rand_f32 as rand
+from measures import rel_err_f64 as rel_err
 
 from krasis import _core
 
-RNG = np.random.default_rng()
-PATHS = ["avx512", "avx2", "scalar"]
 H, I, E, L = 256, 384, 8, 2
 
 
-def rand(*shape, scale=1.0):
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-def rel_err(got, ref):
-    return np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max()
 
 
-@pytest.fixture(params=PATHS)
-def simd(request):
-    if request.param not in _core.supported_simd_paths():
-        pytest.skip(f"this CPU cannot run the {request.param} path (has {_core.supported_simd_paths()})")
-    _core.set_simd_path(request.param)
-    yield request.param
-    _core.set_simd_path(None)
 
 
 def filled_store(bits, group_size):
