@@ -19,20 +19,20 @@ fn path() -> PyResult<SimdPath> {
     simd::active().map_err(verr)
 }
 
-fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray2<'_, T>,
+/// The array's data as one slice (any number of dimensions); a non-contiguous array is a ValueError.
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
     name: &str,
 ) -> PyResult<&'a [T]> {
-    if !a.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous (use np.ascontiguousarray)"
-        )));
-    }
-    a.as_slice().map_err(|_| {
+    let err = || {
         PyValueError::new_err(format!(
             "{name} must be C-contiguous (use np.ascontiguousarray)"
         ))
-    })
+    };
+    if !a.is_c_contiguous() {
+        return Err(err());
+    }
+    a.as_slice().map_err(|_| err())
 }
 
 fn f32_2d<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
@@ -203,22 +203,6 @@ fn f32s_of<'a>(
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy float32 array")))
 }
 
-fn slice_dyn<'a, T: numpy::Element>(
-    a: &'a numpy::PyReadonlyArrayDyn<'_, T>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    if !a.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous (use np.ascontiguousarray)"
-        )));
-    }
-    a.as_slice().map_err(|_| {
-        PyValueError::new_err(format!(
-            "{name} must be C-contiguous (use np.ascontiguousarray)"
-        ))
-    })
-}
-
 /// Dequantise packed weights and scales back to float32 [N, K].
 #[pyfunction]
 #[pyo3(signature = (qweight, scales, n, k, bits, group_size=128))]
@@ -233,8 +217,12 @@ fn dequantize<'py>(
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let layout = MatLayout::new(n, k, bits, group_size).map_err(verr)?;
     let (q, s) = (bytes_of(qweight, "qweight")?, f32s_of(scales, "scales")?);
-    let m =
-        MatRef::new(layout, slice_dyn(&q, "qweight")?, slice_dyn(&s, "scales")?).map_err(verr)?;
+    let m = MatRef::new(
+        layout,
+        contiguous(&q, "qweight")?,
+        contiguous(&s, "scales")?,
+    )
+    .map_err(verr)?;
     let out = py.detach(|| dequantize_mat(&m));
     to_2d(py, out, n, k)
 }
@@ -302,8 +290,8 @@ impl PyQuantMatrix {
         let (q, s) = (bytes_of(qweight, "qweight")?, f32s_of(scales, "scales")?);
         let inner = QuantMatrix::from_parts(
             layout,
-            slice_dyn(&q, "qweight")?.to_vec(),
-            slice_dyn(&s, "scales")?.to_vec(),
+            contiguous(&q, "qweight")?.to_vec(),
+            contiguous(&s, "scales")?.to_vec(),
         )
         .map_err(verr)?;
         Ok(PyQuantMatrix { inner })
@@ -528,9 +516,9 @@ impl PyExpertStore {
         let (uq, us) = (bytes_of(up_q, "up_q")?, f32s_of(up_s, "up_s")?);
         let (dq, ds) = (bytes_of(down_q, "down_q")?, f32s_of(down_s, "down_s")?);
         let parts = [
-            (slice_dyn(&gq, "gate_q")?, slice_dyn(&gs, "gate_s")?),
-            (slice_dyn(&uq, "up_q")?, slice_dyn(&us, "up_s")?),
-            (slice_dyn(&dq, "down_q")?, slice_dyn(&ds, "down_s")?),
+            (contiguous(&gq, "gate_q")?, contiguous(&gs, "gate_s")?),
+            (contiguous(&uq, "up_q")?, contiguous(&us, "up_s")?),
+            (contiguous(&dq, "down_q")?, contiguous(&ds, "down_s")?),
         ];
         self.inner
             .set_expert_quantized(layer, expert, parts)
@@ -546,7 +534,7 @@ impl PyExpertStore {
     ) -> PyResult<()> {
         let d = bytes_of(data, "data")?;
         self.inner
-            .set_expert_bytes(layer, expert, slice_dyn(&d, "data")?)
+            .set_expert_bytes(layer, expert, contiguous(&d, "data")?)
             .map_err(verr)
     }
 
