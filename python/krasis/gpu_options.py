@@ -6,7 +6,8 @@ import argparse
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
-    """--vram-budget-mb, --kv-dtype, --kv-cache-mb, --layer-group-size, --no-hcs, --hcs-experts."""
+    """--vram-budget-mb, --kv-dtype, --kv-cache-mb, --layer-group-size, --no-hcs, --hcs-experts,
+    --no-cuda-graphs."""
     g = p.add_argument_group("GPU engine (with --device cuda and --cpu-expert-bits 8 or 4: hybrid GPU/CPU experts)")
     g.add_argument("--vram-budget-mb", type=int, default=None,
                    help="VRAM the runtime may use, MiB (default: free memory less 1 GiB); enforced by the allocator")
@@ -21,9 +22,13 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep no hot experts resident in VRAM (decode runs every routed expert on the CPU)")
     g.add_argument("--hcs-experts", type=int, default=None,
                    help="keep at most this many hot experts in VRAM (default: as many as the budget allows)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
+                        "for comparison and debugging)")
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:
     """The krasis.LLM keyword arguments those options set."""
     return dict(vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype, kv_cache_mb=args.kv_cache_mb,
-                layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts)
+                layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts,
+                cuda_graphs=args.cuda_graphs)

@@ -78,7 +78,7 @@ class LLM:
                  quant: QuantConfig | None = None, verify_cache: bool = False, progress: bool = True,
                  vram_budget_mb: int | None = None, kv_dtype: str | None = None, kv_cache_mb: int | None = None,
                  layer_group_size: int | None = None, hcs: bool = True, hcs_experts: int | None = None,
-                 hybrid: bool | None = None, gguf_path: str | Path | None = None):
+                 hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
@@ -132,6 +132,20 @@ class LLM:
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
         self.max_context = self.spec.max_position_embeddings
         self._session: tuple[KVCache, list[int]] | None = None  # (cache, the tokens it holds) for prefix reuse
+        self._kv: KVCache | None = None  # the one fixed cache that decode graphs captured (see new_cache)
+        self._graphs = None
+        if cuda_graphs and self.runtime is not None and self.device.type == "cuda":
+            from .engine.decode_graph import DecodeGraphs, graphs_unsupported
+
+            why_not = graphs_unsupported(self._forward, self.runtime, self.device)
+            if why_not is None:
+                self._kv = self._fresh_cache()
+                self._graphs = DecodeGraphs(self._forward, self.runtime, self._kv)
+                log.info("decode: CUDA graphs on (captured per KV-length bucket on first use)")
+            else:
+                log.info("decode: CUDA graphs off (%s); kernels are launched one by one", why_not)
+        elif self.runtime is not None and self.device.type == "cuda":
+            log.info("decode: CUDA graphs off (cuda_graphs=False); kernels are launched one by one")
         self.last_cached_tokens = 0
 
     def _load_gguf_experts(self, ckpt: Checkpoint, gguf_path: str | Path, expert_bits: int, hybrid: bool):
@@ -208,6 +222,15 @@ class LLM:
         return torch.tensor([int(t) for t in token_ids], dtype=torch.long, device=self.device)
 
     def new_cache(self) -> KVCache:
+        """An empty KV cache. With decode graphs it is always the same cache (the graphs hold its addresses), so
+        this ends the prefix-reuse session that held it."""
+        if self._kv is not None:
+            self._session = None
+            self._kv.reset()
+            return self._kv
+        return self._fresh_cache()
+
+    def _fresh_cache(self) -> KVCache:
         if self.plan is not None:
             return KVCache(self.spec, self.dtype, self.device, kv_dtype=self.kv_dtype, max_tokens=self.plan.kv_tokens)
         return KVCache(self.spec, self.dtype, self.device, kv_dtype=self.kv_dtype)
@@ -258,11 +281,12 @@ class LLM:
         generator = None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        cache, start = self.new_cache(), 0
         if reuse_prefix and self._session is not None:
             cache, cached = self._session
             # linear-attention state cannot be rewound: truncate may keep less (see KVCache.truncate)
             start = cache.truncate(_common_prefix(cached, token_ids, limit=len(token_ids) - 1))
+        else:
+            cache, start = self.new_cache(), 0
         self.last_cached_tokens = start
         history = list(token_ids)
         if reuse_prefix:
@@ -273,8 +297,8 @@ class LLM:
         counts = None
         if presence_penalty or frequency_penalty:
             counts = torch.zeros(self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        logits = self._forward.logits(hidden[-1:])[0]
         for step in range(max_new_tokens):
-            logits = self._forward.logits(hidden[-1:])[0]
             token = sample(logits, temperature, top_p, top_k, generator, min_p=min_p,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, counts=counts)
             if counts is not None:
@@ -283,8 +307,14 @@ class LLM:
             if token in self.eos_token_ids or step == max_new_tokens - 1:
                 return
             history.append(token)
-            next_input = torch.tensor([token], dtype=torch.long, device=self.device)
-            hidden = self._forward(next_input, cache, cache.length)
+            logits = self._decode_step(token, cache)
+
+    def _decode_step(self, token: int, cache: KVCache) -> torch.Tensor:
+        """Logits [vocab] after appending ``token`` to ``cache``."""
+        if self._graphs is not None and cache is self._kv:
+            return self._graphs.step(token, cache.length)[0]
+        next_input = torch.tensor([token], dtype=torch.long, device=self.device)
+        return self._forward.logits(self._forward(next_input, cache, cache.length))[0]
 
     def generate(self, token_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None) -> list[int]:

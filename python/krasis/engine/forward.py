@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,8 @@ from ..ops.router import route
 from .kv_cache import KVCache
 from .weights import LayerWeights, ModelWeights
 
+# Stores new cache entries (keys and values, or MLA latent and rope key) and returns all those to attend to.
+KVAppend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # MLA latent-norm epsilon: the reference builds these norms with the default epsilon, not rms_norm_eps.
 MLA_NORM_EPS = 1e-6
 # Below this many new tokens MLA attends in the latent space (decode); above, it expands K/V (prefill).
@@ -44,7 +48,9 @@ class Forward:
             if self.spec.layers[index].mixer == "linear_attention":
                 x = x + self._linear_attention(index, layer, h, cache, start)
             else:
-                x = x + self._attention(index, layer, h, cache, start, cos, sin)
+                def kv(first: torch.Tensor, second: torch.Tensor, index: int = index):
+                    return cache.append(index, first, second, start)
+                x = x + self.attention(layer, h, kv, start, cos, sin)
             h = rms_norm(x, layer.post_attention_norm, eps, offset)
             x = x + self._mlp(index, layer, h)
         cache.length = start + tokens.shape[0]
@@ -62,8 +68,13 @@ class Forward:
         cache.set_linear_state(index, conv, recurrent)
         return out
 
-    def _attention(self, index: int, layer: LayerWeights, h: torch.Tensor, cache: KVCache, start: int,
-                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(self, layer: LayerWeights, h: torch.Tensor, kv: KVAppend, start: int | torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One attention block's output [T, hidden] for h [T, hidden] at positions [start, start+T).
+
+        ``kv(first, second)`` stores the new tokens' cache entries and returns every cached entry the queries may
+        see (those past the last position are masked). ``start`` is an int, or a one-element device tensor for a
+        decode step replayed as a CUDA graph (no host value may be read then)."""
         a, w, t = self.spec.attention, layer.attention, h.shape[0]
         rd = self.spec.rope.dim
         if isinstance(a, GQASpec):
@@ -80,7 +91,7 @@ class Forward:
                 k = rms_norm(k, w["k_norm"], self.spec.rms_norm_eps, self.spec.norm_weight_offset)
             q = torch.cat((self.rotary.apply(q[..., :rd], cos, sin), q[..., rd:]), dim=-1)
             k = torch.cat((self.rotary.apply(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
-            k_all, v_all = cache.append(index, k, v, start)
+            k_all, v_all = kv(k, v)
             out = gqa_attention(q, k_all, v_all, start, a.softmax_scale)
             if gate is not None:
                 out = out.reshape(t, -1) * torch.sigmoid(gate)
@@ -95,24 +106,34 @@ class Forward:
             latent = rms_norm(ckv[:, : a.kv_lora_rank], w["kv_a_norm"], MLA_NORM_EPS)
             k_pe = self.rotary.apply(ckv[:, None, a.kv_lora_rank:], cos, sin)[:, 0]
             q_pe = self.rotary.apply(q_pe, cos, sin)
-            lat_all, kpe_all = cache.append(index, latent, k_pe, start)
+            lat_all, kpe_all = kv(latent, k_pe)
             attend = mla_attention_absorbed if t <= MLA_ABSORB_MAX_TOKENS else mla_attention_expanded
             out = attend(q_nope, q_pe, lat_all, kpe_all, w["kv_b"], a.v_head_dim, start, a.softmax_scale)
         return linear(out.reshape(t, -1), w["o"], w.get("o_bias"))
 
     def _mlp(self, index: int, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        m = layer.mlp
         if layer.experts is None:
+            m = layer.mlp
             return swiglu(h, m["gate"], m["up"], m["down"])
-        router = self.spec.moe.router
-        if router.float32_logits:
-            logits = F.linear(h.float(), m["router"].float())
-            weights, ids = route(logits, router, torch.float32, m.get("router_bias"))
-        else:
-            weights, ids = route(F.linear(h, m["router"]), router, h.dtype, m.get("router_bias"))
+        weights, ids = self.route(layer, h)
         # the shared expert is enqueued first so that on the GPU it overlaps the CPU's routed experts
-        shared = swiglu(h, m["shared_gate"], m["shared_up"], m["shared_down"]) if "shared_gate" in m else None
-        if "shared_expert_gate" in m:
-            shared = torch.sigmoid(linear(h, m["shared_expert_gate"])) * shared
+        shared = self.shared_expert(layer, h)
         out = layer.experts.forward(h, weights, ids)
         return out if shared is None else out + shared
+
+    def route(self, layer: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MoE layer's routing weights [T, k] and expert ids [T, k] for h [T, hidden]."""
+        m, router = layer.mlp, self.spec.moe.router
+        if router.float32_logits:
+            return route(F.linear(h.float(), m["router"].float()), router, torch.float32, m.get("router_bias"))
+        return route(F.linear(h, m["router"]), router, h.dtype, m.get("router_bias"))
+
+    def shared_expert(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor | None:
+        """An MoE layer's shared-expert output [T, hidden] (gated where the model gates it), None without one."""
+        m = layer.mlp
+        if "shared_gate" not in m:
+            return None
+        shared = swiglu(h, m["shared_gate"], m["shared_up"], m["shared_down"])
+        if "shared_expert_gate" in m:
+            shared = torch.sigmoid(linear(h, m["shared_expert_gate"])) * shared
+        return shared

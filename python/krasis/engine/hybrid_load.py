@@ -135,6 +135,9 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
                 device: torch.device, options: HybridOptions, progress: bool = True,
                 ) -> tuple[ModelWeights, HybridExperts | None, VramPlan]:
     """Weights on ``device`` within the VRAM budget, the hybrid expert runtime, and the plan that sized it."""
+    if device.type == "cuda" and device.index is None:
+        # Per-device calls below (the allocator's memory fraction) need an index; "cuda" means the current one.
+        device = torch.device("cuda", torch.cuda.current_device())
     budget, total = _budget(device, options.vram_budget_mb)
     store, paths = open_expert_store(spec, quant, directory) if spec.moe else (None, [])
     layers: list[HybridExpertLayer] = []

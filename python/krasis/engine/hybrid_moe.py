@@ -36,6 +36,7 @@ class HybridExperts:
         pin = pinned(self.device)
         self._in = torch.empty(k_max, hidden + 2 * 64, dtype=torch.float32, pin_memory=pin)
         self._y = torch.empty(k_max, hidden, dtype=torch.float32, pin_memory=pin)
+        self._in_np, self._y_np = self._in.numpy(), self._y.numpy()  # host-side views, no torch ops per step
         self._staged = new_event(self.device)
         self.streaming = False
 
@@ -63,27 +64,44 @@ class HybridExperts:
         return self._decode(slot, x, weights, ids)
 
     def _decode(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
         # Stage the CPU's inputs first so the copy is not queued behind the GPU experts' kernels.
-        packed = torch.cat((x.float(), weights, ids.float()), dim=1)
-        staged = self._in[:t, : packed.shape[1]]
-        staged.copy_(packed, non_blocking=True)
+        self.stage(x, weights, ids)
         self._staged.record()
-        gpu_ids = self.hcs.table[slot][ids] if self.hcs.slots else None
-        y = fused_moe(x, self.hcs.experts, weights, gpu_ids) if gpu_ids is not None else None
+        y = self.gpu_part(slot, x, weights, ids)
         self._staged.synchronize()
-        h, k = self.store.hidden, ids.shape[1]
-        x_np = staged[:, :h].numpy()
-        w_np = np.ascontiguousarray(staged[:, h:h + k].numpy())
-        ids_np = staged[:, h + k:].numpy().astype(np.int64)
-        resident = self.hcs.table_host[slot][ids_np] >= 0
-        self.hcs.record_host(slot, ids_np, int(resident.sum()))
-        if resident.all():
+        y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1])
+        if y_cpu is None:
             return y.to(x.dtype)
-        cpu_ids = np.where(resident, -1, ids_np)
-        self._y[:t] = torch.from_numpy(self.store.forward(slot, np.ascontiguousarray(x_np), cpu_ids, w_np))
-        y_cpu = self._y[:t].to(self.device, non_blocking=True)
+        y_cpu = y_cpu.to(self.device, non_blocking=True)
         return (y_cpu if y is None else y.float() + y_cpu).to(x.dtype)
+
+    def stage(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """Queue the copy of a decode step's CPU-expert inputs (x [T, H], float weights [T, k], ids [T, k]) to
+        pinned host memory. No host sync, fixed shapes: a CUDA graph may hold it."""
+        packed = torch.cat((x.float(), weights, ids.float()), dim=1)
+        self._in[: x.shape[0], : packed.shape[1]].copy_(packed, non_blocking=True)
+
+    def gpu_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The hot-cache experts' share of a decode step, [T, H] bf16 (None without a hot cache); experts not
+        resident contribute nothing. No host sync."""
+        if not self.hcs.slots:
+            return None
+        return fused_moe(x, self.hcs.experts, weights, self.hcs.table[slot][ids])
+
+    def cpu_part(self, slot: int, t: int, k: int) -> torch.Tensor | None:
+        """Once the staged copy has landed: the non-resident experts' share, run on the CPU, float32 [T, H] in
+        pinned host memory (valid until the next call); None when every routed expert was resident."""
+        h = self.store.hidden
+        staged = self._in_np[:t]
+        ids = staged[:, h + k: h + 2 * k].astype(np.int64)
+        resident = self.hcs.table_host[slot][ids] >= 0
+        self.hcs.record_host(slot, ids, int(resident.sum()))
+        if resident.all():
+            return None
+        cpu_ids = np.where(resident, -1, ids)
+        self._y_np[:t] = self.store.forward(slot, np.ascontiguousarray(staged[:, :h]), cpu_ids,
+                                            np.ascontiguousarray(staged[:, h:h + k]))
+        return self._y[:t]
 
     def nbytes_per_layer(self) -> int:
         return self.host[0].nbytes

@@ -66,11 +66,13 @@ class KVCache:
         self.length = 0
         cap = max_tokens if max_tokens is not None else capacity
         attention = [layer.mixer == "attention" for layer in spec.layers]
-        self._store = [[torch.empty(cap, *shape, dtype=store_dtype, device=self.device) for shape in self._shapes]
+        # zeros, not empty: a decode graph attends over a fixed span whose unwritten tail is masked, and a masked
+        # probability of 0 times a garbage NaN would still be NaN
+        self._store = [[torch.zeros(cap, *shape, dtype=store_dtype, device=self.device) for shape in self._shapes]
                        if keeps else None for keeps in attention]
         self._scales = None
         if kv_dtype == "fp8":
-            self._scales = [[torch.empty(cap, dtype=torch.float32, device=self.device) for _ in self._shapes]
+            self._scales = [[torch.zeros(cap, dtype=torch.float32, device=self.device) for _ in self._shapes]
                             if keeps else None for keeps in attention]
         # linear-attention layers: (conv state, recurrent state) at position self.length, None before the first token
         self._linear: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(spec.layers)
@@ -101,17 +103,46 @@ class KVCache:
         if end > self._store[layer][0].shape[0]:
             self._grow(layer, end)
         store = self._store[layer]
-        if self._scales is None:
-            store[0][start:end] = first
-            store[1][start:end] = second
-            return store[0][:end].to(self.dtype), store[1][:end].to(self.dtype)
-        scales = self._scales[layer]
-        out = []
         for i, t in enumerate((first, second)):
-            store[i][start:end], scales[i][start:end] = _to_fp8(t)
+            if self._scales is None:
+                store[i][start:end] = t
+            else:
+                store[i][start:end], self._scales[layer][i][start:end] = _to_fp8(t)
+        return self.read(layer, end)
+
+    def append_at(self, layer: int, first: torch.Tensor, second: torch.Tensor, position: torch.Tensor,
+                  visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's entries at ``position`` (a one-element device tensor) and return entries [0, visible)
+        in the compute dtype: fixed shapes and no host sync, for a decode step captured in a CUDA graph. The
+        caller masks the entries past ``position``; the capacity must already cover it (fixed-capacity caches)."""
+        store = self._store[layer]
+        for i, t in enumerate((first, second)):
+            if self._scales is None:
+                store[i].index_copy_(0, position, t.to(store[i].dtype))
+            else:
+                q, scale = _to_fp8(t)
+                # index_copy_ has no float8 kernel; the bytes are copied as uint8
+                store[i].view(torch.uint8).index_copy_(0, position, q.view(torch.uint8))
+                self._scales[layer][i].index_copy_(0, position, scale)
+        return self.read(layer, visible)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries [0, end) of ``layer`` in the compute dtype."""
+        store = self._store[layer]
+        if self._scales is None:
+            return store[0][:end].to(self.dtype), store[1][:end].to(self.dtype)
+        out = []
+        for i in range(2):
             view_shape = (end,) + (1,) * (store[i].dim() - 1)
-            out.append((store[i][:end].to(torch.float32) * scales[i][:end].view(view_shape)).to(self.dtype))
+            scale = self._scales[layer][i][:end].view(view_shape)
+            out.append((store[i][:end].to(torch.float32) * scale).to(self.dtype))
         return out[0], out[1]
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence, keeping its memory (and so the addresses CUDA graphs captured)."""
+        self.length = 0
+        self._linear = [None] * len(self._linear)
+        self._snapshot = None
 
     def linear_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A linear-attention layer's (conv state, recurrent state) at position ``length`` (None, None at 0)."""

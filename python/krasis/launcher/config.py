@@ -81,6 +81,7 @@ OPTIONS: tuple[Option, ...] = (
          minimum=1),
     _opt("hcs", "bool", True, "keep hot experts resident in VRAM"),
     _opt("hcs_experts", "int", None, "at most this many hot experts in VRAM (absent: as many as fit)", minimum=0),
+    _opt("cuda_graphs", "bool", True, "replay decode steps as captured CUDA graphs"),
     _opt("threads", "int", None, "CPU expert kernel threads (absent: physical cores)", minimum=1),
     _opt("host", "str", "127.0.0.1", "address the server listens on"),
     _opt("port", "int", 8012, "port the server listens on", minimum=1, maximum=65535),

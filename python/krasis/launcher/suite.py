@@ -79,6 +79,10 @@ def config_label(entry: dict, index: int) -> str:
     return ", ".join(f"{k}={v}" for k, v in entry.items() if k not in BENCH_KEYS) or f"config {index + 1}"
 
 
+# boolean config keys that default to on, and the flag that turns each off
+OFF_FLAGS = {"hcs": "--no-hcs", "cuda_graphs": "--no-cuda-graphs"}
+
+
 def config_flags(entry: dict) -> list[str]:
     flags: list[str] = []
     for key, value in entry.items():
@@ -87,8 +91,8 @@ def config_flags(entry: dict) -> list[str]:
         if key in BENCH_KEYS:
             value = ",".join(str(v) for v in value) if isinstance(value, list) else value
             flags += [BENCH_KEYS[key], str(value)]
-        elif key == "hcs":
-            flags += [] if value else ["--no-hcs"]
+        elif key in OFF_FLAGS:
+            flags += [] if value else [OFF_FLAGS[key]]
         else:
             flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags

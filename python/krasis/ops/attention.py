@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 
-def causal_mask(start: int, t: int, total: int, device: torch.device) -> torch.Tensor:
-    """Boolean [t, total] mask, True where query start+i may attend to key j (j <= start+i)."""
-    q_pos = torch.arange(start, start + t, device=device)[:, None]
+def causal_mask(start: int | torch.Tensor, t: int, total: int, device: torch.device) -> torch.Tensor:
+    """Boolean [t, total] mask, True where query start+i may attend to key j (j <= start+i). ``start`` may be
+    a one-element device tensor (a decode step in a CUDA graph, where keys past it are unwritten slots)."""
+    q_pos = (torch.arange(t, device=device) + start)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     return k_pos <= q_pos
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, scale: float) -> torch.Tensor:
     """Scaled dot-product attention; q [T, H, D], k [S, KV, D], v [S, KV, Dv] with H a multiple of KV
     -> [T, H, Dv]. Runs on [1, heads, tokens, dim] views so torch picks its fused (flash) kernels."""
     t, s = q.shape[0], k.shape[0]
@@ -26,10 +27,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: f
     # A fresh sequence uses SDPA's own causal path (its fastest). A continuation (a later prefill chunk)
     # uses the lower-right-aligned causal bias, which the fused kernels take without materialising a
     # [T, S] mask; with grouped KV heads (which that bias does not take everywhere) the mask is explicit.
-    if start == 0 and s == t:
+    fixed = isinstance(start, int)
+    if fixed and start == 0 and s == t:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=t > 1, scale=scale,
                                              enable_gqa=k.shape[1] != q.shape[1])
-    elif k.shape[1] == q.shape[1] and s == start + t and t > 1:
+    elif fixed and k.shape[1] == q.shape[1] and s == start + t and t > 1:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(t, s), scale=scale)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_mask(start, t, s, q.device), scale=scale,
@@ -37,7 +39,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: f
     return out[0].transpose(0, 1)
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+                  scale: float) -> torch.Tensor:
     """Grouped-query attention; q [T, H, D], k/v [S, KV, D] -> [T, H, D]."""
     return sdpa(q, k, v, start, scale)
 
@@ -57,7 +60,8 @@ def mla_attention_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: tor
 
 
 def mla_attention_absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                           kv_b: torch.Tensor, v_head_dim: int, start: int, scale: float) -> torch.Tensor:
+                           kv_b: torch.Tensor, v_head_dim: int, start: int | torch.Tensor,
+                           scale: float) -> torch.Tensor:
     """MLA in the absorbed form: attention runs in the latent space, never expanding the cache
     (cheapest for decode). Same shapes as :func:`mla_attention_expanded`."""
     t, h, dn = q_nope.shape
