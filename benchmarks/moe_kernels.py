@@ -42,7 +42,7 @@ from krasis.kernels import (  # noqa: E402
     quantize_cpu_layout,
     to_gpu_layout,
 )
-from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, GemmConfig, moe_config  # noqa: E402
+from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4, GemmConfig, moe_config  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1408, 64, 6
 CONFIGS: dict[str, GemmConfig] = {
@@ -54,7 +54,7 @@ CONFIGS: dict[str, GemmConfig] = {
     "medium-w4s4": replace(MEDIUM, num_warps=4, num_stages=4),
     "prefill": PREFILL,
     "prefill-swap": replace(PREFILL, swap_ab=True),
-    "prefill-m128": replace(PREFILL, block_m=128, num_warps=8),
+    "prefill-m128": PREFILL_INT4,
     "prefill-w4s4": replace(PREFILL, num_warps=4, num_stages=4),
 }
 
@@ -173,7 +173,7 @@ def main() -> None:
             flops = 6 * HIDDEN * INTER * t * TOP_K
             wbytes = used * per_expert
             bound_ms = max(flops / (peak_tflops * 1e12), wbytes / (copy_gbps * 1e9)) * 1e3
-            default = moe_config(t * TOP_K, EXPERTS)
+            default = moe_config(t * TOP_K, EXPERTS, bits)
             names = ["default"] + ([] if args.no_configs else list(CONFIGS))
             results = {}
             for name in names:

@@ -34,7 +34,7 @@ from krasis.kernels import (
     to_gpu_layout,
 )
 from krasis.kernels.moe_align import small_align_fits
-from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL
+from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4
 
 # bf16 activations and outputs against a float32 computation with the same quantised weights
 REL_TOL = 2e-2
@@ -209,7 +209,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
         out[f"quant_linear[{tag}]"] = lambda d, b=bits, g=group: check_quant_linear(size, d, b, g)
     # every launch configuration on one batch of several rows per expert, whatever the size-based choice is
     tokens = max(16, size.prefill_tokens // 2)
-    configs = {"decode": DECODE, "medium": MEDIUM, "prefill": PREFILL}
+    configs = {"decode": DECODE, "medium": MEDIUM, "prefill": PREFILL, "prefill_int4": PREFILL_INT4}
     configs |= {f"{name}-swap_ab": replace(cfg, swap_ab=True) for name, cfg in configs.items()}
     for name, cfg in configs.items():
         out[f"fused_moe_config[{name}]"] = lambda d, c=cfg: check_fused_moe(size, d, 4, 32, tokens, c)

@@ -94,6 +94,11 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._templates)
 
+    @property
+    def chat_template_text(self) -> str:
+        """All of the model's chat template sources joined (named templates too), "" without one."""
+        return "\n".join(t for t in self._templates.values() if isinstance(t, str))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -57,8 +57,7 @@ def check_policy(policy: ToolPolicy) -> ToolPolicy:
 
 def template_text(tokenizer) -> str:
     """All of the model's chat template text (the tool-call format is read from it)."""
-    templates = getattr(tokenizer, "_templates", None) or {}
-    return "\n".join(t for t in templates.values() if isinstance(t, str))
+    return getattr(tokenizer, "chat_template_text", "")
 
 
 def _arguments_for_template(messages: list[dict], fmt: ToolFormat) -> list[dict]:
