@@ -7,10 +7,10 @@ import json
 import gguf
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 from measures import argmax_agreement, rms_rel_err
 from measures import random_prompt as prompt
+from tiny_gguf import gguf_of_checkpoint, write_gguf
 
 import krasis
 from krasis import _core
@@ -71,31 +71,6 @@ def _moe_config(hidden=256, inter=256, experts=4, layers=3, dense=(1,)):
     return d
 
 
-def _write_gguf(path, arch, layers: dict, meta: dict | None = None, split_at: int | None = None):
-    """Write {tensor name: (uint8 blocks or float array, type)} into a GGUF (or a 2-part split GGUF)."""
-    names = list(layers)
-    parts = [names] if split_at is None else [names[:split_at], names[split_at:]]
-    files = []
-    for i, part in enumerate(parts):
-        p = path if split_at is None else path.with_name(f"{path.stem}-{i + 1:05d}-of-{len(parts):05d}.gguf")
-        w = gguf.GGUFWriter(p, arch)
-        if i == 0:
-            for key, v in (meta or {}).items():
-                w.add_uint32(f"{arch}.{key}", v)
-        for name in part:
-            data, qtype = layers[name]
-            if qtype in (Q.F32, Q.F16):
-                w.add_tensor(name, data)
-            else:
-                w.add_tensor(name, data, raw_dtype=qtype)  # the writer derives the shape from the bytes
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        files.append(p)
-    return files
-
-
 def _expert_tensors(rng, spec, types):
     h, i, e = spec.hidden_size, spec.moe.intermediate_size, spec.moe.num_experts
     out = {}
@@ -129,7 +104,7 @@ def test_gguf_file_experts_forward_matches_reference(tmp_path, types, split):
     spec = spec_from_config(config)
     rng = np.random.default_rng(7)
     tensors = _expert_tensors(rng, spec, types)
-    files = _write_gguf(tmp_path / "model.gguf", "qwen3moe", tensors,
+    files = write_gguf(tmp_path / "model.gguf", "qwen3moe", tensors,
                         {"expert_count": 4, "embedding_length": 256, "block_count": 3}, split_at=2 if split else None)
     assert gguf_files(files[-1]) == files
     experts = read_gguf_experts(files[0], spec, config)
@@ -156,49 +131,30 @@ def test_mismatches_are_clear_errors(tmp_path):
     spec = spec_from_config(config)
     rng = np.random.default_rng(1)
     tensors = _expert_tensors(rng, spec, ("Q8_0", "Q8_0", "Q8_0"))
-    f = _write_gguf(tmp_path / "arch.gguf", "deepseek2", tensors)[0]
+    f = write_gguf(tmp_path / "arch.gguf", "deepseek2", tensors)[0]
     with pytest.raises(GgufError, match="'deepseek2'.*Qwen3MoeForCausalLM.*'qwen3moe'"):
         read_gguf_experts(f, spec, config)
-    f = _write_gguf(tmp_path / "count.gguf", "qwen3moe", tensors, {"expert_count": 8})[0]
+    f = write_gguf(tmp_path / "count.gguf", "qwen3moe", tensors, {"expert_count": 8})[0]
     with pytest.raises(GgufError, match="expert_count = 8 but the model's config gives 4"):
         read_gguf_experts(f, spec, config)
     bad = dict(tensors)
     bad["blk.2.ffn_down_exps.weight"] = (random_blocks(rng, "Q8_0", 4 * 128, 256).reshape(4, 128, -1), Q.Q8_0)
-    f = _write_gguf(tmp_path / "shape.gguf", "qwen3moe", bad)[0]
+    f = write_gguf(tmp_path / "shape.gguf", "qwen3moe", bad)[0]
     with pytest.raises(GgufError, match=r"blk.2.ffn_down_exps.weight has GGML shape \[256, 128, 4\].*\[256, 256, 4\]"):
         read_gguf_experts(f, spec, config)
     bad = dict(tensors)
     bad["blk.0.ffn_up_exps.weight"] = (rng.standard_normal((4, 256, 256)).astype(np.float16), Q.F16)
-    f = _write_gguf(tmp_path / "type.gguf", "qwen3moe", bad)[0]
+    f = write_gguf(tmp_path / "type.gguf", "qwen3moe", bad)[0]
     with pytest.raises(GgufError, match="type F16.*supported types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K"):
         read_gguf_experts(f, spec, config)
     del bad["blk.0.ffn_up_exps.weight"]
-    f = _write_gguf(tmp_path / "missing.gguf", "qwen3moe", bad)[0]
+    f = write_gguf(tmp_path / "missing.gguf", "qwen3moe", bad)[0]
     with pytest.raises(GgufError, match="no tensor blk.0.ffn_up_exps.weight"):
         read_gguf_experts(f, spec, config)
-    parts = _write_gguf(tmp_path / "sp.gguf", "qwen3moe", tensors, split_at=2)
+    parts = write_gguf(tmp_path / "sp.gguf", "qwen3moe", tensors, split_at=2)
     parts[1].unlink()
     with pytest.raises(GgufError, match="missing part.*sp-00002-of-00002.gguf"):
         gguf_files(parts[0])
-
-
-def _gguf_of_checkpoint(ckpt_dir, out, qtype):
-    """A GGUF holding the checkpoint's routed experts (fused per layer), quantised with gguf.quants."""
-    from krasis.checkpoint import Checkpoint
-    from krasis.engine.weights import read_expert_tensors
-
-    ckpt = Checkpoint(ckpt_dir)
-    spec = spec_from_config(ckpt.config)
-    tensors = {}
-    for index, layer in enumerate(spec.layers):
-        if not layer.is_moe:
-            continue
-        per = [read_expert_tensors(ckpt, spec, layer, e) for e in range(spec.moe.num_experts)]
-        for role in ("gate", "up", "down"):
-            w = torch.stack([p[role].float() for p in per]).numpy()
-            tensors[f"blk.{index}.ffn_{role}_exps.weight"] = (gguf.quants.quantize(w, qtype), qtype)
-    arch = {"Qwen3MoeForCausalLM": "qwen3moe", "DeepseekV2ForCausalLM": "deepseek2"}[ckpt.config["architectures"][0]]
-    return _write_gguf(out, arch, tensors, {"expert_count": spec.moe.num_experts})[0]
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe_mixed", "deepseek_v2_lite_like"])
@@ -208,7 +164,7 @@ def _gguf_of_checkpoint(ckpt_dir, out, qtype):
 def test_tiny_model_with_gguf_experts_is_within_bound(tiny_checkpoint, tmp_path, name, qtype, rms_bound,
                                                       argmax_bound):
     _, ckpt_dir = tiny_checkpoint(name)
-    path = _gguf_of_checkpoint(ckpt_dir, tmp_path / f"{name}.gguf", qtype)
+    path = gguf_of_checkpoint(ckpt_dir, tmp_path / f"{name}.gguf", qtype)
     ref = krasis.LLM(ckpt_dir, dtype="float32").prompt_logits(prompt(77, 11))
     llm = krasis.LLM(ckpt_dir, dtype="float32", gguf_path=path)
     assert llm.gguf_experts.types == {qtype.name: 3 * len(llm.gguf_experts.moe_layers)}
@@ -220,7 +176,7 @@ def test_tiny_model_with_gguf_experts_is_within_bound(tiny_checkpoint, tmp_path,
 
 def test_llm_gguf_rejects_expert_bits_and_gpu(tiny_checkpoint, tmp_path):
     _, ckpt_dir = tiny_checkpoint("qwen3_moe_mixed")
-    path = _gguf_of_checkpoint(ckpt_dir, tmp_path / "m.gguf", Q.Q8_0)
+    path = gguf_of_checkpoint(ckpt_dir, tmp_path / "m.gguf", Q.Q8_0)
     with pytest.raises(ValueError, match="leave expert_bits at its default"):
         krasis.LLM(ckpt_dir, expert_bits=4, gguf_path=path)
 

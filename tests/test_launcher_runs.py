@@ -2,10 +2,14 @@
 --perplexity, on tiny checkpoints."""
 
 import json
+import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from tiny_gguf import gguf_of_checkpoint
 
 import krasis
 from krasis import cli
@@ -13,7 +17,7 @@ from krasis.launcher.benchmark import fitting_lengths
 from krasis.launcher.config import BY_NAME, OPTIONS, defaults, save_config
 from krasis.launcher.options import apply_config
 from krasis.launcher.perplexity import perplexity
-from krasis.launcher.suite import run_suite
+from krasis.launcher.suite import benchmark_command, resolve_model, run_suite
 
 TEXT = ("Mixture-of-Experts models route each token to a few experts. The router picks the best scoring ones, "
         "and the rest stay idle, so a huge model reads only a small part of its weights per token.\n")
@@ -67,11 +71,45 @@ def test_non_interactive_runs_the_saved_config_with_an_override(home, tiny_check
     assert capsys.readouterr().out == llm.tokenizer.decode(llm.generate(ids, max_new_tokens=4)) + "\n"
 
 
-def test_num_gpus_is_validated_and_gguf_is_refused_until_issue_9(home, capsys):
+def test_num_gpus_below_one_is_refused(home, capsys):
     assert cli.main(["--non-interactive", "--num-gpus", "0"]) == 1
     assert "--num-gpus must be at least 1" in capsys.readouterr().err
+
+
+def test_gguf_path_with_quantised_cpu_experts_is_refused_naming_the_fix(home, capsys):
+    assert cli.main(["--non-interactive", "--gguf-path", "/x/model.gguf", "--cpu-expert-bits", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("krasis: error: --gguf-path /x/model.gguf was given with --cpu-expert-bits 4")
+    assert "Leave --cpu-expert-bits at 16" in err and "drop --gguf-path" in err
+
+
+def test_gguf_path_with_quantised_experts_in_the_saved_config_is_refused_naming_the_override(home, capsys):
+    saved = defaults()
+    saved.update(cpu_expert_bits=8)
+    save_config(saved)
     assert cli.main(["--non-interactive", "--gguf-path", "/x/model.gguf"]) == 1
-    assert "issue 9" in capsys.readouterr().err
+    assert "pass --cpu-expert-bits 16 to override the saved config" in capsys.readouterr().err
+
+
+def test_gguf_path_on_cuda_is_refused_naming_the_cpu_device(home, capsys):
+    assert cli.main(["--non-interactive", "--gguf-path", "/x/model.gguf", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("krasis: error: --gguf-path /x/model.gguf was given with --device cuda")
+    assert "Use --device cpu" in err
+
+
+def test_saved_gguf_path_runs_the_gguf_experts(home, tiny_checkpoint, tmp_path, capsys, caplog):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    gguf = gguf_of_checkpoint(path, tmp_path / "tiny-Q8_0.gguf")
+    saved = defaults()
+    saved.update(model_path=str(path), gguf_path=str(gguf), dtype="float32", threads=1)
+    save_config(saved)
+    caplog.set_level(logging.INFO, logger="krasis")
+    assert cli.main(["--non-interactive", "--prompt", "Hi", "--max-tokens", "4"]) == 0
+    assert any(f"from GGUF {gguf}" in r.getMessage() for r in caplog.records)
+    llm = krasis.LLM(path, dtype="float32", gguf_path=gguf)
+    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    assert capsys.readouterr().out == llm.tokenizer.decode(llm.generate(ids, max_new_tokens=4)) + "\n"
 
 
 def test_no_arguments_without_a_terminal_says_how_to_run(home, capsys):
@@ -104,11 +142,17 @@ def test_benchmark_lengths_fit_the_context_or_are_scaled_down():
     assert scaled and max(run) == 511 and len(run) == 4
 
 
-def test_suite_two_models_by_two_configs_with_a_missing_model(home, tiny_checkpoint, tmp_path):
-    _, path = tiny_checkpoint("qwen3_moe_mixed")
+def _models_folder_with(tmp_path, checkpoint):
+    """A models folder under tmp_path holding ``checkpoint`` as "tiny"."""
     models = tmp_path / "models"
     models.mkdir()
-    (models / "tiny").symlink_to(path)
+    (models / "tiny").symlink_to(checkpoint)
+    return models
+
+
+def test_suite_two_models_by_two_configs_with_a_missing_model(home, tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    models = _models_folder_with(tmp_path, path)
     suite = tmp_path / "suite.toml"
     suite.write_text("""
 timeout_s = 300
@@ -161,3 +205,66 @@ def test_perplexity_is_exp_of_mean_nll_from_prompt_logits(home, tiny_checkpoint,
     assert cli.main(["--perplexity", "--dataset", str(data), "--model-path", str(path), "--dtype", "float32",
                      "--window", "256", "--stride", "128"]) == 0
     assert f"PPL {result.perplexity:.4f}" in capsys.readouterr().out
+
+
+def test_suite_benchmark_command_passes_the_gguf_path():
+    command = benchmark_command("py", Path("/m/tiny"), Path("/m/tiny-Q8_0.gguf"), Path("/r"), {"dtype": "float32"})
+    assert command == ["py", "-m", "krasis.cli", "--non-interactive", "--ignore-config", "--benchmark",
+                       "--model-path", "/m/tiny", "--gguf-path", "/m/tiny-Q8_0.gguf", "--results-dir", "/r",
+                       "--dtype", "float32"]
+    assert "--gguf-path" not in benchmark_command("py", Path("/m/tiny"), None, Path("/r"), {})
+
+
+def test_suite_finds_gguf_name_under_the_models_folder_and_reports_a_missing_one(tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    models = tmp_path / "models"
+    (models / "ggufs").mkdir(parents=True)
+    (models / "tiny").symlink_to(path)
+    gguf = models / "ggufs" / "tiny-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model({"name": "tiny", "gguf_name": "tiny-Q8_0.gguf"}, models) == (models / "tiny", gguf, "")
+    assert resolve_model({"name": "tiny", "gguf_path": str(gguf)}, models) == (models / "tiny", gguf, "")
+    model_dir, found, why = resolve_model({"name": "tiny", "gguf_name": "other.gguf"}, models)
+    assert (model_dir, found) == (None, None) and why == f"GGUF file other.gguf not found under {models}"
+
+
+def test_suite_runs_a_gguf_model_with_its_gguf_experts(home, tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    models = _models_folder_with(tmp_path, path)
+    gguf = gguf_of_checkpoint(path, models / "tiny-Q8_0.gguf")
+    suite = tmp_path / "suite.toml"
+    suite.write_text("""
+timeout_s = 300
+[[config]]
+name = "f32"
+dtype = "float32"
+threads = 1
+benchmark_lengths = [16]
+decode_tokens = 3
+decode_prompts = 1
+[[model]]
+name = "tiny"
+gguf_name = "tiny-Q8_0.gguf"
+""")
+    [row], summary = run_suite(suite, models_root=models, python=sys.executable, echo=lambda *_: None)
+    assert row.ok, row.reason
+    assert row.model == "tiny + tiny-Q8_0.gguf" and row.record["settings"]["gguf_path"] == str(gguf)
+    assert f"--gguf-path {gguf}" in row.log.read_text().splitlines()[0]
+    assert "| tiny + tiny-Q8_0.gguf | f32 | ok |" in summary.read_text()
+
+
+def test_suite_gguf_row_with_quantised_experts_fails_with_the_reason(home, tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    gguf = tmp_path / "tiny-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the combination is refused before loading
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f"""
+[[config]]
+name = "int4"
+cpu_expert_bits = 4
+[[model]]
+path = "{path}"
+gguf_path = "{gguf}"
+""")
+    [row], _ = run_suite(suite, models_root=tmp_path, echo=lambda *_: None)
+    assert not row.ok and row.reason.startswith(f"--gguf-path {gguf} was given with --cpu-expert-bits 4")

@@ -62,8 +62,6 @@ def test_four_screens_select_refuse_save_and_reload(home, models):
             assert isinstance(app.screen, SourceScreen)
             options = app.screen.query_one(OptionList)
             assert options.option_count == 4  # INT4, INT8, BF16 and the GGUF found beside the model
-            await pilot.press("end", "enter")  # GGUF: listed, refused until issue 9
-            assert isinstance(app.screen, SourceScreen) and "issue 9" in text_of(app.screen, "#status")
             await pilot.press("home", "enter")
             assert isinstance(app.screen, GpuScreen)
             await pilot.press("down", "space", "enter")  # GPU 0 preselected, add GPU 1
@@ -165,5 +163,77 @@ def test_gpu_screen_selection_list_toggles_with_space(home, models):
             await pilot.press("space", "enter")  # none selected: the CPU path
             assert app.config["device"] == "cpu" and app.config["gpus"] == []
             await pilot.press("q")
+
+    asyncio.run(run())
+
+
+async def _to_gguf_settings(app, pilot):
+    """From the first screen: the first model, its GGUF, the GPU screen; ends on the settings screen."""
+    await pilot.pause()
+    await pilot.press("enter")
+    options = app.screen.query_one(OptionList)
+    assert "GGUF a-qwen-Q4_K_M.gguf" in str(options.get_option_at_index(3).prompt)
+    await pilot.press("end", "enter")
+    assert isinstance(app.screen, GpuScreen)
+    assert "a-qwen-Q4_K_M.gguf" in text_of(app.screen, "#gguf-cpu") and not app.screen.query(SelectionList)
+    await pilot.press("enter")
+    assert isinstance(app.screen, ConfigScreen)
+
+
+def test_choosing_a_gguf_beside_the_model_saves_it_and_runs_on_the_cpu(home, models):
+    config = defaults()
+    config.update(models_dir=str(models), cpu_expert_bits=4)
+
+    async def run():
+        app = LauncherApp(config, gpus=FAKE_GPUS)
+        async with app.run_test(size=(200, 60)) as pilot:
+            await _to_gguf_settings(app, pilot)
+            assert "CPU experts: GGUF a-qwen-Q4_K_M.gguf" in text_of(app.screen, "#budget")
+            app.screen.query_one("#serve").press()
+            await pilot.pause()
+        return app.return_value
+
+    action, chosen = asyncio.run(run())
+    assert action == "serve" and load_config() == chosen
+    assert (chosen["gguf_path"], chosen["cpu_expert_bits"], chosen["device"], chosen["gpus"]) == \
+        (str(models / "a-qwen-Q4_K_M.gguf"), 16, "cpu", [])
+
+
+def test_saved_gguf_is_the_highlighted_source_when_the_model_is_chosen_again(home, models):
+    config = defaults()
+    config.update(models_dir=str(models), model_path=str(models / "a-qwen"),
+                  gguf_path=str(models / "a-qwen-Q4_K_M.gguf"))
+
+    async def run():
+        app = LauncherApp(config, gpus=[])
+        async with app.run_test(size=(200, 60)) as pilot:
+            await pilot.pause()
+            await pilot.press("enter")
+            assert app.screen.query_one(OptionList).highlighted == 3
+            await pilot.press("q")
+
+    asyncio.run(run())
+
+
+def test_settings_refuse_to_launch_quantised_experts_with_a_gguf(home, models):
+    config = defaults()
+    config["models_dir"] = str(models)
+
+    async def run():
+        app = LauncherApp(config, gpus=FAKE_GPUS)
+        async with app.run_test(size=(200, 60)) as pilot:
+            await _to_gguf_settings(app, pilot)
+            screen = app.screen
+            await set_input(pilot, screen, "cpu_expert_bits", "4")
+            screen.query_one("#serve").press()
+            await pilot.pause()
+            assert app.is_running and "set cpu_expert_bits to 16" in text_of(screen, "#status")
+            assert not config_path().exists()
+            await set_input(pilot, screen, "cpu_expert_bits", "16")
+            await set_input(pilot, screen, "device", "cuda")
+            screen.query_one("#serve").press()
+            await pilot.pause()
+            assert app.is_running and "set device to cpu" in text_of(screen, "#status")
+            await pilot.press("escape", "escape", "escape", "q")
 
     asyncio.run(run())

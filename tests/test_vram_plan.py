@@ -1,5 +1,7 @@
 """The VRAM plan: how a budget is divided, and the error for a budget that cannot work."""
 
+from dataclasses import replace
+
 import pytest
 
 from krasis.engine.vram_budget import MiB, VramNeeds, plan_vram
@@ -12,7 +14,8 @@ LITE = VramNeeds(resident=1400 * MiB, layer_experts=64 * 4_600_000, expert=4_600
 
 
 def total(plan) -> int:
-    return plan.resident + plan.margin + plan.stream_buffers + plan.kv_bytes + plan.activation_bytes + plan.hcs_bytes
+    return (plan.resident + plan.margin + plan.stream_buffers + plan.kv_bytes + plan.activation_bytes + plan.hcs_bytes
+            + plan.sequence_state)
 
 
 def test_plan_stays_within_the_budget_and_fills_the_hot_cache_with_the_rest():
@@ -52,3 +55,24 @@ def test_impossible_budget_names_the_minimum():
 def test_kv_cache_larger_than_the_budget_is_refused_with_the_fix():
     with pytest.raises(InvalidInputError, match="--kv-cache-mb"):
         plan_vram(6144 * MiB, LITE, kv_cache_bytes=5000 * MiB)
+
+
+def test_linear_attention_state_is_reserved_before_the_hot_cache():
+    state = 200 * MiB
+    with_state = plan_vram(6144 * MiB, replace(LITE, sequence_state=state))
+    assert with_state.sequence_state == state
+    assert total(with_state) <= with_state.budget
+    assert with_state.hcs_bytes < plan_vram(6144 * MiB, LITE).hcs_bytes
+
+
+def test_linear_state_bytes_equal_a_sequences_live_state_and_its_snapshot(tiny_checkpoint):
+    import krasis
+    from krasis.engine.kv_cache import linear_state_bytes
+
+    llm = krasis.LLM(tiny_checkpoint("qwen3_next_mixed")[1], progress=False)
+    cache = llm.new_cache()
+    llm._prefill(llm._check_tokens(list(range(1, 20))), cache, 0)
+    cache.snapshot()
+    live = sum(c.nbytes + r.nbytes for state in cache._linear if state is not None for c, r in [state])
+    assert live > 0
+    assert linear_state_bytes(llm.spec, llm.dtype) == 2 * live

@@ -164,7 +164,7 @@ def _load_llm(args: argparse.Namespace):
                         dense_mlp_quant=args.dense_mlp_quant, lm_head_quant=args.lm_head_quant,
                         attention_quant=args.attention_quant, group_size=args.group_size)
     return LLM(args.model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
-               verify_cache=args.verify_cache, **gpu_kwargs(args))
+               verify_cache=args.verify_cache, gguf_path=args.gguf_path or None, **gpu_kwargs(args))
 
 
 def _serve(args: argparse.Namespace, load_llm) -> int:

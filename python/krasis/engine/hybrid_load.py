@@ -21,7 +21,7 @@ from .device_sync import pinned
 from .expert_stream import empty_experts_like
 from .gpu_quant import GPUQuantLinear
 from .hybrid_moe import HybridExpertLayer, HybridExperts
-from .kv_cache import kv_bytes_per_token
+from .kv_cache import kv_bytes_per_token, linear_state_bytes
 from .vram_budget import MiB, VramNeeds, VramPlan, plan_vram
 from .weights import ModelWeights
 
@@ -158,7 +158,7 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
                       expert=layer_bytes // spec.moe.num_experts if host else 0, moe_layers=len(host),
                       kv_per_token=kv_bytes_per_token(spec, options.kv_dtype, dtype),
                       activation_per_token=per_token, activation_per_context_token=per_context,
-                      max_context=spec.max_position_embeddings)
+                      max_context=spec.max_position_embeddings, sequence_state=linear_state_bytes(spec, dtype))
     kv_bytes = options.kv_cache_mb * MiB if options.kv_cache_mb is not None else None
     plan = plan_vram(budget, needs, options.layer_group_size, kv_bytes, options.hcs, options.hcs_experts)
     if device.type == "cuda":

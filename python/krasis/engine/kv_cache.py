@@ -40,6 +40,19 @@ def kv_bytes_per_token(spec: ArchSpec, kv_dtype: str, compute_dtype: torch.dtype
     return layers * values * size
 
 
+def linear_state_bytes(spec: ArchSpec, compute_dtype: torch.dtype) -> int:
+    """Bytes of one sequence's linear-attention state over all layers (0 without such layers), twice over: the
+    live state and the snapshot kept for prefix reuse. Per layer: the conv state [C, kernel-1] in the compute
+    dtype, C = 2 * key_dim + value_dim, and the recurrent state [Hv, Dk, Dv] in float32."""
+    la = spec.linear_attention
+    layers = sum(layer.mixer == "linear_attention" for layer in spec.layers)
+    if la is None or not layers:
+        return 0
+    conv = (2 * la.key_dim + la.value_dim) * (la.conv_kernel - 1) * (torch.finfo(compute_dtype).bits // 8)
+    recurrent = la.num_v_heads * la.k_head_dim * la.v_head_dim * 4
+    return 2 * layers * (conv + recurrent)
+
+
 def _to_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8: values [T, ...] -> (fp8 [T, ...], float32 scale [T])."""
     flat = t.reshape(t.shape[0], -1).float()

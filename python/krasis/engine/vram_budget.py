@@ -34,6 +34,7 @@ class VramNeeds:
     activation_per_token: int  # prefill scratch per token of a chunk
     activation_per_context_token: int  # prefill scratch per token of context (attention expansion)
     max_context: int
+    sequence_state: int = 0  # per-sequence state of fixed size (linear-attention conv and recurrent states)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class VramPlan:
     activation_bytes: int
     hcs_slots: int
     hcs_bytes: int
+    sequence_state: int = 0
 
     def lines(self) -> list[str]:
         """What was decided and why, for the log."""
@@ -58,7 +60,8 @@ class VramPlan:
             f"prefill streams experts {self.layer_group_size} layer(s) at a time through 2 buffers "
             f"({m(self.stream_buffers)}); prompts are prefilled in chunks of {self.chunk_tokens} tokens "
             f"({m(self.activation_bytes)} of activations)",
-            f"KV cache {self.kv_tokens} tokens ({m(self.kv_bytes)})",
+            f"KV cache {self.kv_tokens} tokens ({m(self.kv_bytes)})"
+            + (f", linear-attention state {m(self.sequence_state)}" if self.sequence_state else ""),
             f"hot-expert cache: {self.hcs_slots} experts resident in VRAM ({m(self.hcs_bytes)})",
         ]
 
@@ -88,13 +91,14 @@ def plan_vram(budget: int, needs: VramNeeds, layer_group_size: int | None = None
     def activations(chunk: int, context: int) -> int:
         return chunk * needs.activation_per_token + context * needs.activation_per_context_token
 
-    fixed = needs.resident + margin + buffers
+    fixed = needs.resident + margin + buffers + needs.sequence_state
     minimum = fixed + min_kv * needs.kv_per_token + activations(MIN_CHUNK_TOKENS, min_kv)
     if budget < minimum:
         raise InvalidInputError(
             f"a VRAM budget of {budget / MiB:,.0f} MiB cannot hold this model's GPU part: it needs at least "
             f"{minimum / MiB:,.0f} MiB (resident weights {needs.resident / MiB:,.0f}, expert streaming buffers "
-            f"{buffers / MiB:,.0f}, margin {margin / MiB:,.0f}, a minimal KV cache and prefill chunk); raise "
+            f"{buffers / MiB:,.0f}, margin {margin / MiB:,.0f}, linear-attention state "
+            f"{needs.sequence_state / MiB:,.0f}, a minimal KV cache and prefill chunk); raise "
             f"--vram-budget-mb to at least {minimum // MiB + 1}" + (", or lower --layer-group-size" if group > 1
                                                                     else ""))
     free = budget - fixed
@@ -120,4 +124,5 @@ def plan_vram(budget: int, needs: VramNeeds, layer_group_size: int | None = None
             slots = min(slots, hcs_max_experts)
     return VramPlan(budget=budget, margin=margin, resident=needs.resident, layer_group_size=group,
                     stream_buffers=buffers, kv_tokens=kv_tokens, kv_bytes=kv_bytes, chunk_tokens=chunk,
-                    activation_bytes=act, hcs_slots=slots, hcs_bytes=slots * needs.expert)
+                    activation_bytes=act, hcs_slots=slots, hcs_bytes=slots * needs.expert,
+                    sequence_state=needs.sequence_state)

@@ -59,7 +59,8 @@ def _opt(name, kind, default, help, choices=(), minimum=None, maximum=None) -> O
 OPTIONS: tuple[Option, ...] = (
     _opt("model_path", "str", "", "Hugging Face model directory (empty: the random-weight demo model)"),
     _opt("models_dir", "str", "", "an extra folder the TUI scans for models, besides ~/.krasis/models"),
-    _opt("gguf_path", "str", "", "CPU experts from this GGUF file instead of building them (issue 9; not yet)"),
+    _opt("gguf_path", "str", "", "CPU routed experts from this llama.cpp GGUF of the model, read in place "
+         "(empty: from the model itself; runs on the CPU with cpu_expert_bits 16)"),
     _opt("device", "choice", "cpu", "where to run: cpu, or cuda (the GPU engine)", ("cpu", "cuda")),
     _opt("gpus", "int_list", [], "the GPUs chosen in the TUI (indices); the engine runs on the first"),
     _opt("num_gpus", "int", 1, "GPUs to use (more than 1 arrives with issue 12)", minimum=1),

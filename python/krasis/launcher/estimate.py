@@ -77,7 +77,7 @@ def vram_needs(spec: ArchSpec, config: dict):
     import torch
 
     from ..engine.hybrid_load import activation_bytes
-    from ..engine.kv_cache import kv_bytes_per_token
+    from ..engine.kv_cache import kv_bytes_per_token, linear_state_bytes
     from ..engine.vram_budget import VramNeeds
 
     bits = config["cpu_expert_bits"] if config["cpu_expert_bits"] != 16 else config["gpu_expert_bits"]
@@ -90,7 +90,7 @@ def vram_needs(spec: ArchSpec, config: dict):
                      expert=expert, moe_layers=moe_layers,
                      kv_per_token=kv_bytes_per_token(spec, config["kv_dtype"] or "fp8", dtype),
                      activation_per_token=per_token, activation_per_context_token=per_context,
-                     max_context=spec.max_position_embeddings)
+                     max_context=spec.max_position_embeddings, sequence_state=linear_state_bytes(spec, dtype))
 
 
 def plan_for(spec: ArchSpec, config: dict, budget_mb: int):

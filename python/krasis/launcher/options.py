@@ -33,7 +33,10 @@ def _gpus(text: str) -> list[int]:
 def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launcher (defaults come from the saved config ~/.krasis/config when present)")
     g.add_argument("--models-dir", help="another folder the TUI scans for models, besides ~/.krasis/models")
-    g.add_argument("--gguf-path", help="CPU experts from this GGUF file (loading GGUF arrives with issue 9)")
+    g.add_argument("--gguf-path", metavar="FILE.gguf",
+                   help="take the CPU routed experts from this llama.cpp GGUF of the same model, read in place "
+                        "(the rest of the model comes from --model-path; a split GGUF is given by any one part); "
+                        "runs on --device cpu with --cpu-expert-bits left at 16")
     g.add_argument("--num-gpus", type=int, help="GPUs to use (default 1; more than 1 arrives with issue 12)")
     g.add_argument("--gpus", type=_gpus, help="which GPUs, as indices, e.g. 0,1 (default: the first)")
     g.add_argument("--ignore-config", action="store_true",
@@ -83,14 +86,30 @@ def settings(args: argparse.Namespace) -> dict:
     return {o.name: getattr(args, o.name) for o in OPTIONS}
 
 
+def gguf_problem(gguf_path: str | None, cpu_expert_bits: int, device: str) -> str | None:
+    """Why GGUF experts cannot run with these settings (the message names the fix), or None when they can (or no
+    GGUF is given). Shared by ``krasis`` and ``python -m krasis.server``."""
+    if not gguf_path:
+        return None
+    if cpu_expert_bits != 16:
+        return (f"--gguf-path {gguf_path} was given with --cpu-expert-bits {cpu_expert_bits}: the GGUF's own block "
+                "types set the CPU experts' format, so there is nothing to quantise. Leave --cpu-expert-bits at 16 "
+                "(pass --cpu-expert-bits 16 to override the saved config's cpu_expert_bits), or drop --gguf-path "
+                f"(and clear gguf_path in the saved config) to build INT{cpu_expert_bits} experts from the model")
+    if device != "cpu":
+        return (f"--gguf-path {gguf_path} was given with --device {device}: GGUF experts run on the CPU engine only "
+                "for now. Use --device cpu (device = \"cpu\" in the saved config), or drop --gguf-path (and clear "
+                "gguf_path in the saved config) to run the GPU engine with --cpu-expert-bits 4 or 8")
+    return None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations the runtime cannot run yet, with the reason; note what is narrowed."""
     if args.num_gpus < 1:
         raise InvalidInputError(f"--num-gpus must be at least 1, not {args.num_gpus}")
-    if args.gguf_path:
-        raise InvalidInputError(f"--gguf-path {args.gguf_path}: loading CPU experts from GGUF arrives with issue 9; "
-                                "for now Krasis builds INT4/INT8 experts from the safetensors model "
-                                "(--cpu-expert-bits 4 or 8; clear gguf_path in the saved config)")
+    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits, args.device)
+    if problem:
+        raise InvalidInputError(problem)
     if args.device != "cuda":
         if args.num_gpus > 1:
             print(f"krasis: note: --num-gpus {args.num_gpus} is ignored on the CPU path", file=sys.stderr)

@@ -1,7 +1,8 @@
 """``krasis --benchmark-suite [FILE]``: every ``[[config]]`` times every ``[[model]]`` of a TOML file, each
 combination benchmarked (``krasis --non-interactive --benchmark``) in its own subprocess, with its log in
-``suite_logs/`` beside the file and a markdown summary at the end. A combination that fails (missing model,
-out of memory, crash, timeout) is a row saying why; the suite goes on."""
+``suite_logs/`` beside the file and a markdown summary at the end. A ``[[model]]`` with ``gguf_name`` or
+``gguf_path`` runs with ``--gguf-path`` (CPU experts from that GGUF). A combination that fails (missing model or
+GGUF, out of memory, crash, timeout) is a row saying why; the suite goes on."""
 
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ def load_suite(path: Path) -> dict:
     return suite
 
 
+def model_label(entry: dict) -> str:
+    """The model's name in the summary and the log names; a GGUF row adds the GGUF's file name."""
+    name = entry.get("name") or Path(entry["path"]).name
+    gguf = entry.get("gguf_name") or (Path(entry["gguf_path"]).name if entry.get("gguf_path") else "")
+    return f"{name} + {gguf}" if gguf else name
+
+
 def config_label(entry: dict, index: int) -> str:
     if entry.get("name"):
         return str(entry["name"])
@@ -98,17 +106,31 @@ def config_flags(entry: dict) -> list[str]:
     return flags
 
 
-def _resolve_model(entry: dict, root: Path) -> tuple[Path | None, str]:
-    """(model directory, "") or (None, why it cannot run)."""
-    if entry.get("gguf_name") or entry.get("gguf_path"):
-        gguf = Path(entry["gguf_path"]) if entry.get("gguf_path") else next(root.rglob(entry["gguf_name"]), None)
-        if gguf is None or not gguf.is_file():
-            return None, f"GGUF file {entry.get('gguf_path') or entry['gguf_name']} not found under {root}"
-        return None, f"GGUF expert loading ({gguf.name}) arrives with issue 9; not run"
+def resolve_model(entry: dict, root: Path) -> tuple[Path | None, Path | None, str]:
+    """(model directory, GGUF file or None, "") or (None, None, why it cannot run). ``gguf_name`` is searched for
+    under ``root`` (the models folder), ``gguf_path`` is taken as given."""
     path = Path(entry["path"]).expanduser() if entry.get("path") else root / entry["name"]
     if not (path / "config.json").is_file():
-        return None, f"model not found: {path} has no config.json"
-    return path, ""
+        return None, None, f"model not found: {path} has no config.json"
+    gguf = None
+    if entry.get("gguf_path"):
+        gguf = Path(entry["gguf_path"]).expanduser()
+        if not gguf.is_file():
+            return None, None, f"GGUF file {gguf} not found"
+    elif entry.get("gguf_name"):
+        gguf = next((p for p in sorted(root.rglob(entry["gguf_name"])) if p.is_file()), None)
+        if gguf is None:
+            return None, None, f"GGUF file {entry['gguf_name']} not found under {root}"
+    return path, gguf, ""
+
+
+def benchmark_command(python: str, model_dir: Path, gguf: Path | None, results: Path, config: dict) -> list[str]:
+    """The subprocess that benchmarks one combination (the saved config ignored, so nothing leaks in)."""
+    command = [python, "-m", "krasis.cli", "--non-interactive", "--ignore-config", "--benchmark",
+               "--model-path", str(model_dir)]
+    if gguf is not None:
+        command += ["--gguf-path", str(gguf)]
+    return command + ["--results-dir", str(results), *config_flags(config)]
 
 
 def _failure_reason(log_text: str, returncode: int) -> str:
@@ -135,19 +157,18 @@ def run_suite(path: Path, models_root: Path | None = None, logs_dir: Path | None
     rows: list[Row] = []
     combos = [(m, c, ci) for m in suite["model"] for ci, c in enumerate(suite["config"])]
     for n, (model, config, ci) in enumerate(combos):
-        name, label = model.get("name") or Path(model["path"]).name, config_label(config, ci)
+        name, label = model_label(model), config_label(config, ci)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}__{config.get('name') or f'config{ci + 1}'}")
         log = logs / f"{slug}.log"
         echo(f"[{n + 1}/{len(combos)}] {name} / {label}")
-        model_dir, why = _resolve_model(model, root)
+        model_dir, gguf, why = resolve_model(model, root)
         if model_dir is None:
             log.write_text(why + "\n")
             rows.append(Row(name, label, False, why, log=log))
             echo(f"    failed: {why}")
             continue
         results = logs / f"{slug}_results"
-        command = [python, "-m", "krasis.cli", "--non-interactive", "--ignore-config", "--benchmark",
-                   "--model-path", str(model_dir), "--results-dir", str(results), *config_flags(config)]
+        command = benchmark_command(python, model_dir, gguf, results, config)
         start = time.perf_counter()
         with open(log, "w") as out:
             out.write("$ " + " ".join(command) + "\n")

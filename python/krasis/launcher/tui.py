@@ -1,8 +1,9 @@
 """The ``krasis`` TUI (textual): four screens, each one decision.
 
 1. ModelScreen: the models found under ~/.krasis/models (and --models-dir), with their shapes and estimated RAM.
-2. SourceScreen: where the CPU experts come from: INT4 / INT8 built from the model, BF16, or a GGUF beside it.
-3. GpuScreen: which GPUs (Space toggles, Enter confirms); a machine without one gets the CPU path.
+2. SourceScreen: where the CPU experts come from: INT4 / INT8 built from the model, BF16, or a GGUF beside it
+   (saved as ``gguf_path``; it runs on the CPU path).
+3. GpuScreen: which GPUs (Space toggles, Enter confirms); a machine without one, or a GGUF choice, gets the CPU path.
 4. ConfigScreen: every quantisation and runtime option, refused in place when invalid, with the live VRAM plan
    and estimated maximum context; it saves the settings and ends with "launch the server" or "benchmark first".
 
@@ -10,6 +11,8 @@
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -26,7 +29,8 @@ from .discovery import ModelInfo, human_bytes, human_count, scan
 from .gpus import GpuInfo, list_gpus
 
 MiB = 1 << 20
-GGUF_NOTE = "loading GGUF arrives with issue 9; choose INT4 or INT8 (built from this model) for now"
+GGUF_CPU_NOTE = ("CPU experts come from the GGUF {name}: they run on the CPU path (every weight in system RAM, "
+                 "the GGUF's blocks read in place), so no GPU is used for now. Press Enter to continue.")
 NO_GPU_NOTE = ("No CUDA GPU is visible on this machine. Krasis will run on the CPU path: every weight in system "
                "RAM, routed experts through the INT4/INT8 CPU kernels. Press Enter to continue.")
 EDITABLE = [o for o in OPTIONS if o.name not in ("model_path", "models_dir", "gguf_path", "gpus")]
@@ -100,25 +104,52 @@ class SourceScreen(Screen):
                               "of RAM", id="int8"),
                    ListOption(f"BF16, unquantised (no cache); about {human_bytes(ram['bf16'])} of RAM", id="bf16")]
         for i, path in enumerate(m.gguf_files):
-            options.append(ListOption(f"GGUF {path.name} (found beside the model): {GGUF_NOTE}", id=f"gguf{i}"))
+            options.append(ListOption(f"GGUF {path.name} (found beside the model; {human_bytes(_size(path))}): "
+                                      "llama.cpp blocks read in place, on the CPU path", id=f"gguf{i}"))
         yield OptionList(*options, id="sources")
         yield Static("", id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        bits = self.app.config["cpu_expert_bits"]
+        config, ggufs = self.app.config, [str(p) for p in self.app.model.gguf_files]
         sources = self.query_one(OptionList)
-        sources.highlighted = {4: 0, 8: 1, 16: 2}.get(bits, 0)
+        if config["gguf_path"] in ggufs:
+            sources.highlighted = 3 + ggufs.index(config["gguf_path"])
+        else:
+            sources.highlighted = {4: 0, 8: 1, 16: 2}.get(config["cpu_expert_bits"], 0)
         sources.focus()
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         choice = event.option.id
         if choice.startswith("gguf"):
-            self.query_one("#status", Static).update(Text(f"Not available yet: {GGUF_NOTE}."))
-            return
-        self.app.config["cpu_expert_bits"] = {"int4": 4, "int8": 8, "bf16": 16}[choice]
-        self.app.config["gguf_path"] = ""
+            # the GGUF's own block types set the experts' format: cpu_expert_bits stays at 16 (nothing to quantise)
+            self.app.config["gguf_path"] = str(self.app.model.gguf_files[int(choice.removeprefix("gguf"))])
+            self.app.config["cpu_expert_bits"] = 16
+        else:
+            self.app.config["cpu_expert_bits"] = {"int4": 4, "int8": 8, "bf16": 16}[choice]
+            self.app.config["gguf_path"] = ""
         self.app.push_screen(GpuScreen())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def gguf_conflict(config: dict) -> str | None:
+    """Why the chosen GGUF cannot run with these settings (and what to change), or None."""
+    if not config["gguf_path"]:
+        return None
+    name = Path(config["gguf_path"]).name
+    if config["cpu_expert_bits"] != 16:
+        return (f"CPU experts come from the GGUF {name}, whose own types set their format: set cpu_expert_bits to 16, "
+                "or go back (Esc) and choose INT4 or INT8 built from the model")
+    if config["device"] != "cpu":
+        return (f"CPU experts from the GGUF {name} run on the CPU path only for now: set device to cpu, or go back "
+                "(Esc) and choose INT4 or INT8 for the GPU engine")
+    return None
 
 
 class GpuScreen(Screen):
@@ -128,7 +159,10 @@ class GpuScreen(Screen):
         yield Header()
         yield Static("3/4  GPUs (Space selects or clears, Enter confirms)", classes="title")
         gpus: list[GpuInfo] = self.app.gpus
-        if gpus:
+        gguf = self.app.config["gguf_path"]
+        if gguf:
+            yield Static(GGUF_CPU_NOTE.format(name=Path(gguf).name), id="gguf-cpu")
+        elif gpus:
             chosen = set(self.app.config["gpus"]) or {0}
             yield SelectionList[int](*[(f"GPU {g.index}: {g.name}, {g.free_mb:,} MiB free of {g.total_mb:,} MiB",
                                         g.index, g.index in chosen) for g in gpus], id="gpus")
@@ -138,12 +172,13 @@ class GpuScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        if self.app.gpus:
+        if self.app.gpus and not self.app.config["gguf_path"]:
             self.query_one(SelectionList).focus()
 
     def action_confirm(self) -> None:
         config = self.app.config
-        selected = sorted(self.query_one(SelectionList).selected) if self.app.gpus else []
+        choosing = self.app.gpus and not config["gguf_path"]
+        selected = sorted(self.query_one(SelectionList).selected) if choosing else []
         config["gpus"] = selected
         config["device"] = "cuda" if selected else "cpu"
         config["num_gpus"] = max(1, len(selected))
@@ -202,6 +237,10 @@ class ConfigScreen(Screen):
         if self.invalid:
             status.update(Text("Fix the refused values first: " + "; ".join(self.invalid.values())))
             return
+        conflict = gguf_conflict(self.app.config)
+        if conflict:
+            status.update(Text(f"Cannot launch: {conflict}."))
+            return
         path = save_config(self.app.config)
         self.app.saved_to = path
         self.app.exit((event.button.id, dict(self.app.config)))
@@ -221,8 +260,16 @@ def budget_lines(model: ModelInfo | None, config: dict, gpus: list[GpuInfo]) -> 
         return ["No model chosen."]
     bits = config["cpu_expert_bits"]
     ram_key = {16: "bf16", 8: "int8", 4: "int4"}[bits]
-    lines = [f"{model.name}: {model.layers} layers, context {model.max_context:,} tokens",
-             f"system RAM for weights (est.): {human_bytes(model.ram_bytes[ram_key])}", ""]
+    lines = [f"{model.name}: {model.layers} layers, context {model.max_context:,} tokens"]
+    if config["gguf_path"]:
+        from .estimate import routed_expert_params
+
+        gguf = Path(config["gguf_path"])
+        rest = model.ram_bytes["bf16"] - routed_expert_params(model.spec) * 2
+        lines += [f"CPU experts: GGUF {gguf.name} ({human_bytes(_size(gguf))}), memory-mapped",
+                  f"system RAM for weights (est.): {human_bytes(rest + _size(gguf))}", ""]
+    else:
+        lines += [f"system RAM for weights (est.): {human_bytes(model.ram_bytes[ram_key])}", ""]
     chosen = [g for g in gpus if g.index in config["gpus"]] if config["device"] == "cuda" else []
     budget_mb = config["vram_budget_mb"]
     if budget_mb is None and chosen:

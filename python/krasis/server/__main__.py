@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ..errors import KrasisError
+from ..gguf_experts import add_gguf_arguments
 from ..gpu_options import add_gpu_arguments, gpu_kwargs
 
 log = logging.getLogger("krasis.server")
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-expert-bits", type=int, choices=(16, 8, 4), default=16,
                    help="routed experts on the CPU: 16 = unquantised, 8 or 4 = INT8/INT4 (default 16)")
     p.add_argument("--threads", type=int, default=None, help="CPU expert kernel threads (default: physical cores)")
+    add_gguf_arguments(p)
     add_gpu_arguments(p)
     add_server_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides and every request")
@@ -93,6 +95,12 @@ def serve(args: argparse.Namespace, load_llm) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="krasis: %(message)s")
+    from ..launcher.options import gguf_problem
+
+    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits, args.device)
+    if problem:  # refused before the port opens, as `krasis` refuses it
+        print(f"krasis: error: {problem}", file=sys.stderr)
+        return 1
     if args.served_model_name is None:
         from ..demo import DEMO_NAME
 
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
             _core.set_num_threads(args.threads)
         llm = LLM(path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, progress=False,
-                  **gpu_kwargs(args))
+                  gguf_path=args.gguf_path, **gpu_kwargs(args))
         if args.test_scripted_output:
             from .scripted import ScriptedOutput
 
