@@ -15,6 +15,8 @@ import krasis
 from krasis.errors import InvalidInputError
 
 MODELS = ["qwen3_moe_mixed", "deepseek_v2_lite_like"]
+# the later families: linear attention (Qwen3-Next, Qwen3.5), GLM-4 MoE and DeepSeek-V3's noaux_tc router
+MORE_FAMILIES = ["qwen3_next_mixed", "qwen3_5_moe_vl", "glm4_moe_grouped", "deepseek_v3_grouped_qlora"]
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -84,7 +86,29 @@ def test_streamed_prefill_agrees_with_the_cpu_quantised_path(hybrid, tiny_checkp
     assert argmax_agreement(got, want) >= 0.9
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MORE_FAMILIES)
+def test_each_later_family_agrees_with_the_cpu_quantised_path(hybrid, tiny_checkpoint, cpu_logits, name):
+    ids = random_prompt(96, seed=1)
+    got = hybrid(tiny_checkpoint(name)[1], 4).prompt_logits(ids)
+    want = cpu_logits(name, 4, ids)
+    assert rms_rel_err(got, want) < 0.1
+    assert argmax_agreement(got, want) >= 0.9
+
+
+def test_gpu_experts_may_be_wider_than_the_cpu_experts(hybrid, tiny_checkpoint, unquantised_logits):
+    from krasis.cache import QuantConfig
+
+    ids = random_prompt(96, seed=1)
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], 4, quant=QuantConfig(gpu_expert_bits=8))
+    assert llm.runtime.host[0].bits == 8 and llm.runtime.store.bits == 4
+    got = llm.prompt_logits(ids)  # streamed prefill: the GPU kernels on INT8 experts, so INT8's bounds hold
+    want = unquantised_logits("deepseek_v2_lite_like", ids)
+    assert rms_rel_err(got, want) < 0.08
+    assert argmax_agreement(got, want) >= 0.9
+    assert len(llm.generate(ids[:20], 4)) == 4  # decode: INT8 hot-cache experts beside INT4 CPU experts
+
+
+@pytest.mark.parametrize("name", MODELS + ["qwen3_next_mixed"])
 def test_prefill_in_several_chunks_equals_prefill_in_one(hybrid, tiny_checkpoint, name):
     llm = hybrid(tiny_checkpoint(name)[1])
     ids = random_prompt(90, seed=2)
@@ -164,8 +188,8 @@ def _decode_logits(llm, prompt, forced, step):
     return torch.stack([step(cache, token).float().cpu() for token in forced])
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("name,kv_dtype", [(name, kv) for name in MODELS for kv in ("bf16", "fp8")]
+                         + [("glm4_moe_grouped", "bf16"), ("deepseek_v3_grouped_qlora", "bf16")])
 def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, tiny_checkpoint, name, kv_dtype):
     from krasis.engine.decode_graph import SMALLEST_BUCKET, DecodeGraphs
 

@@ -15,6 +15,7 @@ import krasis
 from krasis import cli
 from krasis.launcher.benchmark import fitting_lengths
 from krasis.launcher.config import BY_NAME, OPTIONS, defaults, save_config
+from krasis.launcher.discovery import describe
 from krasis.launcher.options import apply_config
 from krasis.launcher.perplexity import perplexity
 from krasis.launcher.suite import benchmark_command, resolve_model, run_suite
@@ -133,7 +134,24 @@ def test_benchmark_writes_json_and_markdown_record(home, tiny_checkpoint, tmp_pa
     assert record["decode"]["tokens"] == 6 and len(record["decode"]["per_prompt"]) == 2
     assert record["decode"]["tokens_per_second"] > 0 and record["best_prefill"]["tokens_per_second"] > 0
     assert record["settings"]["dtype"] == "float32" and record["model"] == path.name
+    assert record["architecture"]["family"] == "qwen3_moe" and "GQA" in record["architecture"]["attention"]
     assert "| time to first token | 64 |" in md_file.read_text() and "| prefill | 32 |" in out.out
+
+
+@pytest.mark.parametrize("name,family,attention,routing", [
+    ("qwen3_moe_mixed", "qwen3_moe", "GQA", "softmax top-"),
+    ("deepseek_v2_grouped_qlora", "deepseek_v2", "MLA (latent", "groups"),
+    ("qwen3_next_mixed", "qwen3_next", "layers Gated DeltaNet", "softmax top-"),
+    ("qwen3_5_moe_vl", "qwen3_5_moe", "layers Gated DeltaNet", "softmax top-"),
+    ("glm4_moe_grouped", "glm4_moe", "GQA", "correction bias"),
+    ("deepseek_v3_grouped_qlora", "deepseek_v3", "MLA (latent", "correction bias"),
+])
+def test_model_description_names_each_familys_attention_and_routing(tiny_checkpoint, name, family, attention,
+                                                                     routing):
+    info = describe(tiny_checkpoint(name)[1])
+    assert info.error is None and info.family == family
+    assert attention in info.attention and routing in info.routing
+    assert info.routed_experts == info.spec.moe.num_experts and info.top_k == info.spec.moe.router.top_k
 
 
 def test_benchmark_lengths_fit_the_context_or_are_scaled_down():

@@ -54,8 +54,10 @@ def test_four_screens_select_refuse_save_and_reload(home, models):
             table = screen.query_one(DataTable)
             assert table.row_count == 3
             qwen = [str(c) for c in table.get_row_at(0)]
-            assert qwen[:4] == ["a-qwen", "Qwen3MoeForCausalLM", "4", "8/0/2"] and "GGUF" in qwen[-1]
-            assert [str(c) for c in table.get_row_at(1)][3] == "8/2/3"
+            assert qwen[:3] == ["a-qwen", "Qwen3MoeForCausalLM", "4"] and qwen[4] == "8/0/2" and "GGUF" in qwen[-1]
+            assert qwen[3].startswith("GQA") and qwen[5].startswith("softmax top-2 of 8")
+            deepseek = [str(c) for c in table.get_row_at(1)]
+            assert deepseek[3].startswith("MLA") and deepseek[4] == "8/2/3"
             await pilot.press("down", "down", "enter")  # the unsupported model is refused with the reason
             assert app.screen is screen and "not supported" in text_of(screen, "#status")
             await pilot.press("up", "up", "enter")

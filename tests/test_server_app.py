@@ -104,6 +104,16 @@ def test_streamed_tool_call_arrives_as_a_tool_calls_delta(client, llm):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_tool_call_drafted_inside_the_think_block_stays_reasoning(client, llm):
+    draft = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    llm.output = f"<think>maybe {draft}</think>\n\nNo call needed."
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+    choice = chat(client, tools=tools).json()["choices"][0]
+    assert choice["message"]["reasoning_content"] == f"maybe {draft}"
+    assert choice["message"]["content"] == "No call needed." and "tool_calls" not in choice["message"]
+    assert choice["finish_reason"] == "stop"
+
+
 def test_malformed_tool_call_stays_content_with_finish_reason_stop(client, llm):
     llm.output = '<tool_call>{"name": "now", "arguments": </tool_call>'
     tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
@@ -125,6 +135,14 @@ def test_sampling_fields_reach_the_model(client, llm):
          seed=3, max_completion_tokens=9)
     assert llm.calls[-1] == {**llm.calls[-1], "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": 7,
                              "min_p": 0.1, "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 3}
+
+
+def test_anthropic_sampling_fields_reach_the_model(client, llm):
+    llm.output = "ok"
+    r = client.post("/v1/messages", json={"model": MODEL, "messages": USER, "max_tokens": 9, "temperature": 0.5,
+                                          "top_p": 0.9, "top_k": 7})
+    assert r.status_code == 200 and r.json()["content"] == [{"type": "text", "text": "ok"}]
+    assert llm.calls[-1] == {**llm.calls[-1], "max_new_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": 7}
 
 
 def test_health_and_requests_answer_503_while_the_model_loads(llm):

@@ -2,6 +2,7 @@
 objects and arrays), each family's syntax, several calls, malformed calls."""
 
 import json
+import logging
 
 import pytest
 
@@ -85,6 +86,13 @@ def test_each_format_gives_the_same_typed_calls():
 ])
 def test_malformed_calls_are_plain_content(fmt, text):
     assert parse_tool_calls(text, fmt, TOOLS) == (text, [])
+
+
+def test_malformed_call_is_logged_with_the_reason(caplog):
+    with caplog.at_level(logging.WARNING, logger="krasis.server"):
+        parse_tool_calls("<tool_call>\n<function=nope>\n</function>\n</tool_call>", Qwen3Xml(), TOOLS)
+    (record,) = caplog.records
+    assert "malformed tool call" in record.getMessage() and "'nope'" in record.getMessage()
 
 
 def test_parallel_false_keeps_the_first_call_and_prefill_is_parsed():

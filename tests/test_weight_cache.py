@@ -43,10 +43,11 @@ def content(path: Path):
         return f.metadata(), {k: f.get_tensor(k).tobytes() for k in f.keys()}
 
 
-def build(path, bits=4, verify=False):
+def build(path, bits=4, verify=False, gpu_bits=None, gpu_experts=False):
     ckpt = Checkpoint(path)
     spec = spec_from_config(ckpt.config)
-    return ensure_cache(ckpt, spec, QuantConfig(cpu_expert_bits=bits), verify=verify, progress=False)
+    quant = QuantConfig(cpu_expert_bits=bits, gpu_expert_bits=gpu_bits or bits)
+    return ensure_cache(ckpt, spec, quant, verify=verify, progress=False, gpu_experts=gpu_experts)
 
 
 
@@ -68,6 +69,29 @@ def test_second_load_builds_nothing(tiny_checkpoint, home):
     before = parts_of(directory)
     directory2, _ = build(path)
     assert directory2 == directory and parts_of(directory) == before
+
+
+def test_gpu_experts_of_another_width_are_built_only_when_a_gpu_run_needs_them(tiny_checkpoint, home):
+    path = tiny_checkpoint("deepseek_v2_lite_like")[1]
+    directory, manifest = build(path, bits=4, gpu_bits=8)
+    assert {f["kind"] for f in manifest["files"].values()} == {"cpu_experts", "dense_int8"}
+    cpu_only = parts_of(directory)
+    directory2, manifest = build(path, bits=4, gpu_bits=8, gpu_experts=True)
+    added = set(parts_of(directory)) - set(cpu_only)
+    assert directory2 == directory and added and all(rel.startswith("gpu_experts_int8_") for rel in added)
+    assert {rel for rel, f in manifest["files"].items() if f["kind"] == "gpu_experts"} == added
+    assert {rel: parts_of(directory)[rel] for rel in cpu_only} == cpu_only  # nothing else was rebuilt
+
+
+def test_a_cpu_run_keeps_the_gpu_experts_an_earlier_run_built(tiny_checkpoint, home):
+    path = tiny_checkpoint("qwen3_moe_mixed")[1]
+    directory, _ = build(path, bits=4, gpu_bits=8, gpu_experts=True)
+    before = parts_of(directory)
+    _, manifest = build(path, bits=4)  # same cache (the GPU width is not in the key), no GPU experts wanted
+    assert parts_of(directory) == before
+    assert any(f["kind"] == "gpu_experts" for f in manifest["files"].values())
+    _, manifest = build(path, bits=4, gpu_bits=8, gpu_experts=True)
+    assert parts_of(directory) == before
 
 
 def test_cached_model_gives_the_same_logits_as_the_first_load(tiny_checkpoint, home):

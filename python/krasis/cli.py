@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(which also run dense MLPs, shared experts and lm_head in INT8); default 16")
     q = p.add_argument_group("weight cache (used with --cpu-expert-bits 8 or 4)")
     q.add_argument("--gpu-expert-bits", type=int, choices=(4, 8), default=4,
-                   help="routed experts for the GPU kernels (recorded in the cache key; default 4)")
+                   help="routed experts for the GPU engine's kernels (prefill streaming, hot-expert cache); a width "
+                        "other than --cpu-expert-bits adds GPU expert files to the cache; default 4")
     for part, default in (("shared-expert", "int8"), ("dense-mlp", "int8"), ("lm-head", "int8"), ("attention", "bf16")):
         q.add_argument(f"--{part}-quant", choices=("int8", "bf16"), default=default,
                        help=f"{part.replace('-', ' ')} weights: int8 (Rust kernels) or bf16 (default {default})")

@@ -116,8 +116,13 @@ class LLM:
         elif expert_bits == 16:
             weights = load_weights(ckpt, self.spec, self.dtype, self.device)
         else:
-            quant = replace(quant or QuantConfig(), cpu_expert_bits=expert_bits)
-            directory, _ = ensure_cache(ckpt, self.spec, quant, verify=verify_cache, progress=progress)
+            # without a QuantConfig the GPU experts take the CPU width; with one, its gpu_expert_bits
+            quant = replace(quant or QuantConfig(gpu_expert_bits=expert_bits), cpu_expert_bits=expert_bits)
+            if hybrid and quant.gpu_expert_bits != expert_bits:
+                log.info("GPU experts INT%d (prefill streaming, hot cache), CPU experts INT%d (decode): two sets of "
+                         "expert files in the cache", quant.gpu_expert_bits, expert_bits)
+            directory, _ = ensure_cache(ckpt, self.spec, quant, verify=verify_cache, progress=progress,
+                                        gpu_experts=hybrid)
             self.load_report["cache_s"] = time.perf_counter() - start
             if hybrid:
                 from .engine.hybrid_load import HybridOptions, load_hybrid  # imports the Triton kernels

@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint
 from ..models.spec import ArchSpec
 from ..paths import cache_dir
 from .files import check_free_space, sha256_file, write_json_atomic
-from .key import FORMAT_VERSION, cache_key
+from .key import FORMAT_VERSION, cache_key, key_quant
 from .parts import Part, cache_parts
 from .quant_config import QuantConfig
 
@@ -57,35 +57,43 @@ def _discard(directory: Path, part: Part, why: str) -> None:
 
 
 def ensure_cache(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, verify: bool = False,
-                 progress: bool = True) -> tuple[Path, dict]:
+                 progress: bool = True, gpu_experts: bool = False) -> tuple[Path, dict]:
     """The directory and manifest of a complete, checked cache for this model and config, building
-    (or finishing, or repairing) it first when needed."""
+    (or finishing, or repairing) it first when needed. ``gpu_experts``: the run needs the GPU engine's own
+    expert files (built only then, at ``quant.gpu_expert_bits``; files of other widths stay in the cache)."""
     directory = cache_dir() / cache_key(ckpt, quant)
-    parts = list(cache_parts(ckpt, spec, quant))
+    parts = list(cache_parts(ckpt, spec, quant, gpu_experts))
+    wanted = {p.rel for p in parts}
     manifest = _read_json(directory / MANIFEST)
-    if manifest is not None and set(manifest.get("files", {})) != {p.rel for p in parts}:
-        log.warning("cache manifest %s does not list this model's parts: rebuilding", directory / MANIFEST)
-        manifest = None
-    # A manifest's records are checked on sizes (checksums with verify); without one, every finished part
-    # is checked against its sidecar's checksum before it is trusted.
-    records = manifest["files"] if manifest else {p.rel: _read_json(_sidecar(directory, p)) for p in parts}
+    listed = manifest.get("files", {}) if manifest is not None else {}
+    # GPU expert files of another width (or not needed by this run) stay as they are, listed for the runs
+    # that need them; anything else the manifest lists but this config does not make means a stale manifest.
+    kept = {rel: rec for rel, rec in listed.items() if rel not in wanted and rec.get("kind") == "gpu_experts"}
+    if manifest is not None and not set(listed) - set(kept) <= wanted:
+        log.warning("cache manifest %s lists files this model's cache does not have: rebuilding",
+                    directory / MANIFEST)
+        manifest, listed, kept = None, {}, {}
+    # A part the manifest lists is checked on its size (checksum with verify); any other finished part (no
+    # manifest yet, or a part this run adds) is checked against its sidecar's checksum before it is trusted.
+    records = {p.rel: listed[p.rel] if p.rel in listed else _read_json(_sidecar(directory, p)) for p in parts}
     todo = []
     for part in parts:
         if not (directory / part.rel).exists() and records.get(part.rel) is None:
             todo.append(part)
             continue
-        why = _part_problem(directory, part.rel, records.get(part.rel), verify or manifest is None)
+        why = _part_problem(directory, part.rel, records.get(part.rel), verify or part.rel not in listed)
         if why:
             _discard(directory, part, why)
             todo.append(part)
-    if manifest is not None and not todo:
+    if manifest is not None and not todo and wanted <= set(listed):
         return directory, manifest
     (directory / MANIFEST).unlink(missing_ok=True)
     if todo:
         _build(directory, todo, progress)
     files = {p.rel: {"kind": p.kind, "layer": p.layer, **_read_json(_sidecar(directory, p))} for p in parts}
     manifest = {"format_version": FORMAT_VERSION, "model_dir": str(ckpt.model_dir), "family": spec.family,
-                "quant": quant.as_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+                "quant": key_quant(quant), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": {**kept, **files}}
     write_json_atomic(directory / MANIFEST, manifest)
     return directory, manifest
 

@@ -23,7 +23,13 @@ def model_identity(ckpt: Checkpoint) -> dict:
     return {"config": ckpt.config, "files": files}
 
 
+def key_quant(quant: QuantConfig) -> dict:
+    """The quantisation settings that decide what a cache directory holds."""
+    return {k: v for k, v in quant.as_dict().items() if k != "gpu_expert_bits"}
+
+
 def cache_key(ckpt: Checkpoint, quant: QuantConfig) -> str:
-    """A 24-hex-digit key naming the cache directory."""
-    ident = {"format_version": FORMAT_VERSION, "model": model_identity(ckpt), "quant": quant.as_dict()}
+    """A 24-hex-digit key naming the cache directory. The GPU expert width is not part of it: a cache holds the
+    GPU engine's expert files of each width a run asked for, in folders named by the width."""
+    ident = {"format_version": FORMAT_VERSION, "model": model_identity(ckpt), "quant": key_quant(quant)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]

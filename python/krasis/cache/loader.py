@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..engine.cpu_quant import CPUExpertLayer, CPUQuantLinear
 from ..engine.weights import ModelWeights, load_weights
 from ..models.spec import ArchSpec
-from .parts import expert_dir, expert_group
+from .parts import expert_dir, expert_group, separate_gpu_experts
 from .quant_config import QuantConfig
 
 log = logging.getLogger("krasis")
@@ -51,6 +51,18 @@ def open_expert_store(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tu
              spec.moe.num_experts, quant.cpu_expert_bits, directory,
              len(moe_layers) * spec.moe.num_experts * store.expert_nbytes / 1e9)
     return store, paths
+
+
+def gpu_expert_files(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tuple[_core.ExpertStore, list[Path]]:
+    """The files the GPU engine repacks its routed experts from, and a one-expert store describing their layout:
+    the CPU files when both sides use the same width, else the GPU expert files (``ensure_cache(...,
+    gpu_experts=True)`` builds them)."""
+    side = "gpu" if separate_gpu_experts(quant) else "cpu"
+    moe_layers = [i for i, layer in enumerate(spec.layers) if layer.is_moe]
+    paths = [directory / expert_dir(spec, quant, side) / f"layer_{i:03d}.bin" for i in moe_layers]
+    layout = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.gpu_expert_bits,
+                               expert_group(spec, quant), numa="off")
+    return layout, paths
 
 
 def load_cached_weights(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: QuantConfig,

@@ -1,5 +1,7 @@
 """The parts a cache is made of: one file of CPU routed experts per MoE layer (the Rust ExpertStore layout),
-and one safetensors file of INT8-quantised dense matrices per layer (plus lm_head) where the config asks."""
+one safetensors file of INT8-quantised dense matrices per layer (plus lm_head) where the config asks, and, for
+a GPU engine run whose GPU expert width differs from the CPU one, one file of GPU routed experts per MoE layer
+(the same byte layout at the GPU width, repacked into the GPU layout when loaded)."""
 
 from __future__ import annotations
 
@@ -59,13 +61,26 @@ def expert_group(spec: ArchSpec, quant: QuantConfig) -> int:
     return min(group_for(spec.hidden_size, quant.group_size), group_for(spec.moe.intermediate_size, quant.group_size))
 
 
-def expert_dir(spec: ArchSpec, quant: QuantConfig) -> str:
-    return f"cpu_experts_int{quant.cpu_expert_bits}_g{expert_group(spec, quant)}"
+def expert_dir(spec: ArchSpec, quant: QuantConfig, side: str = "cpu") -> str:
+    """The folder of the routed-expert files for the CPU kernels (``side`` "cpu") or the GPU kernels ("gpu")."""
+    bits = quant.cpu_expert_bits if side == "cpu" else quant.gpu_expert_bits
+    return f"{side}_experts_int{bits}_g{expert_group(spec, quant)}"
+
+
+def separate_gpu_experts(quant: QuantConfig) -> bool:
+    """Whether the GPU engine needs expert files of its own (at a width other than the CPU's)."""
+    return quant.gpu_expert_bits != quant.cpu_expert_bits
+
+
+def expert_nbytes(spec: ArchSpec, bits: int, group: int) -> int:
+    """Bytes of one routed expert in the ExpertStore layout."""
+    return _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, bits, group, numa="off").expert_nbytes
 
 
 def _expert_part(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, index: int, layer: LayerSpec,
-                 expert_nbytes: int) -> Part:
-    bits, group, n = quant.cpu_expert_bits, expert_group(spec, quant), spec.moe.num_experts
+                 side: str) -> Part:
+    bits = quant.cpu_expert_bits if side == "cpu" else quant.gpu_expert_bits
+    group, n = expert_group(spec, quant), spec.moe.num_experts
     src = 3 * spec.hidden_size * spec.moe.intermediate_size * n * 2
 
     def write(path: Path) -> str:
@@ -76,7 +91,8 @@ def _expert_part(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, index: in
             store.set_expert(0, e, as_kernel_input(t["gate"]), as_kernel_input(t["up"]), as_kernel_input(t["down"]))
         return write_atomic(path, (memoryview(store.expert_view(0, e)) for e in range(n)))
 
-    return Part(f"{expert_dir(spec, quant)}/layer_{index:03d}.bin", "cpu_experts", index, src, n * expert_nbytes, write)
+    return Part(f"{expert_dir(spec, quant, side)}/layer_{index:03d}.bin", f"{side}_experts", index, src,
+                n * expert_nbytes(spec, bits, group), write)
 
 
 def int8_roles(spec: ArchSpec, layer: LayerSpec, quant: QuantConfig) -> dict[str, str]:
@@ -110,19 +126,18 @@ def _dense_part(ckpt: Checkpoint, rel: str, index: int | None, names: dict[str, 
     return Part(rel, "dense_int8", index, src, est, write)
 
 
-def cache_parts(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig) -> Iterator[Part]:
-    """Every part of the cache for ``spec`` and ``quant``, in build order."""
-    expert_nbytes = 0
-    if spec.moe is not None:
-        probe = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.cpu_expert_bits,
-                                  expert_group(spec, quant), numa="off")
-        expert_nbytes = probe.expert_nbytes
+def cache_parts(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, gpu_experts: bool = False) -> Iterator[Part]:
+    """Every part of the cache for ``spec`` and ``quant``, in build order; ``gpu_experts`` adds the GPU engine's
+    own expert files where its width differs from the CPU's."""
+    gpu = gpu_experts and separate_gpu_experts(quant)
     for index, layer in enumerate(spec.layers):
         names = int8_roles(spec, layer, quant)
         if names:
             yield _dense_part(ckpt, f"dense_int8/layer_{index:03d}.safetensors", index, names, quant)
         if layer.is_moe:
-            yield _expert_part(ckpt, spec, quant, index, layer, expert_nbytes)
+            yield _expert_part(ckpt, spec, quant, index, layer, "cpu")
+            if gpu:
+                yield _expert_part(ckpt, spec, quant, index, layer, "gpu")
     if quant.lm_head_quant == "int8":
         name = spec.embed_name if spec.tie_word_embeddings else spec.lm_head_name
         yield _dense_part(ckpt, "dense_int8/lm_head.safetensors", None, {"lm_head": name}, quant)

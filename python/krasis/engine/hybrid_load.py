@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..cache.loader import load_cached_weights, open_expert_store
+from ..cache.loader import gpu_expert_files, load_cached_weights, open_expert_store
 from ..cache.quant_config import QuantConfig
 from ..checkpoint import Checkpoint
 from ..kernels import GPUExperts, experts_from_layer_bytes, to_gpu_layout
@@ -82,10 +82,12 @@ def gpu_matrix(device: torch.device):
     return make
 
 
-def pinned_gpu_experts(store, paths: list[Path], device: torch.device, progress: bool) -> list[GPUExperts]:
-    """Every MoE layer's routed experts in the GPU layout, in pinned host memory: each layer's cache file is
-    repacked on the GPU (a transpose of the same quantised bytes, so GPU and CPU compute identical weights)."""
-    layout, e, nbytes, pin = store.layout(), store.num_experts, store.expert_nbytes, pinned(device)
+def pinned_gpu_experts(store, paths: list[Path], num_experts: int, device: torch.device,
+                       progress: bool) -> list[GPUExperts]:
+    """Every MoE layer's routed experts in the GPU layout, in pinned host memory: each layer's cache file (in
+    the layout ``store`` describes) is repacked on the GPU, a transpose of the same quantised bytes (so where
+    the widths match, GPU and CPU compute identical weights)."""
+    layout, e, nbytes, pin = store.layout(), num_experts, store.expert_nbytes, pinned(device)
     host: list[GPUExperts] = []
     for path in tqdm(paths, desc="krasis: experts to pinned memory", unit="layer", disable=not progress):
         raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(e, nbytes)))
@@ -149,7 +151,10 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
     weights = load_cached_weights(ckpt, spec, dtype, quant, directory, device, experts_factory=experts_factory,
                                   matrix_factory=gpu_matrix(device))
     resident = resident_bytes(weights)
-    host = pinned_gpu_experts(store, paths, device, progress) if paths else []
+    host = []
+    if paths:
+        gpu_layout, gpu_paths = gpu_expert_files(spec, quant, directory)
+        host = pinned_gpu_experts(gpu_layout, gpu_paths, spec.moe.num_experts, device, progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     per_token, per_context = activation_bytes(spec)
@@ -172,7 +177,7 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         for layer in layers:
             layer.owner = runtime
         log.info("routed experts: %d layers x %d in pinned host memory (%.2f GB, GPU layout, INT%d) for "
-                 "streaming and the hot cache; decode runs the non-resident ones on the CPU", len(host),
-                 spec.moe.num_experts, len(host) * layer_bytes / 1e9, store.bits)
+                 "streaming and the hot cache; decode runs the non-resident ones on the CPU (INT%d)", len(host),
+                 spec.moe.num_experts, len(host) * layer_bytes / 1e9, host[0].bits, store.bits)
     weights.runtime = runtime
     return weights, runtime, plan

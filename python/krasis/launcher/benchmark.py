@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from ..models.spec import attention_summary, routing_summary
 from ..paths import krasis_home
 
 DEFAULT_LENGTHS = (10000, 20000, 35000, 50000)
@@ -112,6 +113,8 @@ def run_benchmark(llm, lengths: list[int] = DEFAULT_LENGTHS, ttft_tokens: int = 
         "timestamp": datetime.now().isoformat(timespec="seconds"),
         "model": llm.model_path.name,
         "model_path": str(llm.model_path),
+        "architecture": {"family": llm.spec.family, "layers": llm.spec.num_layers,
+                         "attention": attention_summary(llm.spec), "routing": routing_summary(llm.spec)},
         "settings": settings or {},
         "hardware": _hardware(llm),
         "context_limit": limit,
@@ -154,12 +157,18 @@ def _jsonable(value):
     return str(value)
 
 
+def _architecture_line(record: dict) -> str:
+    a = record.get("architecture") or {}
+    parts = [f"{a.get('family', '?')}, {a.get('layers', '?')} layers", a.get("attention"), a.get("routing")]
+    return "Model: " + "; ".join(p for p in parts if p)
+
+
 def table(record: dict) -> str:
     """The record as a markdown table (printed on screen and saved beside the JSON)."""
     lines = [f"# Krasis benchmark: {record['model']}", "",
              f"{record['timestamp']}, krasis {record['krasis_version']}, {record['hardware']['device']}"
              + (f" ({record['hardware']['gpu']})" if "gpu" in record["hardware"] else "")
-             + f", context limit {record['context_limit']} tokens", "",
+             + f", context limit {record['context_limit']} tokens", "", _architecture_line(record), "",
              "| measure | tokens | seconds | tok/s |", "|---|---:|---:|---:|"]
     for p in record["prefill"]:
         lines.append(f"| prefill | {p['tokens']} | {p['seconds']:.3f} | {p['tokens_per_second']:,.1f} |")

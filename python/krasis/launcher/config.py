@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("dtype", "choice", "bfloat16", "compute dtype", ("float32", "bfloat16")),
     _opt("cpu_expert_bits", "choice", 16, "routed experts on the CPU: 16 unquantised, 8 or 4 (INT8/INT4)",
          (16, 8, 4)),
-    _opt("gpu_expert_bits", "choice", 4, "routed experts for the GPU kernels (recorded in the cache key)", (4, 8)),
+    _opt("gpu_expert_bits", "choice", 4, "routed experts for the GPU engine's kernels (prefill, hot cache)", (4, 8)),
     _opt("shared_expert_quant", "choice", "int8", "shared experts", ("int8", "bf16")),
     _opt("dense_mlp_quant", "choice", "int8", "dense MLP layers", ("int8", "bf16")),
     _opt("lm_head_quant", "choice", "int8", "the output projection", ("int8", "bf16")),

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, read_config
 from ..errors import KrasisError
 from ..models import spec_from_config
-from ..models.spec import ArchSpec
+from ..models.spec import ArchSpec, attention_summary, routing_summary
 from ..paths import models_dir
 from .estimate import ram_bytes
 
@@ -21,6 +21,8 @@ class ModelInfo:
     path: Path
     architecture: str = ""
     family: str = ""
+    attention: str = ""  # models.spec.attention_summary
+    routing: str = ""  # models.spec.routing_summary
     layers: int = 0
     routed_experts: int = 0
     shared_experts: int = 0
@@ -72,6 +74,7 @@ def describe(model_dir: Path) -> ModelInfo:
         info.error = f"config.json is incomplete ({type(e).__name__}: {e})"
         return info
     info.spec, info.family, info.layers = spec, spec.family, spec.num_layers
+    info.attention, info.routing = attention_summary(spec), routing_summary(spec)
     info.max_context = spec.max_position_embeddings
     if spec.moe is not None:
         info.routed_experts, info.top_k = spec.moe.num_experts, spec.moe.router.top_k

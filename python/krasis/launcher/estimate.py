@@ -80,8 +80,8 @@ def vram_needs(spec: ArchSpec, config: dict):
     from ..engine.kv_cache import kv_bytes_per_token, linear_state_bytes
     from ..engine.vram_budget import VramNeeds
 
-    bits = config["cpu_expert_bits"] if config["cpu_expert_bits"] != 16 else config["gpu_expert_bits"]
-    expert = expert_bytes(spec, bits, config["group_size"]) if spec.moe else 0
+    # streaming buffers and hot-expert slots hold the GPU engine's copy, at the GPU width
+    expert = expert_bytes(spec, config["gpu_expert_bits"], config["group_size"]) if spec.moe else 0
     moe_layers = sum(layer.is_moe for layer in spec.layers) if spec.moe else 0
     per_token, per_context = activation_bytes(spec)
     dtype = torch.float32 if config["dtype"] == "float32" else torch.bfloat16

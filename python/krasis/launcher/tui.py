@@ -59,18 +59,19 @@ class ModelScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("model", "architecture", "layers", "experts (routed/shared/top-k)", "params",
-                          "RAM bf16", "RAM int8", "RAM int4", "notes")
+        table.add_columns("model", "architecture", "layers", "attention", "experts (routed/shared/top-k)",
+                          "routing", "params", "RAM bf16", "RAM int8", "RAM int4", "notes")
         self.models = scan([self.app.config["models_dir"]])
         saved = self.app.config["model_path"]
         for i, m in enumerate(self.models):
             if m.error:
-                table.add_row(m.name, m.architecture or "?", "", "", "", "", "", "", Text(m.error[:80]))
+                table.add_row(m.name, m.architecture or "?", "", "", "", "", "", "", "", "", Text(m.error[:80]))
             else:
                 ram = [human_bytes(m.ram_bytes[q]) for q in ("bf16", "int8", "int4")]
                 experts = f"{m.routed_experts}/{m.shared_experts}/{m.top_k}" if m.routed_experts else "dense"
                 notes = f"{len(m.gguf_files)} GGUF beside it" if m.gguf_files else ""
-                table.add_row(m.name, m.architecture, str(m.layers), experts, human_count(m.params), *ram, notes)
+                table.add_row(m.name, m.architecture, str(m.layers), m.attention, experts, m.routing,
+                              human_count(m.params), *ram, notes)
             if saved and str(m.path) == saved:
                 table.move_cursor(row=i)
         status = self.query_one("#status", Static)

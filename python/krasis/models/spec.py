@@ -172,3 +172,34 @@ class ArchSpec:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+
+def attention_summary(spec: ArchSpec) -> str:
+    """The attention of a model in a few words, e.g. "MLA (latent 512, 16 heads)" or "GQA 16/2 heads, 36 of 48
+    layers Gated DeltaNet"."""
+    a = spec.attention
+    if isinstance(a, MLASpec):
+        text = f"MLA (latent {a.kv_lora_rank}, {a.num_heads} heads)"
+    else:
+        text = f"GQA {a.num_heads}/{a.num_kv_heads} heads" + (", output gate" if a.output_gate else "")
+    linear = sum(layer.mixer == "linear_attention" for layer in spec.layers)
+    if linear:
+        text += f", {linear} of {spec.num_layers} layers Gated DeltaNet"
+    return text
+
+
+def routing_summary(spec: ArchSpec) -> str:
+    """How tokens choose experts in a few words ("" for a dense model), e.g. "sigmoid top-8 of 256, 8 groups,
+    correction bias"."""
+    if spec.moe is None:
+        return ""
+    r = spec.moe.router
+    parts = [f"{r.scoring} top-{r.top_k} of {spec.moe.num_experts}"]
+    if r.group_limited and r.n_group > 1:
+        parts.append(f"best {r.topk_group} of {r.n_group} groups")
+    if r.correction_bias:
+        parts.append("correction bias")
+    dense = sum(not layer.is_moe for layer in spec.layers)
+    if dense:
+        parts.append(f"{dense} dense layer{'s' if dense > 1 else ''}")
+    return ", ".join(parts)
