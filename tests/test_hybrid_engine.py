@@ -253,3 +253,34 @@ def test_prefix_reuse_keeps_working_with_decode_graphs(tiny_checkpoint):
     assert llm.last_cached_tokens == 0
     _assert_clear_argmax(llm, second, again)
     _assert_clear_argmax(llm, second, reused)
+
+
+def test_engine_counters_count_each_decode_layer_step_and_routed_call(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4)
+    before = llm.engine_counters()
+    llm.generate(random_prompt(40, seed=15), 5)  # a streamed prefill (over 32 tokens), then 4 decode steps
+    after = llm.engine_counters()
+    moe_layers, top_k = len(llm.runtime.host), llm.spec.moe.router.top_k
+    assert after["decode_layer_steps"] - before["decode_layer_steps"] == 4 * moe_layers
+    assert after["routed_calls"] - before["routed_calls"] == 4 * moe_layers * top_k
+    assert 0 < after["routed_calls_on_gpu"] - before["routed_calls_on_gpu"] < 4 * moe_layers * top_k
+    streamed = after["expert_bytes_streamed"] - before["expert_bytes_streamed"]
+    assert streamed >= moe_layers * llm.runtime.nbytes_per_layer()
+    assert after["cpu_expert_seconds"] > before["cpu_expert_seconds"]
+
+
+def test_server_timing_reports_the_engines_share_of_a_request(hybrid, tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from krasis.server import create_app
+
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4)
+    with TestClient(create_app(llm, model_name="tiny")) as client:
+        client.post("/v1/timing", json={"enabled": True})
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": random_prompt(40, seed=16),
+                                                  "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
+        engine = client.get("/v1/timing").json()["last"]["engine"]
+    steps = engine["decode_layer_steps"]
+    assert steps == 2 * len(llm.runtime.host) and engine["routed_calls"] == steps * llm.spec.moe.router.top_k
+    assert engine["expert_bytes_streamed"] > 0 and 0 < engine["hot_cache_share"] < 1

@@ -208,6 +208,14 @@ class LLM:
             rt.hcs.reset_coverage()
         return report
 
+    def engine_counters(self) -> dict:
+        """Running totals of the hybrid engine since load (empty on the CPU path): decode layer steps, routed-expert
+        calls and how many ran on the GPU, seconds in the CPU experts and waiting for the GPU, expert bytes
+        streamed for prefill. The difference of two readings is what happened in between."""
+        if self.runtime is None:
+            return {}
+        return {**self.runtime.counters, "expert_bytes_streamed": self.runtime.streamer.bytes_copied}
+
     def _check_tokens(self, token_ids: list[int], extra: int = 0) -> torch.Tensor:
         if len(token_ids) == 0:
             raise InvalidInputError("the prompt is empty; give at least one token")

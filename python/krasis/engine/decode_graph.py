@@ -196,7 +196,7 @@ class DecodeGraphs:
                 continue
             self._event.record()
             experts.replay()
-            self._event.synchronize()
+            rt.wait(self._event)
             y = rt.cpu_part(layer.experts.slot, 1, b.ids.shape[1])
             if y is not None:
                 b.cpu.copy_(y, non_blocking=True)

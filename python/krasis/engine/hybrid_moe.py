@@ -7,6 +7,8 @@ decisions and the CPU's result cross PCIe."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -39,6 +41,9 @@ class HybridExperts:
         self._in_np, self._y_np = self._in.numpy(), self._y.numpy()  # host-side views, no torch ops per step
         self._staged = new_event(self.device)
         self.streaming = False
+        # running totals since load (the server's /v1/timing reports a request's share)
+        self.counters = {"decode_layer_steps": 0, "routed_calls": 0, "routed_calls_on_gpu": 0,
+                         "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
 
     def layer(self, slot: int) -> HybridExpertLayer:
         return HybridExpertLayer(self, slot)
@@ -68,7 +73,7 @@ class HybridExperts:
         self.stage(x, weights, ids)
         self._staged.record()
         y = self.gpu_part(slot, x, weights, ids)
-        self._staged.synchronize()
+        self.wait(self._staged)
         y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1])
         if y_cpu is None:
             return y.to(x.dtype)
@@ -88,6 +93,12 @@ class HybridExperts:
             return None
         return fused_moe(x, self.hcs.experts, weights, self.hcs.table[slot][ids])
 
+    def wait(self, event) -> None:
+        """Block until ``event`` (a decode step's staged copy) has happened, counting the time waited."""
+        start = time.perf_counter()
+        event.synchronize()
+        self.counters["wait_for_gpu_seconds"] += time.perf_counter() - start
+
     def cpu_part(self, slot: int, t: int, k: int) -> torch.Tensor | None:
         """Once the staged copy has landed: the non-resident experts' share, run on the CPU, float32 [T, H] in
         pinned host memory (valid until the next call); None when every routed expert was resident."""
@@ -95,12 +106,19 @@ class HybridExperts:
         staged = self._in_np[:t]
         ids = staged[:, h + k: h + 2 * k].astype(np.int64)
         resident = self.hcs.table_host[slot][ids] >= 0
-        self.hcs.record_host(slot, ids, int(resident.sum()))
+        hits = int(resident.sum())
+        self.hcs.record_host(slot, ids, hits)
+        c = self.counters
+        c["decode_layer_steps"] += 1
+        c["routed_calls"] += ids.size
+        c["routed_calls_on_gpu"] += hits
         if resident.all():
             return None
         cpu_ids = np.where(resident, -1, ids)
+        start = time.perf_counter()
         self._y_np[:t] = self.store.forward(slot, np.ascontiguousarray(staged[:, :h]), cpu_ids,
                                             np.ascontiguousarray(staged[:, h:h + k]))
+        c["cpu_expert_seconds"] += time.perf_counter() - start
         return self._y[:t]
 
     def nbytes_per_layer(self) -> int:

@@ -19,6 +19,15 @@ from ..errors import InvalidInputError
 log = logging.getLogger("krasis.server")
 
 
+def engine_stages(before: dict, after: dict) -> dict:
+    """A request's share of the engine's running totals (LLM.engine_counters), with the share of routed-expert
+    calls served from VRAM."""
+    stages = {k: after[k] - before[k] for k in before}
+    calls = stages.get("routed_calls", 0)
+    stages["hot_cache_share"] = stages.get("routed_calls_on_gpu", 0) / calls if calls else None
+    return stages
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -129,6 +138,8 @@ class Generator:
         timing = {"queue_seconds": time.perf_counter() - queued_at, "prompt_tokens": len(prompt_ids),
                   "cached_tokens": 0, "prefill_seconds": 0.0, "generated_tokens": 0, "decode_seconds": 0.0,
                   "cancelled": False}
+        counters = getattr(self.llm, "engine_counters", dict)
+        engine_before = counters() if self.timing_enabled else {}
         try:
             if stream.cancelled.is_set():
                 timing["cancelled"] = True
@@ -170,6 +181,8 @@ class Generator:
                 new_prompt = timing["prompt_tokens"] - timing["cached_tokens"]
                 timing["prefill_tokens_per_second"] = (new_prompt / timing["prefill_seconds"]
                                                        if timing["prefill_seconds"] > 0 else None)
+                if engine_before:
+                    timing["engine"] = engine_stages(engine_before, counters())
                 self.last_timing = timing
             stream.put(("end", None))
 
