@@ -116,12 +116,3 @@ def test_server_refuses_gguf_with_quantised_experts_before_opening_the_port(tiny
     assert "krasis: error: --gguf-path /x/model.gguf was given with --cpu-expert-bits 4" in err
     assert "Leave --cpu-expert-bits at 16" in err and "loading the model" not in err
 
-
-def test_server_refuses_gguf_on_cuda_naming_the_cpu_device(tiny_checkpoint, capsys):
-    from krasis.server.__main__ import main
-
-    _, path = tiny_checkpoint("qwen3_moe_mixed")
-    assert main(["--model-path", str(path), "--gguf-path", "/x/model.gguf", "--device", "cuda"]) == 1
-    err = capsys.readouterr().err
-    assert "krasis: error: --gguf-path /x/model.gguf was given with --device cuda" in err
-    assert "Use --device cpu" in err

@@ -108,6 +108,26 @@ def test_gpu_experts_may_be_wider_than_the_cpu_experts(hybrid, tiny_checkpoint, 
     assert len(llm.generate(ids[:20], 4)) == 4  # decode: INT8 hot-cache experts beside INT4 CPU experts
 
 
+def test_gguf_cpu_experts_run_beside_the_gpu_engines_own_experts(hybrid, tiny_checkpoint, unquantised_logits,
+                                                                 tmp_path):
+    from tiny_gguf import gguf_of_checkpoint
+
+    from krasis.cache import QuantConfig
+
+    name = "qwen3_moe_mixed"
+    path = tiny_checkpoint(name)[1]
+    gguf = gguf_of_checkpoint(path, tmp_path / "experts-Q8_0.gguf")
+    llm = hybrid(path, 16, gguf_path=gguf, quant=QuantConfig(gpu_expert_bits=8), hcs=False)
+    assert type(llm.runtime.store).__name__ == "GgufExpertStore" and llm.runtime.host[0].bits == 8
+    ids = random_prompt(96, seed=1)
+    got = llm.prompt_logits(ids)  # streamed prefill: the GPU's INT8 experts, built from the model
+    want = unquantised_logits(name, ids)
+    assert rms_rel_err(got, want) < 0.08
+    assert argmax_agreement(got, want) >= 0.9
+    out = llm.generate(ids[:20], 6)  # decode without a hot cache: every routed expert from the GGUF, on the CPU
+    _assert_clear_argmax(krasis.LLM(path, dtype="bfloat16", gguf_path=gguf), ids[:20], out)
+
+
 @pytest.mark.parametrize("name", MODELS + ["qwen3_next_mixed"])
 def test_prefill_in_several_chunks_equals_prefill_in_one(hybrid, tiny_checkpoint, name):
     llm = hybrid(tiny_checkpoint(name)[1])

@@ -92,13 +92,6 @@ def test_gguf_path_with_quantised_experts_in_the_saved_config_is_refused_naming_
     assert "pass --cpu-expert-bits 16 to override the saved config" in capsys.readouterr().err
 
 
-def test_gguf_path_on_cuda_is_refused_naming_the_cpu_device(home, capsys):
-    assert cli.main(["--non-interactive", "--gguf-path", "/x/model.gguf", "--device", "cuda"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("krasis: error: --gguf-path /x/model.gguf was given with --device cuda")
-    assert "Use --device cpu" in err
-
-
 def test_saved_gguf_path_runs_the_gguf_experts(home, tiny_checkpoint, tmp_path, capsys, caplog):
     _, path = tiny_checkpoint("qwen3_moe_mixed")
     gguf = gguf_of_checkpoint(path, tmp_path / "tiny-Q8_0.gguf")

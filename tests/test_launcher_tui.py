@@ -177,12 +177,12 @@ async def _to_gguf_settings(app, pilot):
     assert "GGUF a-qwen-Q4_K_M.gguf" in str(options.get_option_at_index(3).prompt)
     await pilot.press("end", "enter")
     assert isinstance(app.screen, GpuScreen)
-    assert "a-qwen-Q4_K_M.gguf" in text_of(app.screen, "#gguf-cpu") and not app.screen.query(SelectionList)
-    await pilot.press("enter")
+    assert "a-qwen-Q4_K_M.gguf" in text_of(app.screen, "#gguf-note") and app.screen.query(SelectionList)
+    await pilot.press("enter")  # the GPU chosen by default: the GPU engine beside the GGUF's CPU experts
     assert isinstance(app.screen, ConfigScreen)
 
 
-def test_choosing_a_gguf_beside_the_model_saves_it_and_runs_on_the_cpu(home, models):
+def test_choosing_a_gguf_beside_the_model_saves_it_with_the_gpu_chosen(home, models):
     config = defaults()
     config.update(models_dir=str(models), cpu_expert_bits=4)
 
@@ -198,7 +198,7 @@ def test_choosing_a_gguf_beside_the_model_saves_it_and_runs_on_the_cpu(home, mod
     action, chosen = asyncio.run(run())
     assert action == "serve" and load_config() == chosen
     assert (chosen["gguf_path"], chosen["cpu_expert_bits"], chosen["device"], chosen["gpus"]) == \
-        (str(models / "a-qwen-Q4_K_M.gguf"), 16, "cpu", [])
+        (str(models / "a-qwen-Q4_K_M.gguf"), 16, "cuda", [0])
 
 
 def test_saved_gguf_is_the_highlighted_source_when_the_model_is_chosen_again(home, models):
@@ -231,11 +231,6 @@ def test_settings_refuse_to_launch_quantised_experts_with_a_gguf(home, models):
             await pilot.pause()
             assert app.is_running and "set cpu_expert_bits to 16" in text_of(screen, "#status")
             assert not config_path().exists()
-            await set_input(pilot, screen, "cpu_expert_bits", "16")
-            await set_input(pilot, screen, "device", "cuda")
-            screen.query_one("#serve").press()
-            await pilot.pause()
-            assert app.is_running and "set device to cpu" in text_of(screen, "#status")
             await pilot.press("escape", "escape", "escape", "q")
 
     asyncio.run(run())

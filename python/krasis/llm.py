@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint
 from .engine.forward import Forward
 from .engine.kv_cache import KV_DTYPES, KVCache
 from .engine.sampling import sample
-from .engine.weights import load_weights
+from .engine.weights import ModelWeights, load_weights
 from .errors import InvalidInputError
 from .models import spec_from_config
 from .models.shapes import matmul_flops_per_token
@@ -70,8 +70,9 @@ class LLM:
 
     ``gguf_path`` takes the routed experts from a llama.cpp GGUF of the same model (its blocks read in place by
     the Rust GGUF kernels; see ADVANCED.md "GGUF experts"); the expert format comes from the GGUF, so leave
-    ``expert_bits`` at its default. For now this runs on device="cpu" without the hybrid engine, with the
-    other weights in ``dtype`` from the Hugging Face model (no weight cache is built).
+    ``expert_bits`` at its default. On "cpu" the other weights come in ``dtype`` from the Hugging Face model (no
+    weight cache is built); on "cuda" the GPU engine runs with its own experts built from the model at
+    ``quant.gpu_expert_bits`` and the GGUF's experts for decode on the CPU.
     """
 
     def __init__(self, model_path: str | Path, device: str = "cpu", expert_bits: int = 16, dtype: str = "float32",
@@ -100,8 +101,8 @@ class LLM:
         log.info("loading %s (%s, %d layers, %s experts) on %s in %s", self.model_path, self.spec.family,
                  self.spec.num_layers, self.spec.moe.num_experts if self.spec.moe else 0, device, dtype)
         if hybrid is None:
-            hybrid = device == "cuda" and expert_bits != 16
-        if hybrid and expert_bits == 16:
+            hybrid = device == "cuda" and (expert_bits != 16 or gguf_path is not None)
+        if hybrid and expert_bits == 16 and gguf_path is None:
             raise ValueError("the hybrid engine runs quantised experts: use expert_bits=8 or 4 with hybrid=True")
         if hybrid and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("hybrid=True on the CPU runs the GPU kernels in Triton's interpreter, a test mode: "
@@ -111,25 +112,34 @@ class LLM:
         self.load_report: dict = {}
         start = time.perf_counter()
         self.gguf_experts = None
+        cpu_store = None
+        if gguf_path is not None and not hybrid and device != "cpu":
+            raise ValueError("GGUF experts on device='cuda' run in the GPU engine: leave hybrid at its default")
         if gguf_path is not None:
-            weights = self._load_gguf_experts(ckpt, gguf_path, expert_bits, hybrid)
-        elif expert_bits == 16:
+            cpu_store = self._open_gguf_experts(gguf_path, expert_bits)
+        if gguf_path is not None and not hybrid:
+            weights = self._gguf_cpu_weights(ckpt, cpu_store)
+        elif expert_bits == 16 and gguf_path is None:
             weights = load_weights(ckpt, self.spec, self.dtype, self.device)
         else:
-            # without a QuantConfig the GPU experts take the CPU width; with one, its gpu_expert_bits
-            quant = replace(quant or QuantConfig(gpu_expert_bits=expert_bits), cpu_expert_bits=expert_bits)
+            if cpu_store is not None:  # GGUF CPU experts; the GPU's are built from the model at gpu_expert_bits
+                quant = quant or QuantConfig()
+                quant = replace(quant, cpu_expert_bits=quant.gpu_expert_bits)
+            else:  # without a QuantConfig the GPU experts take the CPU width; with one, its gpu_expert_bits
+                quant = replace(quant or QuantConfig(gpu_expert_bits=expert_bits), cpu_expert_bits=expert_bits)
             if hybrid and quant.gpu_expert_bits != expert_bits:
-                log.info("GPU experts INT%d (prefill streaming, hot cache), CPU experts INT%d (decode): two sets of "
-                         "expert files in the cache", quant.gpu_expert_bits, expert_bits)
+                log.info("GPU experts INT%d (prefill streaming, hot cache), CPU experts %s (decode)",
+                         quant.gpu_expert_bits, f"INT{expert_bits}" if cpu_store is None else "from the GGUF")
+            gguf = self.gguf_experts.identity() if cpu_store is not None else None
             directory, _ = ensure_cache(ckpt, self.spec, quant, verify=verify_cache, progress=progress,
-                                        gpu_experts=hybrid)
+                                        gpu_experts=hybrid, cpu_experts_from=gguf)
             self.load_report["cache_s"] = time.perf_counter() - start
             if hybrid:
                 from .engine.hybrid_load import HybridOptions, load_hybrid  # imports the Triton kernels
 
                 options = HybridOptions(vram_budget_mb, self.kv_dtype, kv_cache_mb, layer_group_size, hcs, hcs_experts)
                 weights, self.runtime, self.plan = load_hybrid(ckpt, self.spec, self.dtype, quant, directory,
-                                                               self.device, options, progress)
+                                                               self.device, options, progress, cpu_store)
             else:
                 weights = load_cached_weights(ckpt, self.spec, self.dtype, quant, directory)
         self.load_report["load_s"] = time.perf_counter() - start
@@ -153,24 +163,29 @@ class LLM:
             log.info("decode: CUDA graphs off (cuda_graphs=False); kernels are launched one by one")
         self.last_cached_tokens = 0
 
-    def _load_gguf_experts(self, ckpt: Checkpoint, gguf_path: str | Path, expert_bits: int, hybrid: bool):
-        from .engine.cpu_quant import CPUExpertLayer
+    def _open_gguf_experts(self, gguf_path: str | Path, expert_bits: int):
+        """The GGUF's routed experts as a GgufExpertStore (indexed by MoE layer), recorded in the load report."""
         from .gguf_experts import read_gguf_experts
 
         if expert_bits != 16:
             raise ValueError(f"expert_bits={expert_bits} was given with gguf_path: the GGUF's own types set the "
-                             "expert format; leave expert_bits at its default")
-        if hybrid or self.device.type != "cpu":
-            raise ValueError("GGUF experts run on the CPU engine only for now: use device='cpu' (hybrid=False)")
+                             "CPU expert format; leave expert_bits at its default (the GPU engine's experts take "
+                             "quant.gpu_expert_bits)")
         experts = read_gguf_experts(gguf_path, self.spec, self.config)
-        store = experts.open_store()
-        slots = {layer: slot for slot, layer in enumerate(experts.moe_layers)}
         self.gguf_experts = experts
         self.expert_bits = round(experts.bits_per_weight)
         self.load_report["gguf"] = {**experts.identity(), "types": experts.types,
                                     "bits_per_weight": experts.bits_per_weight}
         log.info("CPU experts: %d layers x %d experts from GGUF %s (%s, %.2f bits/weight), memory-mapped",
-                 len(slots), experts.num_experts, experts.files[0], experts.types, experts.bits_per_weight)
+                 len(experts.moe_layers), experts.num_experts, experts.files[0], experts.types,
+                 experts.bits_per_weight)
+        return experts.open_store()
+
+    def _gguf_cpu_weights(self, ckpt: Checkpoint, store) -> ModelWeights:
+        """The CPU path with GGUF experts: every other weight in the compute dtype from the model."""
+        from .engine.cpu_quant import CPUExpertLayer
+
+        slots = {layer: slot for slot, layer in enumerate(self.gguf_experts.moe_layers)}
         return load_weights(ckpt, self.spec, self.dtype, self.device,
                             experts_factory=lambda index, _read: CPUExpertLayer(store, slots[index]))
 
@@ -202,7 +217,7 @@ class LLM:
             report["expert_bytes_total"] = len(rt.host) * rt.nbytes_per_layer()
             report["hcs_slots"] = rt.hcs.slots
             report["hcs_coverage"] = coverage
-            per_token = len(rt.host) * moe.router.top_k * rt.store.expert_nbytes
+            per_token = len(rt.host) * moe.router.top_k * rt.cpu_expert_nbytes
             report["cpu_expert_bytes_per_token"] = per_token * (1 - (coverage or 0.0))
             report["expert_bytes_streamed"] = rt.streamer.bytes_copied
             rt.hcs.reset_coverage()

@@ -57,12 +57,16 @@ def _discard(directory: Path, part: Part, why: str) -> None:
 
 
 def ensure_cache(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, verify: bool = False,
-                 progress: bool = True, gpu_experts: bool = False) -> tuple[Path, dict]:
+                 progress: bool = True, gpu_experts: bool = False,
+                 cpu_experts_from: dict | None = None) -> tuple[Path, dict]:
     """The directory and manifest of a complete, checked cache for this model and config, building
     (or finishing, or repairing) it first when needed. ``gpu_experts``: the run needs the GPU engine's own
-    expert files (built only then, at ``quant.gpu_expert_bits``; files of other widths stay in the cache)."""
-    directory = cache_dir() / cache_key(ckpt, quant)
-    parts = list(cache_parts(ckpt, spec, quant, gpu_experts))
+    expert files (built only then, at ``quant.gpu_expert_bits``; files of other widths stay in the cache).
+    ``cpu_experts_from``: the identity of a GGUF that supplies the CPU experts (no CPU expert files are built; the
+    key records it)."""
+    cpu_experts = cpu_experts_from is None
+    directory = cache_dir() / cache_key(ckpt, quant, cpu_experts_from)
+    parts = list(cache_parts(ckpt, spec, quant, gpu_experts, cpu_experts))
     wanted = {p.rel for p in parts}
     manifest = _read_json(directory / MANIFEST)
     listed = manifest.get("files", {}) if manifest is not None else {}
@@ -92,7 +96,8 @@ def ensure_cache(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, verify: b
         _build(directory, todo, progress)
     files = {p.rel: {"kind": p.kind, "layer": p.layer, **_read_json(_sidecar(directory, p))} for p in parts}
     manifest = {"format_version": FORMAT_VERSION, "model_dir": str(ckpt.model_dir), "family": spec.family,
-                "quant": key_quant(quant), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "quant": key_quant(quant), "cpu_experts_from": cpu_experts_from,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": {**kept, **files}}
     write_json_atomic(directory / MANIFEST, manifest)
     return directory, manifest

@@ -28,8 +28,11 @@ def key_quant(quant: QuantConfig) -> dict:
     return {k: v for k, v in quant.as_dict().items() if k != "gpu_expert_bits"}
 
 
-def cache_key(ckpt: Checkpoint, quant: QuantConfig) -> str:
+def cache_key(ckpt: Checkpoint, quant: QuantConfig, cpu_experts_from: dict | None = None) -> str:
     """A 24-hex-digit key naming the cache directory. The GPU expert width is not part of it: a cache holds the
-    GPU engine's expert files of each width a run asked for, in folders named by the width."""
+    GPU engine's expert files of each width a run asked for, in folders named by the width. ``cpu_experts_from``
+    identifies a GGUF the CPU experts come from instead (such a cache holds no CPU expert files)."""
     ident = {"format_version": FORMAT_VERSION, "model": model_identity(ckpt), "quant": key_quant(quant)}
+    if cpu_experts_from is not None:
+        ident["cpu_experts_from"] = cpu_experts_from
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]

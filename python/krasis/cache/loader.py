@@ -53,11 +53,12 @@ def open_expert_store(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tu
     return store, paths
 
 
-def gpu_expert_files(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tuple[_core.ExpertStore, list[Path]]:
+def gpu_expert_files(spec: ArchSpec, quant: QuantConfig, directory: Path,
+                     cpu_experts: bool = True) -> tuple[_core.ExpertStore, list[Path]]:
     """The files the GPU engine repacks its routed experts from, and a one-expert store describing their layout:
     the CPU files when both sides use the same width, else the GPU expert files (``ensure_cache(...,
-    gpu_experts=True)`` builds them)."""
-    side = "gpu" if separate_gpu_experts(quant) else "cpu"
+    gpu_experts=True)`` builds them, and always when the CPU experts are not in the cache: ``cpu_experts`` False)."""
+    side = "gpu" if separate_gpu_experts(quant) or not cpu_experts else "cpu"
     moe_layers = [i for i, layer in enumerate(spec.layers) if layer.is_moe]
     paths = [directory / expert_dir(spec, quant, side) / f"layer_{i:03d}.bin" for i in moe_layers]
     layout = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.gpu_expert_bits,

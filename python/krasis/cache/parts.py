@@ -126,16 +126,19 @@ def _dense_part(ckpt: Checkpoint, rel: str, index: int | None, names: dict[str, 
     return Part(rel, "dense_int8", index, src, est, write)
 
 
-def cache_parts(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, gpu_experts: bool = False) -> Iterator[Part]:
+def cache_parts(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, gpu_experts: bool = False,
+                cpu_experts: bool = True) -> Iterator[Part]:
     """Every part of the cache for ``spec`` and ``quant``, in build order; ``gpu_experts`` adds the GPU engine's
-    own expert files where its width differs from the CPU's."""
-    gpu = gpu_experts and separate_gpu_experts(quant)
+    own expert files where its width differs from the CPU's, or where the CPU experts come from elsewhere
+    (``cpu_experts`` False: a GGUF)."""
+    gpu = gpu_experts and (separate_gpu_experts(quant) or not cpu_experts)
     for index, layer in enumerate(spec.layers):
         names = int8_roles(spec, layer, quant)
         if names:
             yield _dense_part(ckpt, f"dense_int8/layer_{index:03d}.safetensors", index, names, quant)
         if layer.is_moe:
-            yield _expert_part(ckpt, spec, quant, index, layer, "cpu")
+            if cpu_experts:
+                yield _expert_part(ckpt, spec, quant, index, layer, "cpu")
             if gpu:
                 yield _expert_part(ckpt, spec, quant, index, layer, "gpu")
     if quant.lm_head_quant == "int8":

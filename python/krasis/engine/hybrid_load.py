@@ -134,14 +134,20 @@ def resident_bytes(weights: ModelWeights) -> int:
 
 
 def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: QuantConfig, directory: Path,
-                device: torch.device, options: HybridOptions, progress: bool = True,
+                device: torch.device, options: HybridOptions, progress: bool = True, cpu_store=None,
                 ) -> tuple[ModelWeights, HybridExperts | None, VramPlan]:
-    """Weights on ``device`` within the VRAM budget, the hybrid expert runtime, and the plan that sized it."""
+    """Weights on ``device`` within the VRAM budget, the hybrid expert runtime, and the plan that sized it.
+    ``cpu_store`` runs decode's CPU experts instead of the cache's (a GGUF's GgufExpertStore, indexed by MoE
+    layer like the cache's ExpertStore); the GPU experts still come from the cache."""
     if device.type == "cuda" and device.index is None:
         # Per-device calls below (the allocator's memory fraction) need an index; "cuda" means the current one.
         device = torch.device("cuda", torch.cuda.current_device())
     budget, total = _budget(device, options.vram_budget_mb)
-    store, paths = open_expert_store(spec, quant, directory) if spec.moe else (None, [])
+    if cpu_store is not None:
+        store, moe = cpu_store, spec.moe is not None
+    else:
+        store, paths = open_expert_store(spec, quant, directory) if spec.moe else (None, [])
+        moe = bool(paths)
     layers: list[HybridExpertLayer] = []
 
     def experts_factory(slot: int) -> HybridExpertLayer:
@@ -152,8 +158,8 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
                                   matrix_factory=gpu_matrix(device))
     resident = resident_bytes(weights)
     host = []
-    if paths:
-        gpu_layout, gpu_paths = gpu_expert_files(spec, quant, directory)
+    if moe:
+        gpu_layout, gpu_paths = gpu_expert_files(spec, quant, directory, cpu_experts=cpu_store is None)
         host = pinned_gpu_experts(gpu_layout, gpu_paths, spec.moe.num_experts, device, progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -177,7 +183,8 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         for layer in layers:
             layer.owner = runtime
         log.info("routed experts: %d layers x %d in pinned host memory (%.2f GB, GPU layout, INT%d) for "
-                 "streaming and the hot cache; decode runs the non-resident ones on the CPU (INT%d)", len(host),
-                 spec.moe.num_experts, len(host) * layer_bytes / 1e9, host[0].bits, store.bits)
+                 "streaming and the hot cache; decode runs the non-resident ones on the CPU (%s)", len(host),
+                 spec.moe.num_experts, len(host) * layer_bytes / 1e9, host[0].bits,
+                 f"INT{store.bits}" if cpu_store is None else "GGUF")
     weights.runtime = runtime
     return weights, runtime, plan

@@ -121,6 +121,12 @@ class HybridExperts:
         c["cpu_expert_seconds"] += time.perf_counter() - start
         return self._y[:t]
 
+    @property
+    def cpu_expert_nbytes(self) -> int:
+        """Bytes of one routed expert as the CPU reads it (a GGUF store's first MoE layer stands for all)."""
+        n = self.store.expert_nbytes
+        return n(0) if callable(n) else n
+
     def nbytes_per_layer(self) -> int:
         return self.host[0].nbytes
 

@@ -86,7 +86,7 @@ def settings(args: argparse.Namespace) -> dict:
     return {o.name: getattr(args, o.name) for o in OPTIONS}
 
 
-def gguf_problem(gguf_path: str | None, cpu_expert_bits: int, device: str) -> str | None:
+def gguf_problem(gguf_path: str | None, cpu_expert_bits: int) -> str | None:
     """Why GGUF experts cannot run with these settings (the message names the fix), or None when they can (or no
     GGUF is given). Shared by ``krasis`` and ``python -m krasis.server``."""
     if not gguf_path:
@@ -96,10 +96,6 @@ def gguf_problem(gguf_path: str | None, cpu_expert_bits: int, device: str) -> st
                 "types set the CPU experts' format, so there is nothing to quantise. Leave --cpu-expert-bits at 16 "
                 "(pass --cpu-expert-bits 16 to override the saved config's cpu_expert_bits), or drop --gguf-path "
                 f"(and clear gguf_path in the saved config) to build INT{cpu_expert_bits} experts from the model")
-    if device != "cpu":
-        return (f"--gguf-path {gguf_path} was given with --device {device}: GGUF experts run on the CPU engine only "
-                "for now. Use --device cpu (device = \"cpu\" in the saved config), or drop --gguf-path (and clear "
-                "gguf_path in the saved config) to run the GPU engine with --cpu-expert-bits 4 or 8")
     return None
 
 
@@ -107,7 +103,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse combinations the runtime cannot run yet, with the reason; note what is narrowed."""
     if args.num_gpus < 1:
         raise InvalidInputError(f"--num-gpus must be at least 1, not {args.num_gpus}")
-    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits, args.device)
+    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits)
     if problem:
         raise InvalidInputError(problem)
     if args.device != "cuda":

@@ -2,8 +2,8 @@
 
 1. ModelScreen: the models found under ~/.krasis/models (and --models-dir), with their shapes and estimated RAM.
 2. SourceScreen: where the CPU experts come from: INT4 / INT8 built from the model, BF16, or a GGUF beside it
-   (saved as ``gguf_path``; it runs on the CPU path).
-3. GpuScreen: which GPUs (Space toggles, Enter confirms); a machine without one, or a GGUF choice, gets the CPU path.
+   (saved as ``gguf_path``; with GPUs the GPU engine runs beside it, its own experts built from the model).
+3. GpuScreen: which GPUs (Space toggles, Enter confirms); a machine without one gets the CPU path.
 4. ConfigScreen: every quantisation and runtime option, refused in place when invalid, with the live VRAM plan
    and estimated maximum context; it saves the settings and ends with "launch the server" or "benchmark first".
 
@@ -29,8 +29,8 @@ from .discovery import ModelInfo, human_bytes, human_count, scan
 from .gpus import GpuInfo, list_gpus
 
 MiB = 1 << 20
-GGUF_CPU_NOTE = ("CPU experts come from the GGUF {name}: they run on the CPU path (every weight in system RAM, "
-                 "the GGUF's blocks read in place), so no GPU is used for now. Press Enter to continue.")
+GGUF_NOTE = ("CPU experts come from the GGUF {name} (its blocks read in place). With a GPU selected the GPU engine "
+             "runs beside them: prefill and the hot-expert cache use experts built from the model at gpu_expert_bits.")
 NO_GPU_NOTE = ("No CUDA GPU is visible on this machine. Krasis will run on the CPU path: every weight in system "
                "RAM, routed experts through the INT4/INT8 CPU kernels. Press Enter to continue.")
 EDITABLE = [o for o in OPTIONS if o.name not in ("model_path", "models_dir", "gguf_path", "gpus")]
@@ -106,7 +106,7 @@ class SourceScreen(Screen):
                    ListOption(f"BF16, unquantised (no cache); about {human_bytes(ram['bf16'])} of RAM", id="bf16")]
         for i, path in enumerate(m.gguf_files):
             options.append(ListOption(f"GGUF {path.name} (found beside the model; {human_bytes(_size(path))}): "
-                                      "llama.cpp blocks read in place, on the CPU path", id=f"gguf{i}"))
+                                      "llama.cpp blocks read in place by the CPU experts", id=f"gguf{i}"))
         yield OptionList(*options, id="sources")
         yield Static("", id="status")
         yield Footer()
@@ -147,9 +147,6 @@ def gguf_conflict(config: dict) -> str | None:
     if config["cpu_expert_bits"] != 16:
         return (f"CPU experts come from the GGUF {name}, whose own types set their format: set cpu_expert_bits to 16, "
                 "or go back (Esc) and choose INT4 or INT8 built from the model")
-    if config["device"] != "cpu":
-        return (f"CPU experts from the GGUF {name} run on the CPU path only for now: set device to cpu, or go back "
-                "(Esc) and choose INT4 or INT8 for the GPU engine")
     return None
 
 
@@ -162,8 +159,8 @@ class GpuScreen(Screen):
         gpus: list[GpuInfo] = self.app.gpus
         gguf = self.app.config["gguf_path"]
         if gguf:
-            yield Static(GGUF_CPU_NOTE.format(name=Path(gguf).name), id="gguf-cpu")
-        elif gpus:
+            yield Static(GGUF_NOTE.format(name=Path(gguf).name), id="gguf-note")
+        if gpus:
             chosen = set(self.app.config["gpus"]) or {0}
             yield SelectionList[int](*[(f"GPU {g.index}: {g.name}, {g.free_mb:,} MiB free of {g.total_mb:,} MiB",
                                         g.index, g.index in chosen) for g in gpus], id="gpus")
@@ -173,13 +170,12 @@ class GpuScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        if self.app.gpus and not self.app.config["gguf_path"]:
+        if self.app.gpus:
             self.query_one(SelectionList).focus()
 
     def action_confirm(self) -> None:
         config = self.app.config
-        choosing = self.app.gpus and not config["gguf_path"]
-        selected = sorted(self.query_one(SelectionList).selected) if choosing else []
+        selected = sorted(self.query_one(SelectionList).selected) if self.app.gpus else []
         config["gpus"] = selected
         config["device"] = "cuda" if selected else "cpu"
         config["num_gpus"] = max(1, len(selected))

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="krasis: %(message)s")
     from ..launcher.options import gguf_problem
 
-    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits, args.device)
+    problem = gguf_problem(args.gguf_path, args.cpu_expert_bits)
     if problem:  # refused before the port opens, as `krasis` refuses it
         print(f"krasis: error: {problem}", file=sys.stderr)
         return 1
