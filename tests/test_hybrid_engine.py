@@ -304,3 +304,22 @@ def test_server_timing_reports_the_engines_share_of_a_request(hybrid, tiny_check
     steps = engine["decode_layer_steps"]
     assert steps == 2 * len(llm.runtime.host) and engine["routed_calls"] == steps * llm.spec.moe.router.top_k
     assert engine["expert_bytes_streamed"] > 0 and 0 < engine["hot_cache_share"] < 1
+
+
+def test_calibration_from_a_text_file_saves_a_heat_map_the_next_load_reuses(hybrid, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("KRASIS_HOME", str(tmp_path / "home"))  # a cache of its own: the heat map stays in it
+    path = tiny_checkpoint("qwen3_moe_mixed")[1]
+    text = tmp_path / "calibration.txt"
+    text.write_text("The hot experts are the ones this text routes to most often. " * 20)
+    first = hybrid(path, hcs_experts=5)
+    assert first.calibrate_hot_experts_from_text(text) == 5
+    assert (first.cache_dir / "hcs_heat.json").is_file()
+    again = hybrid(path, hcs_experts=5)  # nothing prefilled yet: the saved heat map fills the cache at load
+    assert sorted(r for r in again.runtime.hcs.resident if r) == sorted(r for r in first.runtime.hcs.resident if r)
+
+
+def test_calibration_text_that_cannot_be_read_is_a_clear_error(hybrid, tiny_checkpoint, tmp_path):
+    llm = hybrid(tiny_checkpoint("qwen3_moe_mixed")[1], hcs_experts=5)
+    with pytest.raises(InvalidInputError, match="cannot read the calibration text"):
+        llm.calibrate_hot_experts_from_text(tmp_path / "missing.txt")

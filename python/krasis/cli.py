@@ -9,7 +9,7 @@ import logging
 import sys
 
 from .errors import KrasisError
-from .gpu_options import add_gpu_arguments, gpu_kwargs
+from .gpu_options import add_gpu_arguments, after_load, gpu_kwargs
 from .launcher.config import ConfigError, defaults, load_config
 from .launcher.options import add_launcher_arguments, apply_config, check_args, given_options, settings
 
@@ -164,8 +164,10 @@ def _load_llm(args: argparse.Namespace):
     quant = QuantConfig(gpu_expert_bits=args.gpu_expert_bits, shared_expert_quant=args.shared_expert_quant,
                         dense_mlp_quant=args.dense_mlp_quant, lm_head_quant=args.lm_head_quant,
                         attention_quant=args.attention_quant, group_size=args.group_size)
-    return LLM(args.model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
-               verify_cache=args.verify_cache, gguf_path=args.gguf_path or None, **gpu_kwargs(args))
+    llm = LLM(args.model_path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, quant=quant,
+              verify_cache=args.verify_cache, gguf_path=args.gguf_path or None, **gpu_kwargs(args))
+    after_load(llm, args)
+    return llm
 
 
 def _serve(args: argparse.Namespace, load_llm) -> int:

@@ -22,9 +22,18 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep no hot experts resident in VRAM (decode runs every routed expert on the CPU)")
     g.add_argument("--hcs-experts", type=int, default=None,
                    help="keep at most this many hot experts in VRAM (default: as many as the budget allows)")
+    g.add_argument("--hcs-calibrate", metavar="FILE", default=None,
+                   help="after loading, fill the hot-expert cache from the routing of this text file and save it as "
+                        "a heat map beside the weight cache; later starts reuse the saved heat map")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")
+
+
+def after_load(llm, args: argparse.Namespace) -> None:
+    """What the GPU options ask for once the model is loaded (--hcs-calibrate)."""
+    if getattr(args, "hcs_calibrate", None):
+        llm.calibrate_hot_experts_from_text(args.hcs_calibrate)
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache import QuantConfig, ensure_cache
+from .cache.files import write_json_atomic
 from .cache.loader import load_cached_weights
 from .checkpoint import Checkpoint
 from .engine.forward import Forward
@@ -25,6 +27,9 @@ from .models.shapes import matmul_flops_per_token
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("krasis")
+# the hot-expert heat map (routing counts per layer and expert) kept beside the weight cache
+HEAT_MAP = "hcs_heat.json"
+NO_HOT_CACHE = "the hot-expert cache exists only in the GPU engine (device='cuda' with expert_bits 8 or 4)"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_BITS = (16, 8, 4)
@@ -109,6 +114,7 @@ class LLM:
                              "set TRITON_INTERPRET=1 before starting Python, or use device='cuda'")
         self.kv_dtype = kv_dtype or ("fp8" if hybrid else "auto")
         self.plan, self.runtime = None, None
+        self.cache_dir: Path | None = None  # the weight cache in use (quantised runs)
         self.load_report: dict = {}
         start = time.perf_counter()
         self.gguf_experts = None
@@ -133,6 +139,7 @@ class LLM:
             gguf = self.gguf_experts.identity() if cpu_store is not None else None
             directory, _ = ensure_cache(ckpt, self.spec, quant, verify=verify_cache, progress=progress,
                                         gpu_experts=hybrid, cpu_experts_from=gguf)
+            self.cache_dir = directory
             self.load_report["cache_s"] = time.perf_counter() - start
             if hybrid:
                 from .engine.hybrid_load import HybridOptions, load_hybrid  # imports the Triton kernels
@@ -162,6 +169,41 @@ class LLM:
         elif self.runtime is not None and self.device.type == "cuda":
             log.info("decode: CUDA graphs off (cuda_graphs=False); kernels are launched one by one")
         self.last_cached_tokens = 0
+        if self.runtime is not None and self.runtime.hcs.slots and self._heat_path().is_file():
+            self._load_heat()
+
+    def _heat_path(self) -> Path:
+        return self.cache_dir / HEAT_MAP
+
+    def _load_heat(self) -> None:
+        try:
+            saved = json.loads(self._heat_path().read_text())
+            filled = self.runtime.hcs.add_heat(np.asarray(saved["counts"], dtype=np.float64))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("hot-expert heat map %s not used (%s); the cache fills from this run's routing",
+                        self._heat_path(), e)
+            return
+        log.info("hot-expert cache warmed from the saved heat map %s: %d experts resident", self._heat_path(), filled)
+
+    def calibrate_hot_experts_from_text(self, path: str | Path) -> int:
+        """Calibrate the hot-expert cache on a text file (split into prompts of at most one prefill chunk) and save
+        the routing counts as a heat map beside the weight cache, which later loads of this model reuse. Returns
+        how many experts are resident."""
+        if self.runtime is None:
+            raise InvalidInputError(NO_HOT_CACHE)
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise InvalidInputError(f"cannot read the calibration text {path}: {e.strerror or e}") from None
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidInputError(f"{path} holds no text to calibrate the hot-expert cache on")
+        step = min(self.plan.chunk_tokens, self.plan.kv_tokens)
+        resident = self.calibrate_hot_experts([ids[i:i + step] for i in range(0, len(ids), step)])
+        write_json_atomic(self._heat_path(), {"counts": self.runtime.hcs.heat().tolist(), "source": str(path),
+                                              "tokens": len(ids)})
+        log.info("hot-expert heat map from %s (%d tokens) saved to %s", path, len(ids), self._heat_path())
+        return resident
 
     def _open_gguf_experts(self, gguf_path: str | Path, expert_bits: int):
         """The GGUF's routed experts as a GgufExpertStore (indexed by MoE layer), recorded in the load report."""
@@ -195,8 +237,7 @@ class LLM:
         from them (after each prompt, as after any prefill); returns how many experts are resident. Decode keeps
         counting afterwards."""
         if self.runtime is None:
-            raise ValueError("the hot-expert cache exists only in the GPU engine (device='cuda' with expert_bits "
-                             "8 or 4)")
+            raise InvalidInputError(NO_HOT_CACHE)
         for ids in prompts:
             self._prefill(self._check_tokens(ids), self.new_cache(), 0)
         return sum(r is not None for r in self.runtime.hcs.resident)

@@ -43,6 +43,17 @@ class HotExpertCache:
         self.decode_calls += ids.size
         self.decode_hits += hits
 
+    def heat(self) -> np.ndarray:
+        """Routing counts per (MoE layer, expert) seen so far, float64 [layers, experts] (prefill and decode)."""
+        return self.counts + self._gpu_counts.cpu().numpy()
+
+    def add_heat(self, heat: np.ndarray) -> int:
+        """Add counts gathered elsewhere (a saved heat map) and refill; returns the slots (re)filled."""
+        if heat.shape != self.counts.shape:
+            raise ValueError(f"heat map of shape {heat.shape} for a model with {self.counts.shape} (layers, experts)")
+        self.counts += heat
+        return self.refill()
+
     def coverage(self) -> float | None:
         """Share of decode routed-expert calls served from VRAM since the last reset (None before any)."""
         return self.decode_hits / self.decode_calls if self.decode_calls else None
@@ -54,7 +65,7 @@ class HotExpertCache:
         """Make the most-used experts resident; returns how many slots were (re)filled."""
         if self.slots == 0:
             return 0
-        counts = self.counts + self._gpu_counts.cpu().numpy()
+        counts = self.heat()
         if not counts.any():
             return 0
         flat = np.argsort(-counts, axis=None, kind="stable")[: self.slots]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import KrasisError
 from ..gguf_experts import add_gguf_arguments
-from ..gpu_options import add_gpu_arguments, gpu_kwargs
+from ..gpu_options import add_gpu_arguments, after_load, gpu_kwargs
 
 log = logging.getLogger("krasis.server")
 
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             _core.set_num_threads(args.threads)
         llm = LLM(path, device=args.device, dtype=args.dtype, expert_bits=args.cpu_expert_bits, progress=False,
                   gguf_path=args.gguf_path, **gpu_kwargs(args))
+        after_load(llm, args)
         if args.test_scripted_output:
             from .scripted import ScriptedOutput
 
