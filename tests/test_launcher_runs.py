@@ -36,6 +36,23 @@ def resolved(argv):
     return args
 
 
+def test_no_cuda_graphs_flag_beats_the_saved_config_and_reaches_the_llm_arguments(home):
+    from krasis.gpu_options import gpu_kwargs
+
+    save_config(defaults())
+    assert gpu_kwargs(resolved(["--non-interactive"]))["cuda_graphs"] is True
+    assert gpu_kwargs(resolved(["--non-interactive", "--no-cuda-graphs"]))["cuda_graphs"] is False
+
+
+def test_hcs_calibrate_without_the_gpu_engine_is_a_clear_error(home, tiny_checkpoint, tmp_path, capsys):
+    _, path = tiny_checkpoint("qwen3_moe_mixed")
+    text = tmp_path / "calibration.txt"
+    text.write_text("some text")
+    assert cli.main(["--non-interactive", "--model-path", str(path), "--cpu-expert-bits", "4", "--dtype", "float32",
+                     "--hcs-calibrate", str(text), "--prompt", "hi"]) == 1
+    assert "krasis: error: the hot-expert cache exists only in the GPU engine" in capsys.readouterr().err
+
+
 def test_command_line_beats_saved_config_which_beats_defaults(home):
     saved = defaults()
     saved.update(cpu_expert_bits=4, gpu_expert_bits=8, attention_quant="int8", kv_dtype="bf16", kv_cache_mb=64,
