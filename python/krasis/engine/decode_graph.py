@@ -130,7 +130,10 @@ class DecodeGraphs:
     def _experts(self, index: int) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         shared = f.shared_expert(layer, b.h)
-        b.extra.copy_(shared) if shared is not None else b.extra.zero_()
+        if shared is None:
+            b.extra.zero_()
+        else:
+            b.extra.copy_(shared)
         gpu = self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids)
         if gpu is not None:
             b.gpu.copy_(gpu)
@@ -168,27 +171,26 @@ class DecodeGraphs:
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
 
+    def _set_input(self, token: int) -> None:
+        """The token's embedding as the residual stream, nothing pending from a previous layer."""
+        b, embed = self.buf, self.f.w.embed
+        if embed.device.type == "cpu":  # through a pinned row, so the copy to the GPU is asynchronous
+            self._embed_row.copy_(embed[token])
+            b.x.copy_(self._embed_row[None], non_blocking=True)
+        else:
+            b.x.copy_(embed[token][None])
+        for pending in (b.gpu, b.cpu, b.extra):
+            pending.zero_()
+
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, vocab] of ``token`` at ``position`` (the cache holds positions before it); extends the
         cache."""
         b, rt = self.buf, self.rt
         bucket = graph_bucket(position + 1, self.cache.capacity)
         b.position.fill_(position)
-        embed = self.f.w.embed
-        if embed.device.type == "cpu":
-            self._embed_row.copy_(embed[token])
-            b.x.copy_(self._embed_row[None], non_blocking=True)
-        else:
-            b.x.copy_(embed[token][None])
-        b.gpu.zero_()
-        b.cpu.zero_()
-        b.extra.zero_()
         if bucket not in self._graphs:
-            self._capture_bucket(bucket)
-            b.x.copy_(embed[token][None].to(self.device))  # the warm-up runs overwrote the buffers
-            b.gpu.zero_()
-            b.cpu.zero_()
-            b.extra.zero_()
+            self._capture_bucket(bucket)  # its warm-up runs write the buffers: the input is set after it
+        self._set_input(token)
         rt.begin_forward(1)
         for (attend, experts), layer in zip(self._graphs[bucket], self.f.w.layers, strict=True):
             attend.replay()
