@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from .._core import ExpertStore
+from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
 from .device_sync import new_event, pinned
 from .expert_stream import ExpertStreamer
@@ -26,9 +26,10 @@ DECODE_MAX_TOKENS = 32
 
 class HybridExperts:
     """All MoE layers' routed experts: pinned host copies in the GPU layout (for streaming and the hot
-    cache), the CPU store (for decode), and the statistics that say how decode was served."""
+    cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore, both indexed by MoE
+    layer), and the statistics that say how decode was served."""
 
-    def __init__(self, host: list[GPUExperts], store: ExpertStore, group_size: int, hcs_slots: int,
+    def __init__(self, host: list[GPUExperts], store: ExpertStore | GgufExpertStore, group_size: int, hcs_slots: int,
                  device: torch.device):
         self.host, self.store, self.device = host, store, torch.device(device)
         self.streamer = ExpertStreamer(host, group_size, self.device)
