@@ -139,19 +139,47 @@ def test_prefill_in_several_chunks_equals_prefill_in_one(hybrid, tiny_checkpoint
     assert rms_rel_err(llm.prompt_logits(ids), whole) < 0.05
 
 
+def _assert_argmax_where_clear(logits, out):
+    """Each generated token is the argmax of its row of ``logits`` wherever the row's top two are apart (decode and
+    a full forward round differently, so near-ties may go either way)."""
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
+    assert clear.any()
+    assert torch.equal(logits.argmax(-1)[clear], torch.tensor(out)[clear])
+
+
+def _assert_cpu_path_argmax(cpu_logits, name, ids, out):
+    """Score generated tokens with the CPU INT4 path's logits of the whole sequence."""
+    _assert_argmax_where_clear(cpu_logits(name, 4, ids + out)[len(ids) - 1: len(ids) + len(out) - 1], out)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("hcs_experts", [0, 3, None])
 def test_decode_with_any_hot_cache_size_matches_the_cpu_path(hybrid, tiny_checkpoint, cpu_logits, name, hcs_experts):
     ids = random_prompt(20, seed=3)
     llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=hcs_experts)
     out = llm.generate(ids, max_new_tokens=10)
-    # score the generated tokens with the CPU path: each must be its argmax wherever the top two are apart
-    full = ids + out
-    want = cpu_logits(name, 4, full)[len(ids) - 1: len(full) - 1]
-    top2 = want.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
-    assert clear.any()
-    assert torch.equal(want.argmax(-1)[clear], torch.tensor(out)[clear])
+    _assert_cpu_path_argmax(cpu_logits, name, ids, out)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("mode", ["gpu", "hybrid"])
+def test_experts_streamed_to_the_gpu_in_decode_give_what_the_cpu_path_scores_best(hybrid, tiny_checkpoint, cpu_logits,
+                                                                                  name, mode):
+    ids = random_prompt(20, seed=3)
+    llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3, decode_mode=mode)
+    before = llm.engine_counters()
+    out = llm.generate(ids, max_new_tokens=10)
+    after = llm.engine_counters()
+    assert after["routed_calls_streamed"] > before["routed_calls_streamed"]
+    if mode == "gpu":  # nothing left for the CPU
+        assert after["cpu_expert_seconds"] == before["cpu_expert_seconds"]
+    _assert_cpu_path_argmax(cpu_logits, name, ids, out)
+
+
+def test_an_unknown_decode_mode_is_refused(hybrid, tiny_checkpoint):
+    with pytest.raises(ValueError, match="decode_mode must be one of cpu, gpu, hybrid"):
+        hybrid(tiny_checkpoint("qwen3_moe_mixed")[1], decode_mode="fastest")
 
 
 def test_hot_cache_serves_the_share_of_decode_calls_it_holds(hybrid, tiny_checkpoint):
@@ -208,12 +236,14 @@ def _decode_logits(llm, prompt, forced, step):
     return torch.stack([step(cache, token).float().cpu() for token in forced])
 
 
-@pytest.mark.parametrize("name,kv_dtype", [(name, kv) for name in MODELS for kv in ("bf16", "fp8")]
-                         + [("glm4_moe_grouped", "bf16"), ("deepseek_v3_grouped_qlora", "bf16")])
-def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, tiny_checkpoint, name, kv_dtype):
+@pytest.mark.parametrize("name,kv_dtype,mode", [(name, kv, "cpu") for name in MODELS for kv in ("bf16", "fp8")]
+                         + [("glm4_moe_grouped", "bf16", "cpu"), ("deepseek_v3_grouped_qlora", "bf16", "cpu"),
+                            ("deepseek_v2_lite_like", "bf16", "hybrid")])
+def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, tiny_checkpoint, name, kv_dtype,
+                                                                         mode):
     from krasis.engine.decode_graph import SMALLEST_BUCKET, DecodeGraphs
 
-    llm = hybrid(tiny_checkpoint(name)[1], kv_dtype=kv_dtype, hcs_experts=6, cuda_graphs=False)
+    llm = hybrid(tiny_checkpoint(name)[1], kv_dtype=kv_dtype, hcs_experts=6, cuda_graphs=False, decode_mode=mode)
     prompt = random_prompt(SMALLEST_BUCKET - 3, seed=11)
     forced = random_prompt(6, seed=12)  # positions 253..258: the first graphs' bucket, then the next one's
     eager = _decode_logits(llm, prompt, forced, lambda cache, t: llm._decode_step(t, cache))
@@ -248,14 +278,8 @@ def test_graph_bucket_is_the_next_power_of_two_within_the_capacity():
 
 
 def _assert_clear_argmax(llm, prompt, out):
-    """Each generated token is the argmax of a fresh full forward wherever its top two logits are apart (decode
-    and prefill round differently, so near-ties may go either way)."""
-    full = prompt + out
-    want = llm.prompt_logits(full)[len(prompt) - 1: len(full) - 1]
-    top2 = want.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
-    assert clear.any()
-    assert torch.equal(want.argmax(-1)[clear], torch.tensor(out)[clear])
+    """Score generated tokens with a fresh full forward of ``llm``."""
+    _assert_argmax_where_clear(llm.prompt_logits(prompt + out)[len(prompt) - 1: len(prompt) + len(out) - 1], out)
 
 
 @pytest.mark.gpu

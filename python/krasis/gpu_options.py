@@ -25,6 +25,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hcs-calibrate", metavar="FILE", default=None,
                    help="after loading, fill the hot-expert cache from the routing of this text file and save it as "
                         "a heat map beside the weight cache; later starts reuse the saved heat map")
+    g.add_argument("--decode-mode", choices=("cpu", "gpu", "hybrid"), default="cpu",
+                   help="where decode runs the experts not in the hot cache: cpu (the Rust kernels; default), gpu "
+                        "(copied to VRAM each step) or hybrid (split between both by rates measured at load)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")
@@ -40,4 +43,4 @@ def gpu_kwargs(args: argparse.Namespace) -> dict:
     """The krasis.LLM keyword arguments those options set."""
     return dict(vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype, kv_cache_mb=args.kv_cache_mb,
                 layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts,
-                cuda_graphs=args.cuda_graphs)
+                cuda_graphs=args.cuda_graphs, decode_mode=getattr(args, "decode_mode", "cpu"))

@@ -69,7 +69,9 @@ class LLM:
     streamed through VRAM for prefill and run on the CPU (or from the VRAM hot-expert cache) for decode.
     ``vram_budget_mb`` caps what it may use (default: free memory less 1 GiB); ``kv_dtype`` is "auto" (the
     compute dtype), "bf16" or "fp8" (the GPU default); ``kv_cache_mb``, ``layer_group_size``, ``hcs`` (hot-expert
-    cache on/off) and ``hcs_experts`` (at most this many hot experts) override the VRAM plan's choices.
+    cache on/off) and ``hcs_experts`` (at most this many hot experts) override the VRAM plan's choices;
+    ``decode_mode`` ("cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache, and
+    ``cuda_graphs`` replays decode steps as CUDA graphs (default on).
     ``hybrid`` (default: on for "cuda" with quantised experts) can also run that engine on "cpu", with its
     Triton kernels in the interpreter (TRITON_INTERPRET=1): a slow mode for testing without a GPU.
 
@@ -84,7 +86,8 @@ class LLM:
                  quant: QuantConfig | None = None, verify_cache: bool = False, progress: bool = True,
                  vram_budget_mb: int | None = None, kv_dtype: str | None = None, kv_cache_mb: int | None = None,
                  layer_group_size: int | None = None, hcs: bool = True, hcs_experts: int | None = None,
-                 hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True):
+                 hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True,
+                 decode_mode: str = "cpu"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
@@ -149,6 +152,8 @@ class LLM:
                                                                self.device, options, progress, cpu_store)
             else:
                 weights = load_cached_weights(ckpt, self.spec, self.dtype, quant, directory)
+        if self.runtime is not None:
+            self._set_decode_mode(decode_mode)
         self.load_report["load_s"] = time.perf_counter() - start
         self._forward = Forward(self.spec, weights, self.dtype, self.device)
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
@@ -171,6 +176,25 @@ class LLM:
         self.last_cached_tokens = 0
         if self.runtime is not None and self.runtime.hcs.slots and self._heat_path().is_file():
             self._load_heat()
+
+    def _set_decode_mode(self, mode: str) -> None:
+        from .engine.hybrid_moe import DECODE_MODES
+        from .engine.link_rates import cpu_read_gbps, h2d_gbps
+
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+        rates = {}
+        if mode == "hybrid":
+            rates["cpu_gbps"] = cpu_read_gbps()
+            # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
+            rates["h2d_gbps"] = h2d_gbps(self.device) if self.device.type == "cuda" else rates["cpu_gbps"]
+        self.runtime.set_decode_mode(mode, **rates)
+        share = self.runtime.gpu_share
+        log.info("decode: experts not in the hot cache run %s%s", {"cpu": "on the CPU", "gpu": "on the GPU, copied "
+                 "from pinned memory each step"}.get(mode, f"{100 * (1 - share):.0f}% on the CPU, "
+                 f"{100 * share:.0f}% copied to the GPU"), "" if not rates else
+                 f" (measured: CPU reads {rates['cpu_gbps']:.1f} GB/s, host-to-GPU {rates['h2d_gbps']:.1f} GB/s)")
+        self.load_report["decode_mode"] = {"mode": mode, "gpu_share": share, **rates}
 
     def _heat_path(self) -> Path:
         return self.cache_dir / HEAT_MAP

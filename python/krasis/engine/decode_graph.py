@@ -96,7 +96,9 @@ class DecodeGraphs:
         # Off CUDA (tests, with the Triton interpreter) the same steps run eagerly in place of replays.
         self.capturing = self.device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capturing else None
-        self._graphs: dict[int, list[tuple[_Replay, _Replay | None]]] = {}
+        # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers, and streamed
+        # is None where the decode mode streams nothing
+        self._graphs: dict[int, list[tuple[_Replay, _Replay | None, _Replay | None]]] = {}
         self._final: dict[int, _Replay] = {}
         self._event = new_event(self.device)
         self._embed_row = torch.empty(forward.spec.hidden_size, dtype=forward.w.embed.dtype,
@@ -138,6 +140,10 @@ class DecodeGraphs:
         if gpu is not None:
             b.gpu.copy_(gpu)
 
+    def _streamed(self, index: int) -> None:
+        b = self.buf
+        b.gpu.add_(self.rt.streamed_part(b.h, b.weights, b.ids).float())
+
     def _final_norm(self) -> None:
         f, b = self.f, self.buf
         hidden = rms_norm(b.residual(), f.w.final_norm, f.spec.rms_norm_eps, f.spec.norm_weight_offset)
@@ -165,8 +171,12 @@ class DecodeGraphs:
         graphs = []
         for index, layer in enumerate(self.f.w.layers):
             attend = self._capture(lambda i=index: self._attend(i, bucket))
-            experts = self._capture(lambda i=index: self._experts(i)) if layer.experts is not None else None
-            graphs.append((attend, experts))
+            experts = streamed = None
+            if layer.experts is not None:
+                experts = self._capture(lambda i=index: self._experts(i))
+                if self.rt.gpu_share > 0:
+                    streamed = self._capture(lambda i=index: self._streamed(i))
+            graphs.append((attend, experts, streamed))
         self._final[bucket] = self._capture(self._final_norm)
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
@@ -192,14 +202,18 @@ class DecodeGraphs:
             self._capture_bucket(bucket)  # its warm-up runs write the buffers: the input is set after it
         self._set_input(token)
         rt.begin_forward(1)
-        for (attend, experts), layer in zip(self._graphs[bucket], self.f.w.layers, strict=True):
+        k = self.f.spec.moe.router.top_k
+        for (attend, experts, streamed), layer in zip(self._graphs[bucket], self.f.w.layers, strict=True):
             attend.replay()
             if experts is None:
                 continue
             self._event.record()
             experts.replay()
             rt.wait(self._event)
-            y = rt.cpu_part(layer.experts.slot, 1, b.ids.shape[1])
+            cpu_ids, any_streamed = rt.split(layer.experts.slot, 1, k)
+            if any_streamed:
+                streamed.replay()
+            y = rt.cpu_part(layer.experts.slot, 1, k, cpu_ids)
             if y is not None:
                 b.cpu.copy_(y, non_blocking=True)
         self._final[bucket].replay()

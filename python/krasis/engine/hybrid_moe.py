@@ -14,14 +14,18 @@ import torch
 
 from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
-from .device_sync import new_event, pinned
-from .expert_stream import ExpertStreamer
+from .device_sync import current_stream, new_event, pinned
+from .expert_stream import ExpertStreamer, copy_experts, slice_experts
 from .hot_cache import HotExpertCache
 
 # Up to this many tokens a forward is a decode step (hot cache + CPU); above it the layer's experts are
 # streamed to the GPU. Streaming one layer costs ~its expert bytes over PCIe, which only pays off once
 # a chunk touches most experts with many tokens each.
 DECODE_MAX_TOKENS = 32
+# Where decode runs the routed experts that are not in the hot cache: "cpu" (the Rust kernels), "gpu" (copied
+# from pinned memory into VRAM per step and run there) or "hybrid" (split between both in proportion to the
+# measured DRAM and host-to-device rates, so that both finish together).
+DECODE_MODES = ("cpu", "gpu", "hybrid")
 
 
 class HybridExperts:
@@ -44,7 +48,27 @@ class HybridExperts:
         self.streaming = False
         # running totals since load (the server's /v1/timing reports a request's share)
         self.counters = {"decode_layer_steps": 0, "routed_calls": 0, "routed_calls_on_gpu": 0,
+                         "routed_calls_streamed": 0, "decode_bytes_streamed": 0,
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
+        # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
+        self.decode_mode, self.gpu_share = "cpu", 0.0
+        e = host[0].num_experts if host else 0
+        self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
+        self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
+        self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
+
+    def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, h2d_gbps: float | None = None) -> None:
+        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s) and
+        streams the share h2d / (cpu + h2d) of them."""
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+        if mode == "hybrid":
+            if not cpu_gbps or not h2d_gbps:
+                raise ValueError("decode mode 'hybrid' needs the measured CPU and host-to-device rates")
+            self.gpu_share = h2d_gbps / (cpu_gbps + h2d_gbps)
+        else:
+            self.gpu_share = 1.0 if mode == "gpu" else 0.0
+        self.decode_mode = mode
 
     def layer(self, slot: int) -> HybridExpertLayer:
         return HybridExpertLayer(self, slot)
@@ -53,6 +77,8 @@ class HybridExperts:
         """Called before each forward pass over ``num_tokens`` new tokens."""
         self.streaming = num_tokens > DECODE_MAX_TOKENS
         if self.streaming:
+            # decode may have used the second buffer for streamed experts: its copies wait for that work
+            self.streamer.released[1].record(current_stream(self.device))
             self.streamer.begin_pass()
 
     def end_prefill(self) -> None:
@@ -75,7 +101,11 @@ class HybridExperts:
         self._staged.record()
         y = self.gpu_part(slot, x, weights, ids)
         self.wait(self._staged)
-        y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1])
+        cpu_ids, streamed = self.split(slot, x.shape[0], ids.shape[1])
+        if streamed:
+            y_s = self.streamed_part(x, weights, ids)
+            y = y_s if y is None else y + y_s
+        y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1], cpu_ids)
         if y_cpu is None:
             return y.to(x.dtype)
         y_cpu = y_cpu.to(self.device, non_blocking=True)
@@ -100,12 +130,14 @@ class HybridExperts:
         event.synchronize()
         self.counters["wait_for_gpu_seconds"] += time.perf_counter() - start
 
-    def cpu_part(self, slot: int, t: int, k: int) -> torch.Tensor | None:
-        """Once the staged copy has landed: the non-resident experts' share, run on the CPU, float32 [T, H] in
-        pinned host memory (valid until the next call); None when every routed expert was resident."""
+    def split(self, slot: int, t: int, k: int) -> tuple[np.ndarray | None, bool]:
+        """Once the staged copy has landed: decide where each routed expert of the step runs. Resident ones ran
+        in gpu_part; of the others, the decode mode's share is copied into the staging buffer now (queued on the
+        current stream, with its expert -> slot map) for streamed_part, and the rest is left to the CPU.
+        Returns (the ids for cpu_part, -1 where not the CPU's; None when the CPU has nothing), and whether any
+        expert was streamed."""
         h = self.store.hidden
-        staged = self._in_np[:t]
-        ids = staged[:, h + k: h + 2 * k].astype(np.int64)
+        ids = self._in_np[:t, h + k: h + 2 * k].astype(np.int64)
         resident = self.hcs.table_host[slot][ids] >= 0
         hits = int(resident.sum())
         self.hcs.record_host(slot, ids, hits)
@@ -113,9 +145,41 @@ class HybridExperts:
         c["decode_layer_steps"] += 1
         c["routed_calls"] += ids.size
         c["routed_calls_on_gpu"] += hits
-        if resident.all():
+        streamed = np.zeros_like(resident)
+        if self.gpu_share > 0 and not resident.all():
+            others, uses = np.unique(ids[~resident], return_counts=True)
+            n = int(round(len(others) * self.gpu_share))
+            chosen = others[np.argsort(-uses, kind="stable")[:n]]  # the most used ones save the most CPU work
+            if len(chosen):
+                self._stream_in(slot, chosen)
+                streamed = np.isin(ids, chosen)
+                c["routed_calls_streamed"] += int(streamed.sum())
+        rest = ~(resident | streamed)
+        return (np.where(rest, ids, -1) if rest.any() else None), bool(streamed.any())
+
+    def _stream_in(self, slot: int, experts: np.ndarray) -> None:
+        """Queue the copies of ``experts`` of MoE layer ``slot`` into staging slots 0.. and the map to them."""
+        # the staging buffer is the second prefill buffer: prefill must re-copy it, and wait for decode's use
+        self.streamer.loaded[1] = None
+        for j, e in enumerate(experts.tolist()):
+            copy_experts(slice_experts(self._staging, j, j + 1), slice_experts(self.host[slot], e, e + 1))
+        self.counters["decode_bytes_streamed"] += len(experts) * (self.host[slot].nbytes // self.host[slot].num_experts)
+        mapping = self._stage_map_host.numpy()
+        mapping[:] = -1
+        mapping[experts] = np.arange(len(experts), dtype=np.int32)
+        self._stage_map.copy_(self._stage_map_host, non_blocking=True)
+
+    def streamed_part(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The streamed experts' share of a decode step, [T, H] bf16 (others contribute nothing). No host sync,
+        fixed addresses: a CUDA graph may hold it."""
+        return fused_moe(x, self._staging, weights, self._stage_map[ids])
+
+    def cpu_part(self, slot: int, t: int, k: int, cpu_ids: np.ndarray | None) -> torch.Tensor | None:
+        """The CPU's share of a decode step (``cpu_ids`` from split), float32 [T, H] in pinned host memory (valid
+        until the next call); None when the CPU has nothing to do."""
+        if cpu_ids is None:
             return None
-        cpu_ids = np.where(resident, -1, ids)
+        h, c, staged = self.store.hidden, self.counters, self._in_np[:t]
         start = time.perf_counter()
         self._y_np[:t] = self.store.forward(slot, np.ascontiguousarray(staged[:, :h]), cpu_ids,
                                             np.ascontiguousarray(staged[:, h:h + k]))
