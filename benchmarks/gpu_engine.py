@@ -281,6 +281,8 @@ def main() -> None:
     p.add_argument("--decode-prompt-tokens", type=int, default=128)
     p.add_argument("--no-hcs", action="store_true", help="no hot-expert cache in VRAM")
     p.add_argument("--kv-dtype", default="fp8")
+    p.add_argument("--decode-mode", choices=("cpu", "gpu", "hybrid"), default="cpu",
+                   help="where decode runs the experts not in the hot cache (krasis.LLM decode_mode)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: LLM(..., device='cpu', expert_bits=4, dtype='float32') to check this script")
     p.add_argument("--quick-bounds", action="store_true", help="smaller buffers for the bound measurements")
@@ -317,7 +319,7 @@ def main() -> None:
     kwargs: dict = {"device": dev, "expert_bits": 4}
     if dev == "cuda":
         kwargs.update(dtype="bfloat16", vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype,
-                      hcs=not args.no_hcs)
+                      hcs=not args.no_hcs, decode_mode=args.decode_mode)
     else:
         kwargs.update(dtype="float32")
     t0 = time.perf_counter()
@@ -406,7 +408,7 @@ def main() -> None:
 
     print()
     print(f"Krasis engine, {spec.family} bench model, VRAM budget {args.vram_budget_mb} MiB, "
-          f"HCS {'off' if args.no_hcs else 'on'}, device {dev}")
+          f"HCS {'off' if args.no_hcs else 'on'}, decode mode {args.decode_mode}, device {dev}")
     print(f"rates: H2D pinned {_f(h2d)} GB/s, DRAM read {_f(rates.get('dram_read_gbps'))} GB/s, matmul "
           f"{_f(tflops, '.3g')} TFLOP/s{'' if dev == 'cuda' else ' (CPU, float32)'}; prefill chunk "
           f"{_f(chunk, ',d')} tokens; all routed experts {_bytes(bytes_total)} ({bytes_src}); FLOPs/token "
