@@ -226,7 +226,7 @@ impl GgufExpertStore {
 mod tests {
     use super::*;
     use crate::ggml_quants::tests::random_blocks;
-    use crate::testutil::{rel_err, Rng};
+    use crate::testutil::{expert_f64, rel_err, Rng};
     use crate::topology::Topology;
 
     #[test]
@@ -274,17 +274,9 @@ mod tests {
                         ex.up.dequantize(),
                         ex.down.dequantize(),
                     );
-                    let xt = &x[t * h..(t + 1) * h];
-                    let hv: Vec<f64> = (0..i)
-                        .map(|r| {
-                            let gv: f64 = (0..h).map(|c| g[r * h + c] as f64 * xt[c] as f64).sum();
-                            let uv: f64 = (0..h).map(|c| u[r * h + c] as f64 * xt[c] as f64).sum();
-                            gv / (1.0 + (-gv).exp()) * uv
-                        })
-                        .collect();
-                    for r in 0..h {
-                        let dv: f64 = (0..i).map(|c| d[r * i + c] as f64 * hv[c]).sum();
-                        want[t * h + r] += w[t * topk + j] as f64 * dv;
+                    let out = expert_f64(&g, &u, &d, &x[t * h..(t + 1) * h], h, i);
+                    for (r, o) in out.iter().enumerate() {
+                        want[t * h + r] += w[t * topk + j] as f64 * o;
                     }
                 }
             }

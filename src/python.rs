@@ -430,6 +430,47 @@ struct PyExpertStore {
     inner: ExpertStore,
 }
 
+/// The checked inputs of a routed-expert forward (ExpertStore and GgufExpertStore): layer in range,
+/// x float32 [M >= 1, hidden], expert ids [M, k] below num_experts, weights float32 [M, k].
+struct MoeInputs<'py> {
+    x: PyReadonlyArray2<'py, f32>,
+    w: PyReadonlyArray2<'py, f32>,
+    ids: Vec<usize>,
+    m: usize,
+}
+
+impl<'py> MoeInputs<'py> {
+    fn check(
+        layer: usize,
+        (num_layers, num_experts): (usize, usize),
+        hidden: usize,
+        x: &Bound<'py, PyAny>,
+        expert_ids: &Bound<'py, PyAny>,
+        weights: &Bound<'py, PyAny>,
+    ) -> PyResult<Self> {
+        if layer >= num_layers {
+            return Err(PyValueError::new_err(format!(
+                "layer {layer} out of range (num_layers={num_layers})"
+            )));
+        }
+        let xa = f32_2d(x, "x")?;
+        let m = xa.shape()[0];
+        if m == 0 {
+            return Err(PyValueError::new_err("x must have at least one row"));
+        }
+        check_shape("x", xa.shape(), &[m, hidden])?;
+        let (ids, k) = ids_2d(expert_ids, m, num_experts)?;
+        let wa = f32_2d(weights, "weights")?;
+        check_shape("weights", wa.shape(), &[m, k])?;
+        Ok(MoeInputs {
+            x: xa,
+            w: wa,
+            ids,
+            m,
+        })
+    }
+}
+
 fn ids_2d(obj: &Bound<'_, PyAny>, m: usize, num_experts: usize) -> PyResult<(Vec<usize>, usize)> {
     let (vals, shape): (Vec<i64>, Vec<usize>) = if let Ok(a) = obj.cast::<PyArray2<i64>>() {
         let r = a.readonly();
@@ -629,28 +670,14 @@ impl PyExpertStore {
         act_int8: bool,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let s = &self.inner;
-        if layer >= s.num_layers {
-            return Err(PyValueError::new_err(format!(
-                "layer {layer} out of range (num_layers={})",
-                s.num_layers
-            )));
-        }
-        let h = s.layout.hidden;
-        let xa = f32_2d(x, "x")?;
-        let m = xa.shape()[0];
-        if m == 0 {
-            return Err(PyValueError::new_err("x must have at least one row"));
-        }
-        check_shape("x", xa.shape(), &[m, h])?;
-        let (ids, k) = ids_2d(expert_ids, m, s.num_experts)?;
-        let wa = f32_2d(weights, "weights")?;
-        check_shape("weights", wa.shape(), &[m, k])?;
-        let (xs, ws) = (contiguous(&xa, "x")?, contiguous(&wa, "weights")?);
+        let (h, dims) = (s.layout.hidden, (s.num_layers, s.num_experts));
+        let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
+        let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
         let (p, sp) = (pool::global(), path()?);
         let y = py
-            .detach(|| s.forward(&p, sp, layer, xs, &ids, ws, act_int8))
+            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws, act_int8))
             .map_err(verr)?;
-        to_2d(py, y, m, h)
+        to_2d(py, y, inp.m, h)
     }
 
     /// (address, nbytes) of each layer's buffer (layer order), for pinning / registering.
@@ -767,28 +794,14 @@ impl PyGgufExpertStore {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let _ = act_int8;
         let s = &self.inner;
-        if layer >= s.num_layers {
-            return Err(PyValueError::new_err(format!(
-                "layer {layer} out of range (num_layers={})",
-                s.num_layers
-            )));
-        }
-        let h = s.hidden;
-        let xa = f32_2d(x, "x")?;
-        let m = xa.shape()[0];
-        if m == 0 {
-            return Err(PyValueError::new_err("x must have at least one row"));
-        }
-        check_shape("x", xa.shape(), &[m, h])?;
-        let (ids, k) = ids_2d(expert_ids, m, s.num_experts)?;
-        let wa = f32_2d(weights, "weights")?;
-        check_shape("weights", wa.shape(), &[m, k])?;
-        let (xs, ws) = (contiguous(&xa, "x")?, contiguous(&wa, "weights")?);
+        let (h, dims) = (s.hidden, (s.num_layers, s.num_experts));
+        let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
+        let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
         let (p, sp) = (pool::global(), path()?);
         let y = py
-            .detach(|| s.forward(&p, sp, layer, xs, &ids, ws))
+            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws))
             .map_err(verr)?;
-        to_2d(py, y, m, h)
+        to_2d(py, y, inp.m, h)
     }
 
     /// One expert's matrix dequantised to float32 (0 = gate [I, H], 1 = up, 2 = down [H, I]).

@@ -387,7 +387,7 @@ pub fn check_forward_args(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{rel_err, Rng};
+    use crate::testutil::{expert_f64, rel_err, Rng};
     use crate::topology::Topology;
 
     /// float64 reference of the routed-expert forward from the dequantised weights.
@@ -406,17 +406,9 @@ mod tests {
             for j in 0..k {
                 let e = store.expert(layer, ids[t * k + j]).unwrap();
                 let (g, u, d) = (e.gate.dequantize(), e.up.dequantize(), e.down.dequantize());
-                let xt = &x[t * h..(t + 1) * h];
-                let hv: Vec<f64> = (0..i)
-                    .map(|r| {
-                        let gv: f64 = (0..h).map(|c| g[r * h + c] as f64 * xt[c] as f64).sum();
-                        let uv: f64 = (0..h).map(|c| u[r * h + c] as f64 * xt[c] as f64).sum();
-                        gv / (1.0 + (-gv).exp()) * uv
-                    })
-                    .collect();
-                for r in 0..h {
-                    let dv: f64 = (0..i).map(|c| d[r * i + c] as f64 * hv[c]).sum();
-                    y[t * h + r] += w[t * k + j] as f64 * dv;
+                let out = expert_f64(&g, &u, &d, &x[t * h..(t + 1) * h], h, i);
+                for (r, o) in out.iter().enumerate() {
+                    y[t * h + r] += w[t * k + j] as f64 * o;
                 }
             }
         }

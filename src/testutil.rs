@@ -36,6 +36,21 @@ impl Rng {
     }
 }
 
+/// float64 reference of one SwiGLU expert from its dequantised weights (gate and up [I, H], down
+/// [H, I], row-major): down(silu(gate x) * up x) for x [H]; returns [H].
+pub fn expert_f64(g: &[f32], u: &[f32], d: &[f32], x: &[f32], h: usize, i: usize) -> Vec<f64> {
+    let hv: Vec<f64> = (0..i)
+        .map(|r| {
+            let gv: f64 = (0..h).map(|c| g[r * h + c] as f64 * x[c] as f64).sum();
+            let uv: f64 = (0..h).map(|c| u[r * h + c] as f64 * x[c] as f64).sum();
+            gv / (1.0 + (-gv).exp()) * uv
+        })
+        .collect();
+    (0..h)
+        .map(|r| (0..i).map(|c| d[r * i + c] as f64 * hv[c]).sum())
+        .collect()
+}
+
 /// max |got - want| / max |want|.
 pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());

@@ -5,8 +5,9 @@ use crate::quant::{ActRef, MatRef, HI_WEIGHT};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+/// Sum of the 8 lanes.
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -37,7 +38,7 @@ unsafe fn load_block<const BITS: u32>(row: *const u8, blk: usize) -> (__m256i, _
 /// Ask for the weight line PREFETCH_BYTES ahead of `p` (rows are streamed in address order), so
 /// DRAM reads overlap the arithmetic. A prefetch never faults, so any address is fine.
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(super) fn prefetch(p: *const u8) {
     // SAFETY: prefetch is a hint with no architectural effect; it does not fault on any address,
     // and wrapping_add avoids out-of-bounds pointer arithmetic.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(super::PREFETCH_BYTES) as *const i8) }

@@ -1,6 +1,7 @@
 //! AVX-512 kernels (F/BW/VL + VNNI): `vpdpbusd` for INT8 activations, FMA for f32 activations.
 //! Callers (kernels::row_dot_*) check CPU support and slice lengths.
 
+use super::avx2::prefetch;
 use super::dispatch_tokens;
 use crate::quant::{ActRef, MatRef};
 use std::arch::x86_64::*;
@@ -32,15 +33,6 @@ fn combine(hi: __m512i, lo: __m512i) -> __m512i {
         _mm512_sub_epi32(_mm512_slli_epi32(hi, 8), _mm512_slli_epi32(hi, 1)),
         lo,
     )
-}
-
-/// Ask for the weight line PREFETCH_BYTES ahead of `p` (rows are streamed in address order), so
-/// DRAM reads overlap the arithmetic. A prefetch never faults, so any address is fine.
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    // SAFETY: prefetch is a hint with no architectural effect; it does not fault on any address,
-    // and wrapping_add avoids out-of-bounds pointer arithmetic.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(super::PREFETCH_BYTES) as *const i8) }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -3,25 +3,11 @@
 //! buffer and does the dot products with FMA. Callers (kernels::gguf_row_dot_f32) check CPU
 //! support and slice lengths.
 
+use super::avx2::{hsum, prefetch};
 use crate::ggml_quants::{dequantize_block, k_scale_min, GgmlType, GgufMatRef, MAX_BLOCK};
 use crate::quant::f16_to_f32;
 use std::arch::x86_64::*;
 use std::ops::Range;
-
-#[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    // SAFETY: prefetch is a hint with no architectural effect and never faults; wrapping_add
-    // keeps the pointer arithmetic defined whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(super::PREFETCH_BYTES) as *const i8) }
-}
 
 fn half(b: &[u8], at: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))

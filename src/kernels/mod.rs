@@ -55,16 +55,15 @@ fn check_int(m: &MatRef, r: &Range<usize>, acts: &[ActRef], out: &[f32]) {
     }
 }
 
-fn check_f32(m: &MatRef, r: &Range<usize>, xs: &[&[f32]], out: &[f32]) {
-    let l = m.layout;
+/// Rows `r` of an [n, k] matrix exist, and the f32 activations and the output are long enough.
+fn check_f32(n: usize, k: usize, r: &Range<usize>, xs: &[&[f32]], out: &[f32]) {
     assert!(
-        r.start <= r.end && r.end <= l.n,
-        "rows {r:?} out of range (N={})",
-        l.n
+        r.start <= r.end && r.end <= n,
+        "rows {r:?} out of range (N={n})"
     );
     assert!(!xs.is_empty() && xs.len() <= MAX_TOKENS && out.len() >= xs.len() * r.len());
     for x in xs {
-        assert!(x.len() >= l.k);
+        assert!(x.len() >= k);
     }
 }
 
@@ -95,7 +94,7 @@ pub fn row_dot_int(path: SimdPath, m: &MatRef, r: Range<usize>, acts: &[ActRef],
 
 /// out[(r - rows.start) * T + t] = W[r] . x[t] for f32 activations, r in `rows`.
 pub fn row_dot_f32(path: SimdPath, m: &MatRef, r: Range<usize>, xs: &[&[f32]], out: &mut [f32]) {
-    check_f32(m, &r, xs, out);
+    check_f32(m.layout.n, m.layout.k, &r, xs, out);
     match path {
         SimdPath::Scalar => scalar::row_dot_f32(m, r, xs, out),
         #[cfg(target_arch = "x86_64")]
@@ -124,15 +123,7 @@ pub fn gguf_row_dot_f32(
     xs: &[&[f32]],
     out: &mut [f32],
 ) {
-    assert!(
-        r.start <= r.end && r.end <= m.n,
-        "rows {r:?} out of range (N={})",
-        m.n
-    );
-    assert!(!xs.is_empty() && xs.len() <= MAX_TOKENS && out.len() >= xs.len() * r.len());
-    for x in xs {
-        assert!(x.len() >= m.k);
-    }
+    check_f32(m.n, m.k, &r, xs, out);
     match path {
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx2 | SimdPath::Avx512 => {
