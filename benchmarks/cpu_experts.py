@@ -57,6 +57,14 @@ def weight_bytes_per_expert(store):
     return sum(lay[n]["weights_nbytes"] + lay[n]["scales_nbytes"] for n in ("gate", "up", "down"))
 
 
+def warm_up(fn, min_calls, min_time):
+    """Call fn(0), fn(1), ... at least ``min_calls`` times and for at least ``min_time`` seconds."""
+    i, start = 0, time.perf_counter()
+    while i < min_calls or time.perf_counter() - start < min_time:
+        fn(i)
+        i += 1
+
+
 def time_calls(fn, min_time, min_calls=5):
     fn(0)
     calls, start = 0, time.perf_counter()
@@ -81,10 +89,7 @@ def bench_krasis(store, layers, m, k, rng, act_int8, min_time):
 
     # Warm up for a while: page faults, pool start, and the kernel's own work right after a store
     # is built (zeroing and compacting huge pages) would otherwise land in the first case.
-    i, start = 0, time.perf_counter()
-    while i < layers or time.perf_counter() - start < min_time:
-        call(i)
-        i += 1
+    warm_up(call, layers, min_time)
     _core.moe_phase_times()
     t = time_calls(call, min_time)
     phases, calls = _core.moe_phase_times()
@@ -125,10 +130,7 @@ def bench_torch(hidden, inter, k, experts, layers, m, rng, threads, min_time):
                 y[tok] += torch.from_numpy(rw[tok, slot])[:, None] * (h @ d.T).float()
         return y
 
-    i, start = 0, time.perf_counter()
-    while i < layers or time.perf_counter() - start < min_time:
-        call(i)
-        i += 1
+    warm_up(call, layers, min_time)
     t = time_calls(call, min_time)
     return t, touched / t
 

@@ -91,10 +91,7 @@ def bench_gguf(store, layers, m, rng, min_time):
         ids, w = cases[layer]
         store.forward(layer, xs[layer], ids, w)
 
-    i, start = 0, time.perf_counter()
-    while i < 2 * layers or time.perf_counter() - start < min_time:  # fault the file's pages in, warm the pool
-        call(i)
-        i += 1
+    cpu_experts.warm_up(call, 2 * layers, min_time)  # fault the file's pages in, warm the pool
     t = cpu_experts.time_calls(call, min_time)
     return t, touched / t
 

@@ -35,7 +35,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
 
 def after_load(llm, args: argparse.Namespace) -> None:
     """What the GPU options ask for once the model is loaded (--hcs-calibrate)."""
-    if getattr(args, "hcs_calibrate", None):
+    if args.hcs_calibrate:
         llm.calibrate_hot_experts_from_text(args.hcs_calibrate)
 
 
@@ -43,4 +43,4 @@ def gpu_kwargs(args: argparse.Namespace) -> dict:
     """The krasis.LLM keyword arguments those options set."""
     return dict(vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype, kv_cache_mb=args.kv_cache_mb,
                 layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts,
-                cuda_graphs=args.cuda_graphs, decode_mode=getattr(args, "decode_mode", "cpu"))
+                cuda_graphs=args.cuda_graphs, decode_mode=args.decode_mode)

@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..engine.cpu_quant import CPUExpertLayer, CPUQuantLinear
 from ..engine.weights import ModelWeights, load_weights
 from ..models.spec import ArchSpec
-from .parts import expert_dir, expert_group, separate_gpu_experts
+from .parts import expert_file, expert_group, separate_gpu_experts
 from .quant_config import QuantConfig
 
 log = logging.getLogger("krasis")
@@ -44,7 +44,7 @@ def _int8_matrices(path: Path, make: MatrixFactory) -> dict[str, object]:
 def open_expert_store(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tuple[_core.ExpertStore, list[Path]]:
     """The routed experts of every MoE layer, memory-mapped from the cache, and their files."""
     moe_layers = [i for i, layer in enumerate(spec.layers) if layer.is_moe]
-    paths = [directory / expert_dir(spec, quant) / f"layer_{i:03d}.bin" for i in moe_layers]
+    paths = [directory / expert_file(spec, quant, i) for i in moe_layers]
     store = _core.ExpertStore.open([str(p) for p in paths], spec.moe.num_experts, spec.hidden_size,
                                    spec.moe.intermediate_size, quant.cpu_expert_bits, expert_group(spec, quant))
     log.info("CPU experts: %d layers x %d experts INT%d memory-mapped from %s (%.2f GB)", len(moe_layers),
@@ -60,7 +60,7 @@ def gpu_expert_files(spec: ArchSpec, quant: QuantConfig, directory: Path,
     gpu_experts=True)`` builds them, and always when the CPU experts are not in the cache: ``cpu_experts`` False)."""
     side = "gpu" if separate_gpu_experts(quant) or not cpu_experts else "cpu"
     moe_layers = [i for i, layer in enumerate(spec.layers) if layer.is_moe]
-    paths = [directory / expert_dir(spec, quant, side) / f"layer_{i:03d}.bin" for i in moe_layers]
+    paths = [directory / expert_file(spec, quant, i, side) for i in moe_layers]
     layout = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.gpu_expert_bits,
                                expert_group(spec, quant), numa="off")
     return layout, paths

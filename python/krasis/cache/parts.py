@@ -5,6 +5,7 @@ a GPU engine run whose GPU expert width differs from the CPU one, one file of GP
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,20 @@ def expert_dir(spec: ArchSpec, quant: QuantConfig, side: str = "cpu") -> str:
     return f"{side}_experts_int{bits}_g{expert_group(spec, quant)}"
 
 
+def expert_file(spec: ArchSpec, quant: QuantConfig, layer: int, side: str = "cpu") -> str:
+    """The cache-relative path of decoder layer ``layer``'s routed-expert file for ``side`` ("cpu" or "gpu")."""
+    return f"{expert_dir(spec, quant, side)}/layer_{layer:03d}.bin"
+
+
 def separate_gpu_experts(quant: QuantConfig) -> bool:
     """Whether the GPU engine needs expert files of its own (at a width other than the CPU's)."""
     return quant.gpu_expert_bits != quant.cpu_expert_bits
 
 
-def expert_nbytes(spec: ArchSpec, bits: int, group: int) -> int:
-    """Bytes of one routed expert in the ExpertStore layout."""
-    return _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, bits, group, numa="off").expert_nbytes
+@functools.lru_cache(maxsize=16)
+def expert_nbytes(hidden: int, intermediate: int, bits: int, group: int) -> int:
+    """Bytes of one routed expert in the ExpertStore layout (asked of a one-expert store once per shape)."""
+    return _core.ExpertStore(1, 1, hidden, intermediate, bits, group, numa="off").expert_nbytes
 
 
 def _expert_part(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, index: int, layer: LayerSpec,
@@ -91,8 +98,8 @@ def _expert_part(ckpt: Checkpoint, spec: ArchSpec, quant: QuantConfig, index: in
             store.set_expert(0, e, as_kernel_input(t["gate"]), as_kernel_input(t["up"]), as_kernel_input(t["down"]))
         return write_atomic(path, (memoryview(store.expert_view(0, e)) for e in range(n)))
 
-    return Part(f"{expert_dir(spec, quant, side)}/layer_{index:03d}.bin", f"{side}_experts", index, src,
-                n * expert_nbytes(spec, bits, group), write)
+    return Part(expert_file(spec, quant, index, side), f"{side}_experts", index, src,
+                n * expert_nbytes(spec.hidden_size, spec.moe.intermediate_size, bits, group), write)
 
 
 def int8_roles(spec: ArchSpec, layer: LayerSpec, quant: QuantConfig) -> dict[str, str]:

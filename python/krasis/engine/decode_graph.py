@@ -25,7 +25,7 @@ from ..ops.mlp import swiglu
 from ..ops.norms import rms_norm
 from .device_sync import new_event
 from .forward import Forward
-from .hybrid_moe import HybridExpertLayer, HybridExperts
+from .hybrid_moe import HybridExperts
 from .kv_cache import KVCache
 
 log = logging.getLogger("krasis")
@@ -42,17 +42,10 @@ def graph_bucket(length: int, capacity: int) -> int:
     return min(bucket, capacity)
 
 
-def graphs_unsupported(forward: Forward, runtime: HybridExperts | None, device: torch.device) -> str | None:
-    """Why decode cannot run as CUDA graphs for this model (None when it can)."""
-    if device.type != "cuda":
-        return "not on a CUDA device"
-    if runtime is None:
-        return "only the hybrid engine captures decode graphs"
+def graphs_unsupported(forward: Forward) -> str | None:
+    """Why decode of this hybrid-engine model cannot run as CUDA graphs (None when it can)."""
     if any(layer.mixer != "attention" for layer in forward.spec.layers):
         return "linear-attention layers carry state between steps that is not captured"
-    if forward.w.layers and any(layer.experts is not None and not isinstance(layer.experts, HybridExpertLayer)
-                                for layer in forward.w.layers):
-        return "some MoE layers are not served by the hybrid engine"
     return None
 
 

@@ -51,7 +51,7 @@ class HybridExperts:
                          "routed_calls_streamed": 0, "decode_bytes_streamed": 0,
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
-        self.decode_mode, self.gpu_share = "cpu", 0.0
+        self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
         e = host[0].num_experts if host else 0
         self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
@@ -61,14 +61,13 @@ class HybridExperts:
         """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s) and
         streams the share h2d / (cpu + h2d) of them."""
         if mode not in DECODE_MODES:
-            raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
         if mode == "hybrid":
             if not cpu_gbps or not h2d_gbps:
                 raise ValueError("decode mode 'hybrid' needs the measured CPU and host-to-device rates")
             self.gpu_share = h2d_gbps / (cpu_gbps + h2d_gbps)
         else:
             self.gpu_share = 1.0 if mode == "gpu" else 0.0
-        self.decode_mode = mode
 
     def layer(self, slot: int) -> HybridExpertLayer:
         return HybridExpertLayer(self, slot)
