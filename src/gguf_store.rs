@@ -10,7 +10,7 @@ use crate::kernels::WeightRef;
 use crate::moe::{moe_forward, ExpertRef};
 use crate::pool::Pool;
 use crate::simd::SimdPath;
-use crate::store::check_forward_args;
+use crate::store::{check_expert_index, check_forward_args};
 use memmap2::Mmap;
 use std::path::PathBuf;
 
@@ -143,18 +143,7 @@ impl GgufExpertStore {
 
     /// Views of one expert's matrices (reads the files in place).
     pub fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, String> {
-        if layer >= self.num_layers {
-            return Err(format!(
-                "layer {layer} out of range (num_layers={})",
-                self.num_layers
-            ));
-        }
-        if expert >= self.num_experts {
-            return Err(format!(
-                "expert {expert} out of range (num_experts={})",
-                self.num_experts
-            ));
-        }
+        check_expert_index(layer, self.num_layers, expert, self.num_experts)?;
         let ts = &self.tensors[layer];
         let mat = |i: usize| {
             let t = ts[i];

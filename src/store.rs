@@ -192,19 +192,7 @@ impl ExpertStore {
     }
 
     fn check(&self, layer: usize, expert: usize) -> Result<(), String> {
-        if layer >= self.num_layers {
-            return Err(format!(
-                "layer {layer} out of range (num_layers={})",
-                self.num_layers
-            ));
-        }
-        if expert >= self.num_experts {
-            return Err(format!(
-                "expert {expert} out of range (num_experts={})",
-                self.num_experts
-            ));
-        }
-        Ok(())
+        check_expert_index(layer, self.num_layers, expert, self.num_experts)
     }
 
     pub fn expert_bytes(&self, layer: usize, expert: usize) -> Result<&[u8], String> {
@@ -380,6 +368,26 @@ pub fn check_forward_args(
     let m = x.len() / h;
     if ids.len() != weights.len() || ids.is_empty() || !ids.len().is_multiple_of(m) {
         return Err(format!("expert_ids and weights must both be [M={m}, k]"));
+    }
+    Ok(())
+}
+
+/// An error naming the index when `layer` or `expert` is out of range (shared by the expert stores).
+pub(crate) fn check_expert_index(
+    layer: usize,
+    num_layers: usize,
+    expert: usize,
+    num_experts: usize,
+) -> Result<(), String> {
+    if layer >= num_layers {
+        return Err(format!(
+            "layer {layer} out of range (num_layers={num_layers})"
+        ));
+    }
+    if expert >= num_experts {
+        return Err(format!(
+            "expert {expert} out of range (num_experts={num_experts})"
+        ));
     }
     Ok(())
 }
