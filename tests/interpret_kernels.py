@@ -33,8 +33,14 @@ from krasis.kernels import (
     quantize_cpu_layout,
     to_gpu_layout,
 )
+from krasis.kernels.fused_norm import add_rms_norm
+from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
+from krasis.kernels.moe_decode import moe_gemv
 from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4
+from krasis.kernels.rotary import rotary
+from krasis.kernels.route_decode import route_and_stage
+from krasis.models.spec import RouterSpec
 
 # bf16 activations and outputs against a float32 computation with the same quantised weights
 REL_TOL = 2e-2
@@ -183,6 +189,26 @@ def check_small_align_equals_torch_align(size: Size, device: torch.device) -> No
                     assert torch.equal(g.cpu(), w.cpu()), f"{name} differs for ids {routed.tolist()}: {g} != {w}"
 
 
+def check_moe_gemv(size: Size, device: torch.device, bits: int, group: int) -> None:
+    """The few-token kernels: skipped and repeated experts, a strided expert view, and adding into an output."""
+    both = random_experts(size, bits, group, device, count=2 * size.experts)
+    experts = GPUExperts(both.w13[::2], both.s13[::2], both.w2[::2], both.s2[::2], both.bits, both.group)
+    tokens = 3
+    x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
+    weights, ids = random_routing(tokens, size, device)
+    ids[0, 0] = -1
+    ids[1, :] = ids[1, 0]  # one expert in every slot of token 1
+    ids[2, -1] = size.experts  # past the last expert: skipped too
+    start = torch.randn(tokens, size.hidden, device=device)
+    poison_allocator(device)
+    out = moe_gemv(x, experts, weights, ids, out=start.clone(), accumulate=True)
+    want = reference_moe(x, experts, weights, ids)
+    err = rel_norm_err(out - start, want)
+    assert err < REL_TOL, f"relative error {err:.3g} (bits={bits}, group={group})"
+    assert rel_norm_err(moe_gemv(x, experts, weights, ids.to(torch.int32)), want) < REL_TOL, "int32 ids"
+    assert torch.all(moe_gemv(x, experts, weights, torch.full_like(ids, -1)) == 0)
+
+
 def check_quant_linear(size: Size, device: torch.device, bits: int, group: int, config=None) -> None:
     n, k = size.linear_out, size.hidden
     m = to_gpu_layout(*random_matrix(n, k, bits, group, device), n, k, bits, group)
@@ -193,6 +219,93 @@ def check_quant_linear(size: Size, device: torch.device, bits: int, group: int, 
         assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
         err = rel_norm_err(y, x.float() @ w.t())
         assert err < REL_TOL, f"relative error {err:.3g} (bits={bits}, group={group}, M={rows})"
+
+
+def check_add_rms_norm(size: Size, device: torch.device, offset: float) -> None:
+    """The fused residual sums and norm give torch's rounding: the sums exactly, the norm within an ulp."""
+    from krasis.ops.norms import rms_norm
+
+    h = size.hidden
+    x, c, w = (torch.randn(2, h, device=device).to(torch.bfloat16) for _ in range(3))
+    a, b = torch.randn(2, h, device=device), torch.randn(2, h, device=device)
+    weight = w[0] if offset == 0 else w[0] * 0.1
+    eps = 1e-6
+    ref_x = x + ((a + b).to(x.dtype) + c)
+    got_x, got = add_rms_norm(x, weight, eps, offset, a=a, b=b, c=c)
+    assert torch.equal(got_x, ref_x), "x + ((a + b) + c) rounded as torch rounds it"
+    assert rel_norm_err(got, rms_norm(ref_x, weight, eps, offset)) < 4e-3
+    got_x, got = add_rms_norm(x, weight, eps, offset, c=c)
+    assert torch.equal(got_x, x + c)
+    same, got = add_rms_norm(x, weight, eps, offset)
+    assert same is x and rel_norm_err(got, rms_norm(x, weight, eps, offset)) < 4e-3
+    inplace = x.clone()
+    add_rms_norm(inplace, weight, eps, offset, c=c, x_out=inplace)
+    assert torch.equal(inplace, x + c), "x_out may be x itself"
+    wide = add_rms_norm(x, weight.float(), eps, offset)[1]
+    assert wide.dtype == (torch.float32 if offset == 0 else torch.bfloat16), "torch's promotion with the weight"
+
+
+def check_rotary(size: Size, device: torch.device, interleaved: bool) -> None:
+    """The one-launch rotation equals Rotary.apply (interleaved in float32, rotate-half in bf16 steps)."""
+    from krasis.models.spec import RopeSpec
+    from krasis.ops.rope import Rotary
+
+    rope = Rotary(RopeSpec(dim=16, theta=10000.0, interleaved=interleaved), device)
+    cos, sin = rope.angles(torch.tensor([37], device=device))
+    q = torch.randn(1, 4, 24, device=device).to(torch.bfloat16)
+    got = rotary(q[..., 8:], cos, sin, interleaved)  # a strided slice, as the rope part of a query
+    want = rope.apply(q[..., 8:], cos, sin)
+    assert got.shape == want.shape and rel_norm_err(got, want) < 4e-3
+
+
+def check_kv_write(size: Size, device: torch.device, kv_dtype: str) -> None:
+    """One launch writes a token's two entries at a device-side position as the torch cache writes them."""
+    from krasis.engine.kv_cache import FP8, _to_fp8
+
+    shapes = ((size.hidden,), (4, 16))
+    store_dtype = FP8 if kv_dtype == "fp8" else torch.bfloat16
+    stores = tuple(torch.zeros(9, *shape, device=device).to(store_dtype) for shape in shapes)
+    scales = tuple(torch.zeros(9, device=device) for _ in shapes) if kv_dtype == "fp8" else None
+    values = [torch.randn(1, *shape, device=device).to(torch.bfloat16) * 30 for shape in shapes]
+    kv_write_at(values[0], values[1].reshape(1, -1), stores, scales, torch.tensor([5], device=device))
+    for i, (store, value) in enumerate(zip(stores, values, strict=True)):
+        assert store[[0, 1, 2, 3, 4, 6, 7, 8]].float().abs().sum() == 0, "only row 5 is written"
+        if scales is None:
+            assert torch.equal(store[5], value[0])
+        else:
+            q, scale = _to_fp8(value)
+            assert torch.equal(scales[i][5:6], scale)
+            assert torch.equal(store[5].float(), q[0].float()), "e4m3 rounding as torch's cast"
+
+
+ROUTERS = {
+    "softmax-f32": RouterSpec(top_k=3, float32_logits=True),
+    "softmax-norm-bf16": RouterSpec(top_k=3, norm_topk_prob=True, routed_scaling_factor=2.5),
+    "sigmoid-bias-norm": RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=True, correction_bias=True,
+                                    float32_logits=True),
+}
+
+
+def check_route_and_stage(size: Size, device: torch.device, name: str) -> None:
+    """The two-launch routing picks route()'s experts and weights, and stages [x | weights | ids]."""
+    from krasis.ops.router import route
+
+    spec = ROUTERS[name]
+    e, h = 40, size.hidden  # not a power of two: masked experts must never be picked
+    x = torch.randn(3, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    bias = torch.randn(e, device=device) * 0.1 if spec.correction_bias else None
+    weights, ids, rows = route_and_stage(x, router, spec, bias)
+    if spec.float32_logits:
+        want_w, want_ids = route(F.linear(x.float(), router.float()), spec, torch.float32, bias)
+    else:
+        want_w, want_ids = route(F.linear(x, router), spec, x.dtype, bias)
+    assert torch.equal(ids.sort(dim=1).values, want_ids.sort(dim=1).values), f"{ids} != {want_ids}"
+    order, want_order = ids.argsort(dim=1), want_ids.argsort(dim=1)
+    assert torch.allclose(weights.gather(1, order), want_w.float().gather(1, want_order), rtol=1e-2, atol=1e-6)
+    k = spec.top_k
+    assert torch.equal(rows, torch.cat((x.float(), weights, ids.float()), dim=1))
+    assert rows.shape == (3, h + 2 * k)
 
 
 FORMATS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
@@ -207,6 +320,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
                                                                                       size.prefill_tokens)
         out[f"fused_moe[{tag}-decode]"] = lambda d, b=bits, g=group: check_fused_moe(size, d, b, g, 1)
         out[f"quant_linear[{tag}]"] = lambda d, b=bits, g=group: check_quant_linear(size, d, b, g)
+        out[f"moe_gemv[{tag}]"] = lambda d, b=bits, g=group: check_moe_gemv(size, d, b, g)
     # every launch configuration on one batch of several rows per expert, whatever the size-based choice is
     tokens = max(16, size.prefill_tokens // 2)
     configs = {"decode": DECODE, "medium": MEDIUM, "prefill": PREFILL, "prefill_int4": PREFILL_INT4}
@@ -215,6 +329,14 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
         out[f"fused_moe_config[{name}]"] = lambda d, c=cfg: check_fused_moe(size, d, 4, 32, tokens, c)
     out["quant_linear_swap_ab[int8-g64]"] = lambda d: check_quant_linear(size, d, 8, 64, replace(DECODE, swap_ab=True))
     out["skipped_pairs"] = lambda d: check_skipped_pairs(size, d)
+    for offset in (0.0, 1.0):
+        out[f"add_rms_norm[offset={offset:g}]"] = lambda d, o=offset: check_add_rms_norm(size, d, o)
+    for name in ROUTERS:
+        out[f"route_and_stage[{name}]"] = lambda d, n=name: check_route_and_stage(size, d, n)
+    for kv_dtype in ("bf16", "fp8"):
+        out[f"kv_write[{kv_dtype}]"] = lambda d, k=kv_dtype: check_kv_write(size, d, k)
+    for interleaved in (False, True):
+        out[f"rotary[interleaved={interleaved}]"] = lambda d, i=interleaved: check_rotary(size, d, i)
     out["small_align_equals_torch_align"] = lambda d: check_small_align_equals_torch_align(size, d)
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)
     out["strided_expert_view"] = lambda d: check_strided_expert_view(size, d)

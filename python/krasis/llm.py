@@ -152,8 +152,9 @@ class LLM:
                                                                self.device, options, progress, cpu_store)
             else:
                 weights = load_cached_weights(ckpt, self.spec, self.dtype, quant, directory)
+        self._link_rates: dict | None = None  # CPU and host-to-GPU rates (GB/s), measured for the decode modes
         if self.runtime is not None:
-            self._set_decode_mode(decode_mode)
+            self.set_decode_mode(decode_mode)
         self.load_report["load_s"] = time.perf_counter() - start
         self._forward = Forward(self.spec, weights, self.dtype, self.device)
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
@@ -179,19 +180,29 @@ class LLM:
         self._graphs = DecodeGraphs(self._forward, self.runtime, self._kv)
         log.info("decode: CUDA graphs on (captured per KV-length bucket on first use)")
 
-    def _set_decode_mode(self, mode: str) -> None:
+    def set_decode_mode(self, mode: str) -> None:
+        """Where decode runs the routed experts that are not in the hot cache (``decode_mode`` of the
+        constructor); may change between generations. The link rates "hybrid" and "auto" start from are
+        measured on first use and kept."""
         from .engine.link_rates import cpu_read_gbps, h2d_gbps
 
+        if self.runtime is None:
+            raise ValueError("decode modes belong to the GPU engine (device='cuda' with quantised experts)")
         rates = {}
-        if mode == "hybrid":
-            rates["cpu_gbps"] = cpu_read_gbps()
-            # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
-            rates["h2d_gbps"] = h2d_gbps(self.device) if self.device.type == "cuda" else rates["cpu_gbps"]
+        if mode in ("hybrid", "auto"):
+            if self._link_rates is None:
+                cpu = cpu_read_gbps()
+                # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
+                self._link_rates = {"cpu_gbps": cpu, "h2d_gbps": h2d_gbps(self.device) if self.device.type == "cuda"
+                                    else cpu}
+            rates = self._link_rates
         self.runtime.set_decode_mode(mode, **rates)
         share = self.runtime.gpu_share
         where = f"{100 * (1 - share):.0f}% on the CPU, {100 * share:.0f}% copied to the GPU each step"
         if rates:
             where += f" (measured: CPU reads {rates['cpu_gbps']:.1f} GB/s, host-to-GPU {rates['h2d_gbps']:.1f} GB/s)"
+        if mode == "auto":
+            where += "; the split then follows the timings of each step"
         log.info("decode (%s mode): experts not in the hot cache run %s", mode, where)
         self.load_report["decode_mode"] = {"mode": mode, "gpu_share": share, **rates}
 

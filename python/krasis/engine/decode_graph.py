@@ -1,11 +1,18 @@
-"""Decode steps of the hybrid engine replayed as CUDA graphs.
+"""Decode steps of the hybrid engine replayed as CUDA graphs, built from one-launch decode kernels.
 
-A decode step launches some 80 small kernels per layer; issued one by one from Python that costs more than
-the step's memory traffic. Here each layer's GPU work is captured once into two graphs: "attend" (the
-previous layer's sum, attention, the router, and the copy of the CPU experts' inputs to pinned memory) and
-"experts" (shared expert and hot-cache experts). The host replays them layer by layer; between the two it
-waits only for the staged copy, runs the CPU experts while the GPU runs "experts", and queues the CPU's
-result into a fixed device buffer that the next layer's "attend" adds in.
+Each layer's GPU work is captured once into two graphs: "attend" (the previous layer's sums, attention, the
+router, and the copy of the CPU experts' inputs to pinned memory) and "experts" (shared expert and hot-cache
+experts). The host replays them layer by layer; between the two it waits only for the staged copy, runs the
+CPU experts while the GPU runs "experts", and queues the CPU's result into a fixed device buffer that the
+next layer's "attend" adds in.
+
+Inside a graph a kernel still costs a few microseconds however small its work, and for one token nearly all
+of them are small; so the step uses fused kernels where torch would launch many: the residual sums with each
+RMSNorm (``kernels.fused_norm``), rotary embedding (``kernels.rotary``, angles once per step), the KV write
+(``kernels.kv_write``), MLA attention over the cache as stored (``kernels.mla_decode``), routing with the
+staging row (``kernels.route_decode``) and the routed experts as matrix-vector kernels (``kernels.moe_decode``).
+Their roundings follow the eager forward's; sums are reduced in other orders, so steps agree with eager decode
+to rounding, not bit for bit.
 
 Graphs need fixed shapes and addresses: the position is a device tensor, the KV cache is the one
 fixed-capacity cache of the model (its entries written at that position, and the first ``bucket`` entries
@@ -21,10 +28,15 @@ from typing import Protocol
 
 import torch
 
+from ..kernels.fused_norm import add_rms_norm
+from ..kernels.mla_decode import mla_decode_attention
+from ..kernels.rotary import rotary
+from ..kernels.route_decode import fusable, route_and_stage
+from ..models.spec import MLASpec
+from ..ops.linear import linear
 from ..ops.mlp import swiglu
-from ..ops.norms import rms_norm
 from .device_sync import new_event
-from .forward import Forward
+from .forward import MLA_NORM_EPS, Forward
 from .hybrid_moe import HybridExperts
 from .kv_cache import KVCache
 
@@ -52,20 +64,19 @@ def graphs_unsupported(forward: Forward) -> str | None:
 class _Buffers:
     """The fixed device tensors the graphs read and write between replays."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden: int, rope_dim: int, dtype: torch.dtype, device: torch.device):
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.cos = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)  # the step's rotary angles
+        self.sin = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)
         self.x = torch.zeros(1, hidden, dtype=dtype, device=device)  # residual stream before the pending sums
-        self.gpu = torch.zeros(1, hidden, dtype=torch.float32, device=device)  # hot-cache experts' share
-        self.cpu = torch.zeros(1, hidden, dtype=torch.float32, device=device)  # CPU experts' share
+        # the routed experts' pending shares, zeroed together: [0] GPU (hot cache, streamed), [1] CPU
+        self.shares = torch.zeros(2, 1, hidden, dtype=torch.float32, device=device)
+        self.gpu, self.cpu = self.shares[0], self.shares[1]
         self.extra = torch.zeros(1, hidden, dtype=dtype, device=device)  # shared expert or dense MLP output
         self.h = torch.zeros(1, hidden, dtype=dtype, device=device)  # normed input of the MoE
         self.weights: torch.Tensor | None = None
         self.ids: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-
-    def residual(self) -> torch.Tensor:
-        """The residual stream with the last layer's MLP added, as the eager forward sums it."""
-        return self.x + ((self.gpu + self.cpu).to(self.x.dtype) + self.extra)
 
 
 class _Replay(Protocol):
@@ -85,42 +96,74 @@ class DecodeGraphs:
     def __init__(self, forward: Forward, runtime: HybridExperts, cache: KVCache):
         self.f, self.rt, self.cache = forward, runtime, cache
         self.device = forward.device
-        self.buf = _Buffers(forward.spec.hidden_size, forward.dtype, self.device)
+        spec = forward.spec
+        self.buf = _Buffers(spec.hidden_size, spec.rope.dim, forward.dtype, self.device)
         # Off CUDA (tests, with the Triton interpreter) the same steps run eagerly in place of replays.
         self.capturing = self.device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capturing else None
-        # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers, and streamed
-        # is None where the decode mode streams nothing
+        # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers
         self._graphs: dict[int, list[tuple[_Replay, _Replay | None, _Replay | None]]] = {}
         self._final: dict[int, _Replay] = {}
         self._event = new_event(self.device)
-        self._embed_row = torch.empty(forward.spec.hidden_size, dtype=forward.w.embed.dtype,
+        self._embed_row = torch.empty(spec.hidden_size, dtype=forward.w.embed.dtype,
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
 
     # -- the work captured -------------------------------------------------------------------------------------
     def _attend(self, index: int, bucket: int) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         spec = f.spec
-        x = b.residual()
-        cos, sin = f.rotary.angles(b.position)
-        h = rms_norm(x, layer.input_norm, spec.rms_norm_eps, spec.norm_weight_offset)
+        eps, offset = spec.rms_norm_eps, spec.norm_weight_offset
+        if index == 0:  # one set of rotary angles serves every layer of the step
+            cos, sin = f.rotary.angles(b.position)
+            b.cos.copy_(cos)
+            b.sin.copy_(sin)
+        # the previous layer's pending sums join the residual stream (in place), and the attention's input norm
+        _, h = add_rms_norm(b.x, layer.input_norm, eps, offset, a=b.gpu, b=b.cpu, c=b.extra, x_out=b.x)
+        if isinstance(spec.attention, MLASpec):
+            out = self._mla(index, layer, h, bucket)
+        else:
+            def kv(first: torch.Tensor, second: torch.Tensor):
+                return self.cache.append_at(index, first, second, b.position, bucket)
 
-        def kv(first: torch.Tensor, second: torch.Tensor):
-            return self.cache.append_at(index, first, second, b.position, bucket)
-
-        x = x + f.attention(layer, h, kv, b.position, cos, sin)
-        h = rms_norm(x, layer.post_attention_norm, spec.rms_norm_eps, spec.norm_weight_offset)
-        b.x.copy_(x)
-        b.gpu.zero_()
-        b.cpu.zero_()
+            out = f.attention(layer, h, kv, b.position, b.cos, b.sin)
+        b.shares.zero_()
         if layer.experts is None:
+            _, h = add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x)
             m = layer.mlp
             b.extra.copy_(swiglu(h, m["gate"], m["up"], m["down"]))
             return
-        weights, ids = f.route(layer, h)
-        b.h.copy_(h)
-        b.weights, b.ids = weights.float(), ids
-        self.rt.stage(h, b.weights, ids)
+        add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
+        router, m = spec.moe.router, layer.mlp
+        if fusable(router, m["router"]):
+            b.weights, b.ids, rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"))
+            self.rt.stage_rows(rows)
+        else:
+            weights, b.ids = f.route(layer, b.h)
+            b.weights = weights.float()
+            self.rt.stage(b.h, b.weights, b.ids)
+
+    def _mla(self, index: int, layer, h: torch.Tensor, bucket: int) -> torch.Tensor:
+        """Multi-head latent attention of one token in the absorbed form, reading the cache in place."""
+        a, w, b = self.f.spec.attention, layer.attention, self.buf
+        dn, r = a.qk_nope_head_dim, a.kv_lora_rank
+        interleaved = self.f.spec.rope.interleaved
+        if "q" in w:
+            q = linear(h, w["q"])
+        else:
+            q = linear(add_rms_norm(linear(h, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], MLA_NORM_EPS)[1], w["q_b"])
+        q = q.view(a.num_heads, dn + a.qk_rope_head_dim)
+        ckv = linear(h, w["kv_a"], w.get("kv_a_bias"))
+        latent = add_rms_norm(ckv[:, :r], w["kv_a_norm"], MLA_NORM_EPS)[1]
+        k_pe = rotary(ckv[:, None, r:], b.cos, b.sin, interleaved)[:, 0]
+        q_pe = rotary(q[None, :, dn:], b.cos, b.sin, interleaved)[0]
+        self.cache.write_at(index, latent, k_pe, b.position)
+        kv_b = w["kv_b"].view(a.num_heads, dn + a.v_head_dim, r)
+        q_lat = torch.bmm(q[:, None, :dn], kv_b[:, :dn, :])[:, 0]  # [heads, r]
+        latent_all, kpe_all, latent_scale, kpe_scale = self.cache.storage(index)
+        out_lat = mla_decode_attention(q_lat, q_pe, latent_all, latent_scale, kpe_all, kpe_scale, b.position, bucket,
+                                       a.softmax_scale)
+        out = torch.bmm(out_lat.to(h.dtype)[:, None, :], kv_b[:, dn:, :].transpose(1, 2))  # [heads, 1, v]
+        return linear(out.reshape(1, -1), w["o"], w.get("o_bias"))
 
     def _experts(self, index: int) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
@@ -129,17 +172,16 @@ class DecodeGraphs:
             b.extra.zero_()
         else:
             b.extra.copy_(shared)
-        gpu = self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids)
-        if gpu is not None:
-            b.gpu.copy_(gpu)
+        self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu)
 
     def _streamed(self, index: int) -> None:
         b = self.buf
-        b.gpu.add_(self.rt.streamed_part(b.h, b.weights, b.ids).float())
+        self.rt.streamed_part(b.h, b.weights, b.ids, add_to=b.gpu)
 
     def _final_norm(self) -> None:
         f, b = self.f, self.buf
-        hidden = rms_norm(b.residual(), f.w.final_norm, f.spec.rms_norm_eps, f.spec.norm_weight_offset)
+        hidden = add_rms_norm(b.x, f.w.final_norm, f.spec.rms_norm_eps, f.spec.norm_weight_offset, a=b.gpu, b=b.cpu,
+                              c=b.extra)[1]
         logits = f.logits(hidden)
         if b.logits is None:
             b.logits = torch.empty_like(logits)
@@ -167,8 +209,8 @@ class DecodeGraphs:
             experts = streamed = None
             if layer.experts is not None:
                 experts = self._capture(lambda i=index: self._experts(i))
-                if self.rt.gpu_share > 0:
-                    streamed = self._capture(lambda i=index: self._streamed(i))
+                # captured whatever the decode mode now, so that the mode may change later
+                streamed = self._capture(lambda i=index: self._streamed(i))
             graphs.append((attend, experts, streamed))
         self._final[bucket] = self._capture(self._final_norm)
         self._graphs[bucket] = graphs
@@ -182,8 +224,8 @@ class DecodeGraphs:
             b.x.copy_(self._embed_row[None], non_blocking=True)
         else:
             b.x.copy_(embed[token][None])
-        for pending in (b.gpu, b.cpu, b.extra):
-            pending.zero_()
+        b.shares.zero_()
+        b.extra.zero_()
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, vocab] of ``token`` at ``position`` (the cache holds positions before it); extends the
@@ -201,11 +243,13 @@ class DecodeGraphs:
             if experts is None:
                 continue
             self._event.record()
+            rt.gpu_work_starts()
             experts.replay()
             rt.wait(self._event)
             cpu_ids, any_streamed = rt.split(layer.experts.slot, 1, k)
             if any_streamed:
                 streamed.replay()
+            rt.gpu_work_ends()
             y = rt.cpu_part(layer.experts.slot, 1, k, cpu_ids)
             if y is not None:
                 b.cpu.copy_(y, non_blocking=True)

@@ -14,6 +14,8 @@ import torch
 
 from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
+from ..kernels.moe_decode import moe_gemv
+from .decode_modes import DECODE_MODES, rebalanced_share
 from .device_sync import current_stream, new_event, pinned
 from .expert_stream import ExpertStreamer, copy_experts, slice_experts
 from .hot_cache import HotExpertCache
@@ -22,12 +24,6 @@ from .hot_cache import HotExpertCache
 # streamed to the GPU. Streaming one layer costs ~its expert bytes over PCIe, which only pays off once
 # a chunk touches most experts with many tokens each.
 DECODE_MAX_TOKENS = 32
-# Where decode runs the routed experts that are not in the hot cache: "cpu" (the Rust kernels), "gpu" (copied
-# from pinned memory into VRAM per step and run there) or "hybrid" (split between both in proportion to the
-# measured DRAM and host-to-device rates, so that both finish together).
-DECODE_MODES = ("cpu", "gpu", "hybrid")
-
-
 class HybridExperts:
     """All MoE layers' routed experts: pinned host copies in the GPU layout (for streaming and the hot
     cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore, both indexed by MoE
@@ -52,22 +48,52 @@ class HybridExperts:
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
+        self.adaptive = False  # "auto": gpu_share follows the timings of real steps
+        # auto: events around the GPU's expert work of the last layer step (CUDA only) and the CPU's seconds
+        timing = self.device.type == "cuda"
+        self._gpu_start = torch.cuda.Event(enable_timing=True) if timing else None
+        self._gpu_end = torch.cuda.Event(enable_timing=True) if timing else None
+        self._timed_step = False  # a step's GPU events are recorded and not yet read
+        self._cpu_seconds = 0.0  # the CPU experts' seconds in the last step
         e = host[0].num_experts if host else 0
         self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
 
     def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, h2d_gbps: float | None = None) -> None:
-        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s) and
-        streams the share h2d / (cpu + h2d) of them."""
+        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" and "auto" need both rates (GB/s)
+        and start by streaming the share h2d / (cpu + h2d) of them."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
-        if mode == "hybrid":
+        self.adaptive = mode == "auto"
+        self._timed_step = False
+        if mode in ("hybrid", "auto"):
             if not cpu_gbps or not h2d_gbps:
-                raise ValueError("decode mode 'hybrid' needs the measured CPU and host-to-device rates")
+                raise ValueError(f"decode mode {mode!r} needs the measured CPU and host-to-device rates")
             self.gpu_share = h2d_gbps / (cpu_gbps + h2d_gbps)
         else:
             self.gpu_share = 1.0 if mode == "gpu" else 0.0
+
+    def gpu_work_starts(self) -> None:
+        """Called where a decode layer step's GPU expert work is queued (auto mode times it)."""
+        if self.adaptive and self._gpu_start is not None:
+            self._gpu_start.record()
+
+    def gpu_work_ends(self) -> None:
+        """Called right after the step's streamed work is queued, before its CPU experts run."""
+        if self.adaptive and self._gpu_end is not None:
+            self._gpu_end.record()
+            self._timed_step = True
+            self._cpu_seconds = 0.0  # cpu_part sets it, unless the CPU has nothing to do
+
+    def _rebalance(self) -> None:
+        """auto: move the share by the last timed step, whose GPU events have completed by now (the host has
+        since waited for later work on the same stream)."""
+        if not self._timed_step:
+            return
+        gpu_seconds = self._gpu_start.elapsed_time(self._gpu_end) / 1e3
+        self.gpu_share = rebalanced_share(self.gpu_share, self._cpu_seconds, gpu_seconds)
+        self._timed_step = False
 
     def layer(self, slot: int) -> HybridExpertLayer:
         return HybridExpertLayer(self, slot)
@@ -98,12 +124,14 @@ class HybridExperts:
         # Stage the CPU's inputs first so the copy is not queued behind the GPU experts' kernels.
         self.stage(x, weights, ids)
         self._staged.record()
+        self.gpu_work_starts()
         y = self.gpu_part(slot, x, weights, ids)
         self.wait(self._staged)
         cpu_ids, streamed = self.split(slot, x.shape[0], ids.shape[1])
         if streamed:
             y_s = self.streamed_part(x, weights, ids)
             y = y_s if y is None else y + y_s
+        self.gpu_work_ends()
         y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1], cpu_ids)
         if y_cpu is None:
             return y.to(x.dtype)
@@ -113,14 +141,20 @@ class HybridExperts:
     def stage(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
         """Queue the copy of a decode step's CPU-expert inputs (x [T, H], float weights [T, k], ids [T, k]) to
         pinned host memory. No host sync, fixed shapes: a CUDA graph may hold it."""
-        packed = torch.cat((x.float(), weights, ids.float()), dim=1)
-        self._in[: x.shape[0], : packed.shape[1]].copy_(packed, non_blocking=True)
+        self.stage_rows(torch.cat((x.float(), weights, ids.float()), dim=1))
 
-    def gpu_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        """The hot-cache experts' share of a decode step, [T, H] bf16 (None without a hot cache); experts not
-        resident contribute nothing. No host sync."""
+    def stage_rows(self, rows: torch.Tensor) -> None:
+        """``stage`` for inputs already packed as float32 rows [T, H + 2k] = [x | weights | ids]."""
+        self._in[: rows.shape[0], : rows.shape[1]].copy_(rows, non_blocking=True)
+
+    def gpu_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The hot-cache experts' share of a decode step, [T, H] bf16, or written to ``out`` (float32 [T, H]);
+        experts not resident contribute nothing. None without a hot cache (``out`` untouched). No host sync."""
         if not self.hcs.slots:
             return None
+        if out is not None:
+            return moe_gemv(x, self.hcs.experts, weights, self.hcs.table[slot][ids], out=out)
         return fused_moe(x, self.hcs.experts, weights, self.hcs.table[slot][ids])
 
     def wait(self, event) -> None:
@@ -135,6 +169,8 @@ class HybridExperts:
         current stream, with its expert -> slot map) for streamed_part, and the rest is left to the CPU.
         Returns (the ids for cpu_part, -1 where not the CPU's; None when the CPU has nothing), and whether any
         expert was streamed."""
+        if self.adaptive:
+            self._rebalance()
         h = self.store.hidden
         ids = self._in_np[:t, h + k: h + 2 * k].astype(np.int64)
         resident = self.hcs.table_host[slot][ids] >= 0
@@ -168,9 +204,12 @@ class HybridExperts:
         mapping[experts] = np.arange(len(experts), dtype=np.int32)
         self._stage_map.copy_(self._stage_map_host, non_blocking=True)
 
-    def streamed_part(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The streamed experts' share of a decode step, [T, H] bf16 (others contribute nothing). No host sync,
-        fixed addresses: a CUDA graph may hold it."""
+    def streamed_part(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """The streamed experts' share of a decode step, [T, H] bf16, or added into ``add_to`` (float32 [T, H])
+        (others contribute nothing). No host sync, fixed addresses: a CUDA graph may hold it."""
+        if add_to is not None:
+            return moe_gemv(x, self._staging, weights, self._stage_map[ids], out=add_to, accumulate=True)
         return fused_moe(x, self._staging, weights, self._stage_map[ids])
 
     def cpu_part(self, slot: int, t: int, k: int, cpu_ids: np.ndarray | None) -> torch.Tensor | None:
@@ -182,7 +221,8 @@ class HybridExperts:
         start = time.perf_counter()
         self._y_np[:t] = self.store.forward(slot, np.ascontiguousarray(staged[:, :h]), cpu_ids,
                                             np.ascontiguousarray(staged[:, h:h + k]))
-        c["cpu_expert_seconds"] += time.perf_counter() - start
+        self._cpu_seconds = time.perf_counter() - start
+        c["cpu_expert_seconds"] += self._cpu_seconds
         return self._y[:t]
 
     @property

@@ -128,16 +128,23 @@ class KVCache:
         """Write one token's entries at ``position`` (a one-element device tensor) and return entries [0, visible)
         in the compute dtype: fixed shapes and no host sync, for a decode step captured in a CUDA graph. The
         caller masks the entries past ``position``; the capacity must already cover it (fixed-capacity caches)."""
-        store = self._store[layer]
-        for i, t in enumerate((first, second)):
-            if self._scales is None:
-                store[i].index_copy_(0, position, t.to(store[i].dtype))
-            else:
-                q, scale = _to_fp8(t)
-                # index_copy_ has no float8 kernel; the bytes are copied as uint8
-                store[i].view(torch.uint8).index_copy_(0, position, q.view(torch.uint8))
-                self._scales[layer][i].index_copy_(0, position, scale)
+        self.write_at(layer, first, second, position)
         return self.read(layer, visible)
+
+    def write_at(self, layer: int, first: torch.Tensor, second: torch.Tensor, position: torch.Tensor) -> None:
+        """Write one token's entries at ``position`` (a one-element device tensor) in one launch, no host sync (a
+        Triton kernel: CUDA tensors, or CPU tensors under the Triton interpreter)."""
+        from ..kernels.kv_write import kv_write_at  # here: the CPU path never loads Triton
+
+        scales = None if self._scales is None else tuple(self._scales[layer])
+        kv_write_at(first.reshape(1, -1).contiguous(), second.reshape(1, -1).contiguous(), tuple(self._store[layer]),
+                    scales, position)
+
+    def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A layer's raw storage (first [capacity, ...], second [capacity, ...], and their float32 per-token
+        scales [capacity], None unless FP8), for kernels that read the cache in place."""
+        scales = self._scales[layer] if self._scales is not None else (None, None)
+        return self._store[layer][0], self._store[layer][1], scales[0], scales[1]
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries [0, end) of ``layer`` in the compute dtype."""

@@ -18,7 +18,6 @@ mishandles bfloat16 dots and integer-to-bfloat16 casts.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +29,11 @@ try:
 except ImportError:  # pragma: no cover - older layouts of the package
     OutOfResources = RuntimeError
 
+from .device import num_sms
+from .gemv import GEMV_MAX_TOKENS, linear_gemv
 from .gpu_layout import GPUExperts, GPUQuantMatrix, packed_rows
 from .moe_align import align_by_expert
+from .moe_decode import moe_gemv
 
 MODE_DENSE, MODE_GATE_UP, MODE_DOWN = 0, 1, 2
 
@@ -213,18 +215,11 @@ def moe_config(num_pairs: int, num_experts: int, bits: int = 8) -> GemmConfig:
     return PREFILL_INT4 if bits == 4 else PREFILL
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def linear_config(m: int, n: int, device: torch.device) -> GemmConfig:
     """Block sizes for quant_linear: large tiles for many rows; for few rows, BLOCK_N small enough to fill SMs."""
     if m > 64:
         return PREFILL if m > 256 else MEDIUM
-    sms = _num_sms(device)
+    sms = num_sms(device)
     block_n = next((b for b in (128, 64) if triton.cdiv(n, b) >= 2 * sms), 32)
     return GemmConfig(block_m=16 if m <= 16 else 32, block_n=block_n, num_warps=4, num_stages=4)
 
@@ -277,10 +272,13 @@ _stages_that_fit: dict[tuple, int] = {}
 
 
 def quant_linear(x: torch.Tensor, m: GPUQuantMatrix, config: GemmConfig | None = None) -> torch.Tensor:
-    """y [M, N] bf16 = x [M, K] @ W^T for a GPU-layout INT8/INT4 matrix (x is cast to bf16)."""
+    """y [M, N] bf16 = x [M, K] @ W^T for a GPU-layout INT8/INT4 matrix (x is cast to bf16). Up to
+    GEMV_MAX_TOKENS rows (without an explicit ``config``) it runs the matrix-vector kernel of ``gemv``."""
     if x.dim() != 2 or x.shape[1] != m.k:
         raise ValueError(f"x must be [M, {m.k}], got {tuple(x.shape)}")
     rows = x.shape[0]
+    if config is None and rows <= GEMV_MAX_TOKENS:
+        return linear_gemv(x, m)
     y = torch.empty((rows, m.n), dtype=torch.bfloat16, device=x.device)
     if rows == 0:
         return y
@@ -296,6 +294,8 @@ def fused_moe(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, 
 
     x [T, H] (cast to bf16), topk_weights [T, k] float, topk_ids [T, k] int indexing experts (ids outside
     [0, E), e.g. -1 for experts not on this device, contribute nothing). Returns [T, H] bf16. No host sync.
+    Up to GEMV_MAX_TOKENS tokens (without an explicit ``config``) it runs the matrix-vector kernels of
+    ``moe_decode``.
     """
     t, h = x.shape
     k = topk_ids.shape[1]
@@ -309,6 +309,8 @@ def fused_moe(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, 
                          f"bits={experts.bits}")
     if t == 0:
         return torch.empty((0, h), dtype=torch.bfloat16, device=x.device)
+    if config is None and t <= GEMV_MAX_TOKENS:
+        return moe_gemv(x, experts, topk_weights, topk_ids).to(torch.bfloat16)
     num_pairs = t * k
     cfg = config or moe_config(num_pairs, e, experts.bits)
     align = align_by_expert(topk_ids, e, cfg.block_m)

@@ -1,0 +1,116 @@
+"""Decode speed of each decode mode (cpu, gpu, hybrid, auto) on one model, each beside its bound.
+
+    python benchmarks/decode_modes.py /tmp/dsv2 --vram-budget-mb 6144 --prompt-tokens 1000 16000
+
+The model loads once (INT4 experts, BF16 compute, FP8 KV, hot-expert cache on); for each mode and prompt length,
+``--prompts`` random prompts are prefilled and ``--tokens`` tokens decoded (greedy, EOS ignored), and the mean
+decode tok/s over the tokens after the first is reported. The engine's counters give, per decoded token, the
+routed-expert calls served from VRAM (coverage) and the bytes of the others (read by the CPU from DRAM or copied
+to the GPU). Bound = (DRAM read rate + pinned host-to-device rate, both measured at the start) / those
+non-resident bytes per token: the speed at which both links together could read them. llama.cpp's figure on the
+same machine (67.4 tok/s within a 6 GiB budget, ``../shared/peers/README.md``) is printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+sys.path.insert(0, str(HERE))
+import bounds  # noqa: E402
+from gpu_engine import random_prompt  # noqa: E402
+
+from krasis.engine.decode_modes import DECODE_MODES  # noqa: E402
+
+# llama.cpp on the same H100 machine, synthetic DeepSeek-V2-Lite Q4_K_M, -ncmoe 21 within 6 GiB (peers README)
+LLAMA_CPP_TOK_S = 67.4
+
+
+def decode_run(llm, prompt: list[int], tokens: int) -> dict:
+    """Decode ``tokens`` after ``prompt``: tok/s over the tokens after the first, and the counter deltas."""
+    before = llm.engine_counters()
+    stamps = []
+    for _ in llm.stream(prompt, max_new_tokens=tokens):
+        stamps.append(time.perf_counter())
+    after = llm.engine_counters()
+    delta = {k: after[k] - before[k] for k in after}
+    return {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps), **delta}
+
+
+def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
+            link_gbps: float) -> dict:
+    llm.set_decode_mode(mode)
+    vocab = llm.spec.vocab_size
+    llm.generate(random_prompt(length, vocab, 7), max_new_tokens=4)  # captures this length's graphs
+    runs = [decode_run(llm, random_prompt(length, vocab, 100 + j), tokens) for j in range(prompts)]
+    steps = sum(r["decode_layer_steps"] for r in runs) / moe_layers  # decoded tokens (the prefill is no step)
+    calls = sum(r["routed_calls"] for r in runs)
+    on_gpu = sum(r["routed_calls_on_gpu"] for r in runs)
+    streamed = sum(r["routed_calls_streamed"] for r in runs)
+    nonres_bytes = (calls - on_gpu) * expert_nbytes / steps
+    tok_s = statistics.mean(r["tok_s"] for r in runs)
+    bound = link_gbps * 1e9 / nonres_bytes if nonres_bytes else None
+    return {"mode": mode, "prompt_tokens": length, "tok_s": tok_s, "per_prompt": [r["tok_s"] for r in runs],
+            "coverage": on_gpu / calls if calls else None, "streamed_share": streamed / max(calls - on_gpu, 1),
+            "nonresident_bytes_per_token": nonres_bytes, "bound_tok_s": bound,
+            "cpu_expert_ms_per_token": 1e3 * sum(r["cpu_expert_seconds"] for r in runs) / steps,
+            "wait_ms_per_token": 1e3 * sum(r["wait_for_gpu_seconds"] for r in runs) / steps,
+            "final_gpu_share": llm.runtime.gpu_share}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--vram-budget-mb", type=int, default=6144)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[1000, 16000])
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--modes", nargs="+", choices=DECODE_MODES, default=["cpu", "gpu", "hybrid", "auto"])
+    p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    import krasis
+
+    dram = bounds.dram_read_bandwidth(1 << 30)
+    h2d = bounds.h2d_bandwidth(True, 1 << 30)
+    print(f"measured: DRAM read {dram:.1f} GB/s, pinned host-to-device {h2d:.1f} GB/s", flush=True)
+    t0 = time.perf_counter()
+    llm = krasis.LLM(args.model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
+                     vram_budget_mb=args.vram_budget_mb)
+    llm.eos_token_ids = set()
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; hot cache {llm.runtime.hcs.slots} experts", flush=True)
+    moe_layers = sum(1 for layer in llm._forward.w.layers if layer.experts is not None)
+    rows = []
+    for length in args.prompt_tokens:
+        for mode in args.modes:
+            r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes, moe_layers,
+                        dram + h2d)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print()
+    print(f"decode, {args.tokens} tokens x {args.prompts} prompts, VRAM budget {args.vram_budget_mb} MiB, "
+          f"{torch.cuda.get_device_name()} {args.label}")
+    print("| prompt | mode | tok/s | bound (% of it) | HCS coverage | non-resident MB/token | streamed share "
+          "(final) | CPU experts ms/token | vs llama.cpp 67.4 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        bound = r["bound_tok_s"]
+        pct = f"{bound:.0f} ({100 * r['tok_s'] / bound:.0f}%)" if bound else "n/a"
+        print(f"| {r['prompt_tokens']:,} | {r['mode']} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
+              f"{r['nonresident_bytes_per_token'] / 1e6:.0f} | {r['streamed_share']:.0%} ({r['final_gpu_share']:.2f}) "
+              f"| {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"rates": {"dram_gbps": dram, "h2d_gbps": h2d}, "rows": rows,
+                                         "label": args.label}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

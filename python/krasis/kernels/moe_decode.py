@@ -1,0 +1,124 @@
+"""Routed experts for a few tokens (decode) as matrix-vector kernels: no expert alignment, no padded rows.
+
+``fused_moe``'s grouped GEMM pads every routed pair to a 16-row block and needs an alignment pass first; for
+one token that is five launches and 15 wasted rows per expert. Here each (token, slot) pair is one row of
+programs: ``gate_up`` computes act[pair] = silu(x W_g^T) * (x W_u^T) over a block of intermediate columns,
+``down`` computes the pair's weighted down projection over a block of hidden columns in float32, and ``sum``
+adds a token's pairs (into an output that may already hold a share, e.g. the hot cache's, so a CUDA graph
+needs no extra add). Three launches whatever k is; pairs whose id is outside [0, E) read no weights.
+
+Weights are the GPU layout (``gpu_layout``): N contiguous, so a program's loads run along its column block.
+Dequantisation is the grouped kernel's: integers exact in float32, scale per (group, column).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import dequant_gemv, gemv_block_n, gemv_consts
+from .gpu_layout import GPUExperts
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
+                    stride_x, stride_we, stride_wk, stride_se, stride_sk, stride_act,
+                    TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr):
+    pair = tl.program_id(0)
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if (e < 0) | (e >= E):  # not this device's expert: the down kernel skips the pair too
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < I
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
+    s_base = s_ptr + e * stride_se + offs_n
+    gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
+        s_ptrs = s_base + (k0 // GROUP) * stride_sk
+        gate += dequant_gemv(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+        up += dequant_gemv(x_row, k0, w_ptrs + I, s_ptrs + I, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    # rounded to bf16 as the grouped kernel's activations are
+    tl.store(act_ptr + pair * stride_act + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, out_ptr, K, H, E,
+                 stride_act, stride_we, stride_wk, stride_se, stride_sk, stride_out,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr):
+    pair = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < H
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if (e >= 0) & (e < E):
+        a_row = act_ptr + pair * stride_act
+        w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
+        s_base = s_ptr + e * stride_se + offs_n
+        for k0 in range(0, K, BLOCK_K):
+            w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
+            acc += dequant_gemv(a_row, k0, w_ptrs, s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
+                                 BLOCK_KP, SPLIT_SCALE)
+        acc = acc * tl.load(rw_ptr + pair)
+    tl.store(out_ptr + pair * stride_out + offs_n, acc, mask=n_mask)
+
+
+@triton.jit
+def _sum_pairs_kernel(pairs_ptr, out_ptr, H, stride_pairs, stride_out, TOP_K: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(pairs_ptr + (t * TOP_K + j) * stride_pairs + offs, mask=mask, other=0.0)
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + t * stride_out + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """Routed experts of a few tokens: out[t] (+)= sum_j w[t, j] * down(silu(gate x[t]) * up x[t]) of expert
+    ids[t, j] (ids outside [0, E) contribute nothing).
+
+    x [T, H] (cast to bf16), topk_weights [T, k] float, topk_ids [T, k] integer. ``out`` [T, H] float32 or
+    bf16 (a new float32 tensor when None); with ``accumulate`` the experts' sum is added to what it holds.
+    No host sync: a CUDA graph may hold it."""
+    t, h = x.shape
+    k = topk_ids.shape[1]
+    i, e, bits, group = experts.intermediate, experts.num_experts, experts.bits, experts.group
+    if out is None:
+        out = torch.zeros((t, h), dtype=torch.float32, device=x.device) if accumulate else torch.empty(
+            (t, h), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out
+    if out.shape != (t, h) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{t}, {h}] with contiguous rows, got {tuple(out.shape)}")
+    pairs = t * k
+    consts = gemv_consts(bits, group)
+    x = x.to(torch.bfloat16).contiguous()
+    ids = topk_ids.reshape(-1).contiguous()
+    act = torch.empty((pairs, i), dtype=torch.bfloat16, device=x.device)
+    bn = gemv_block_n(pairs, i, x.device)
+    _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
+        x, ids, experts.w13, experts.s13, act, h, i, e,
+        x.stride(0), experts.w13.stride(0), experts.w13.stride(1), experts.s13.stride(0), experts.s13.stride(1),
+        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, num_warps=4)
+    per_pair = torch.empty((pairs, h), dtype=torch.float32, device=x.device)
+    routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    bn = gemv_block_n(pairs, h, x.device)
+    _down_kernel[(pairs, triton.cdiv(h, bn))](
+        act, ids, routing, experts.w2, experts.s2, per_pair, i, h, e,
+        act.stride(0), experts.w2.stride(0), experts.w2.stride(1), experts.s2.stride(0), experts.s2.stride(1),
+        per_pair.stride(0), BLOCK_N=bn, **consts, num_warps=4)
+    block = 1024
+    _sum_pairs_kernel[(t, triton.cdiv(h, block))](per_pair, out, h, per_pair.stride(0), out.stride(0), TOP_K=k,
+                                                  ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,121 @@
+"""A decode step's expert routing in two launches: router logits, then scores, top-k and the staged row.
+
+``ops.router.route`` plus packing the CPU experts' inputs is about ten small torch kernels per layer. Here one
+kernel computes the logits (float32 dots over bf16 or float32 weights; rounded to the compute dtype first
+where the model's router runs in it), and one program per token scores them (softmax or sigmoid), picks the
+top k (by the bias-corrected score where the model has a correction bias), normalises and scales the
+weights as ``route`` does, and writes the staging row [x | weights | ids] that is copied to pinned memory for
+the CPU experts. Group-limited routing is not covered (``fusable`` says so); it keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..models.spec import RouterSpec
+from .rounding import round_to
+
+
+@triton.jit
+def _logits_kernel(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_out, ROUND: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = h < H
+        x = tl.load(x_ptr + t * stride_x + h, mask=h_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * stride_w + h[None, :], mask=e_mask[:, None] & h_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if ROUND:  # a router that runs in the compute dtype rounds its logits to it
+        acc = round_to(acc, x_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_out + e, acc, mask=e_mask)
+
+
+@triton.jit
+def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, E, H, scaling,
+                   stride_l, stride_x, stride_w, stride_ids, stride_staged,
+                   TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    logits = tl.load(logits_ptr + t * stride_l + e, mask=e_mask, other=float("-inf"))
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        scores = p / tl.sum(p, axis=0)
+    scores = tl.where(e_mask, scores, 0.0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    choice = tl.where(e_mask, choice, float("-inf"))
+    j = tl.arange(0, BLOCK_K)
+    picked = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):  # the best remaining expert, the lowest index among equals
+        best = tl.max(choice, axis=0)
+        idx = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+        picked = tl.where(j == k, idx, picked)
+        weights = tl.where(j == k, tl.sum(tl.where(e == idx, scores, 0.0), axis=0), weights)
+        choice = tl.where(e == idx, float("-inf"), choice)
+    if NORM:
+        if HAS_BIAS:
+            weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+        else:
+            weights = weights / tl.sum(weights, axis=0)
+    weights = weights * scaling
+    if ROUND:
+        weights = round_to(weights, x_ptr.dtype.element_ty)
+    k_mask = j < TOP_K
+    tl.store(weights_ptr + t * stride_w + j, weights, mask=k_mask)
+    tl.store(ids_ptr + t * stride_ids + j, picked.to(tl.int64), mask=k_mask)
+    row = staged_ptr + t * stride_staged
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        tl.store(row + h, tl.load(x_ptr + t * stride_x + h, mask=h < H, other=0.0).to(tl.float32), mask=h < H)
+    tl.store(row + H + j, weights, mask=k_mask)
+    tl.store(row + H + TOP_K + j, picked.to(tl.float32), mask=k_mask)
+
+
+def fusable(spec: RouterSpec, router: object) -> bool:
+    """Whether ``route_and_stage`` covers this router: a torch weight, no group limit."""
+    return isinstance(router, torch.Tensor) and not (spec.group_limited and spec.n_group > 1)
+
+
+def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing of x [T, H] by the router weight [E, H]: (weights float32 [T, k], ids int64 [T, k], the staging
+    rows float32 [T, H + 2k] = [x | weights | ids]), as ``Forward.route`` (then ``.float()``) and
+    ``HybridExperts.stage`` give them. No host sync."""
+    if not fusable(spec, router):
+        raise ValueError("group-limited routing is not fused; use ops.router.route")
+    if spec.correction_bias and correction_bias is None:
+        raise ValueError("this router adds a per-expert correction bias, but none was given")
+    t, h = x.shape
+    e, k = router.shape[0], spec.top_k
+    if router.shape[1] != h or router.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"router {tuple(router.shape)} and x {tuple(x.shape)} need matching, contiguous rows")
+    round_logits = not spec.float32_logits and x.dtype != torch.float32
+    logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
+    block_e = min(64, triton.next_power_of_2(e))
+    _logits_kernel[(t, triton.cdiv(e, block_e))](x, router, logits, e, h, x.stride(0), router.stride(0),
+                                                 logits.stride(0), ROUND=round_logits, BLOCK_E=block_e, BLOCK_H=128,
+                                                 num_warps=4)
+    weights = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    ids = torch.empty((t, k), dtype=torch.int64, device=x.device)
+    staged = torch.empty((t, h + 2 * k), dtype=torch.float32, device=x.device)
+    bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
+    _select_kernel[(t,)](logits, bias, x, weights, ids, staged, e, h, float(spec.routed_scaling_factor),
+                         logits.stride(0), x.stride(0), weights.stride(0), ids.stride(0), staged.stride(0),
+                         TOP_K=k, SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias,
+                         NORM=spec.norm_topk_prob and (spec.correction_bias or k > 1),
+                         ROUND=not spec.float32_logits and x.dtype != torch.float32,
+                         BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k), BLOCK_H=1024,
+                         num_warps=4)
+    return weights, ids, staged
