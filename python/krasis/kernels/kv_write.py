@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .rounding import round_to_e4m3
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
