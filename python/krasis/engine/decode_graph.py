@@ -64,7 +64,7 @@ def graphs_unsupported(forward: Forward) -> str | None:
 class _Buffers:
     """The fixed device tensors the graphs read and write between replays."""
 
-    def __init__(self, hidden: int, rope_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden: int, rope_dim: int, top_k: int, dtype: torch.dtype, device: torch.device):
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.cos = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)  # the step's rotary angles
         self.sin = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)
@@ -74,9 +74,12 @@ class _Buffers:
         self.gpu, self.cpu = self.shares[0], self.shares[1]
         self.extra = torch.zeros(1, hidden, dtype=dtype, device=device)  # shared expert or dense MLP output
         self.h = torch.zeros(1, hidden, dtype=dtype, device=device)  # normed input of the MoE
-        self.weights: torch.Tensor | None = None
-        self.ids: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
+        # the routing of the current MoE layer: written by "attend", read by "experts" and "streamed". Every tensor
+        # one graph leaves for another must be allocated here: a tensor allocated during a capture holds nothing
+        # until the graph is replayed, and the next graph's warm-up run would read it
+        self.weights = torch.zeros(1, max(top_k, 1), dtype=torch.float32, device=device)
+        self.ids = torch.zeros(1, max(top_k, 1), dtype=torch.int64, device=device)
+        self.logits: torch.Tensor | None = None  # allocated by the first (eager) warm-up run
 
 
 class _Replay(Protocol):
@@ -97,7 +100,8 @@ class DecodeGraphs:
         self.f, self.rt, self.cache = forward, runtime, cache
         self.device = forward.device
         spec = forward.spec
-        self.buf = _Buffers(spec.hidden_size, spec.rope.dim, forward.dtype, self.device)
+        self.buf = _Buffers(spec.hidden_size, spec.rope.dim, spec.moe.router.top_k if spec.moe else 0, forward.dtype,
+                            self.device)
         # Off CUDA (tests, with the Triton interpreter) the same steps run eagerly in place of replays.
         self.capturing = self.device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capturing else None
@@ -135,11 +139,12 @@ class DecodeGraphs:
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
         router, m = spec.moe.router, layer.mlp
         if fusable(router, m["router"]):
-            b.weights, b.ids, rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"))
+            rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids))[2]
             self.rt.stage_rows(rows)
         else:
-            weights, b.ids = f.route(layer, b.h)
-            b.weights = weights.float()
+            weights, ids = f.route(layer, b.h)
+            b.weights.copy_(weights)
+            b.ids.copy_(ids)
             self.rt.stage(b.h, b.weights, b.ids)
 
     def _mla(self, index: int, layer, h: torch.Tensor, bucket: int) -> torch.Tensor:

@@ -89,10 +89,12 @@ def fusable(spec: RouterSpec, router: object) -> bool:
 
 
 def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing of x [T, H] by the router weight [E, H]: (weights float32 [T, k], ids int64 [T, k], the staging
     rows float32 [T, H + 2k] = [x | weights | ids]), as ``Forward.route`` (then ``.float()``) and
-    ``HybridExperts.stage`` give them. No host sync."""
+    ``HybridExperts.stage`` give them; the weights and ids are written to ``out`` when given (fixed buffers
+    that later CUDA graphs read). No host sync."""
     if not fusable(spec, router):
         raise ValueError("group-limited routing is not fused; use ops.router.route")
     if spec.correction_bias and correction_bias is None:
@@ -107,8 +109,13 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
     _logits_kernel[(t, triton.cdiv(e, block_e))](x, router, logits, e, h, x.stride(0), router.stride(0),
                                                  logits.stride(0), ROUND=round_logits, BLOCK_E=block_e, BLOCK_H=128,
                                                  num_warps=4)
-    weights = torch.empty((t, k), dtype=torch.float32, device=x.device)
-    ids = torch.empty((t, k), dtype=torch.int64, device=x.device)
+    if out is None:
+        weights = torch.empty((t, k), dtype=torch.float32, device=x.device)
+        ids = torch.empty((t, k), dtype=torch.int64, device=x.device)
+    else:
+        weights, ids = out
+        if weights.shape != (t, k) or ids.shape != (t, k) or weights.dtype != torch.float32 or ids.dtype != torch.int64:
+            raise ValueError(f"out must be float32 and int64 tensors of [{t}, {k}]")
     staged = torch.empty((t, h + 2 * k), dtype=torch.float32, device=x.device)
     bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
     _select_kernel[(t,)](logits, bias, x, weights, ids, staged, e, h, float(spec.routed_scaling_factor),
