@@ -169,11 +169,14 @@ def test_experts_streamed_to_the_gpu_in_decode_give_what_the_cpu_path_scores_bes
     ids = random_prompt(20, seed=3)
     llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3, decode_mode=mode)
     before = llm.engine_counters()
-    out = llm.generate(ids, max_new_tokens=10)
+    # auto tries every share for a few steps (see AutoSplit) before it keeps one: decode through all of them
+    out = llm.generate(ids, max_new_tokens=27 if mode == "auto" else 10)
     after = llm.engine_counters()
     assert after["routed_calls_streamed"] > before["routed_calls_streamed"]
     if mode == "gpu":  # nothing left for the CPU
         assert after["cpu_expert_seconds"] == before["cpu_expert_seconds"]
+    if mode == "auto":
+        assert sorted(llm.runtime.auto.times) == list(llm.runtime.auto.CANDIDATES)
     _assert_cpu_path_argmax(cpu_logits, name, ids, out)
 
 
@@ -182,15 +185,33 @@ def test_an_unknown_decode_mode_is_refused(hybrid, tiny_checkpoint):
         hybrid(tiny_checkpoint("qwen3_moe_mixed")[1], decode_mode="fastest")
 
 
-def test_auto_mode_moves_the_split_toward_the_side_that_finished_first():
-    from krasis.engine.decode_modes import rebalanced_share
+def test_auto_split_tries_each_share_and_keeps_the_fastest():
+    from krasis.engine.decode_modes import AutoSplit
 
-    assert rebalanced_share(0.3, cpu_seconds=2e-4, gpu_seconds=1e-4) > 0.3  # the CPU was slower: stream more
-    assert rebalanced_share(0.3, cpu_seconds=1e-4, gpu_seconds=2e-4) < 0.3
-    assert rebalanced_share(0.3, cpu_seconds=1e-4, gpu_seconds=1e-4) == 0.3
-    assert rebalanced_share(0.99, cpu_seconds=1.0, gpu_seconds=0.0) == 1.0  # within [0, 1]
-    assert rebalanced_share(0.01, cpu_seconds=0.0, gpu_seconds=1.0) == 0.0
-    assert rebalanced_share(0.4, 0.0, 0.0) == 0.4  # no timings, no move
+    step_seconds = {0.0: 0.020, 0.25: 0.016, 0.5: 0.012, 0.75: 0.018, 1.0: 0.025}
+    auto = AutoSplit(trial_steps=3, revisit_every=10)
+    tried = []
+    for _ in range(5 * 4):  # every candidate: one step to settle, then three timed
+        tried.append(auto.share)
+        auto.observe(step_seconds[auto.share] * (3 if len(tried) % 4 == 1 else 1))  # a slow first step
+    assert sorted(set(tried)) == list(AutoSplit.CANDIDATES)
+    assert auto.best == auto.share == 0.5
+    assert auto.times == pytest.approx(step_seconds)  # the settling steps were not counted
+
+
+def test_auto_split_rechecks_its_neighbours_and_follows_a_change():
+    from krasis.engine.decode_modes import AutoSplit
+
+    auto = AutoSplit(trial_steps=2, revisit_every=5)
+    for _ in range(5 * 3):
+        auto.observe(0.010 if auto.share == 0.0 else 0.020)
+    assert auto.best == 0.0
+    for _ in range(5):
+        auto.observe(0.010)  # steps at the chosen share until the recheck
+    assert auto.share in (0.0, 0.25)  # only the neighbours are tried again
+    for _ in range(2 * 3):
+        auto.observe(0.030 if auto.share == 0.0 else 0.015)  # now the neighbour is faster
+    assert auto.best == 0.25
 
 
 def test_hot_cache_serves_the_share_of_decode_calls_it_holds(hybrid, tiny_checkpoint):
@@ -268,17 +289,17 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
     got = _decode_logits(llm, prompt, forced, graph_step)
     assert sorted(graphs["g"]._graphs) == [SMALLEST_BUCKET, 2 * SMALLEST_BUCKET]
     # The graph step runs its own fused kernels (float32 attention and routing, the same roundings of the residual
-    # stream), so on this near-tied random model it agrees with eager decode to BF16 rounding, not bit for bit:
-    # ~1% RMS on the first step. FP8 entries are re-rounded to 3 mantissa bits, so a rounding difference in one
-    # layer can move the next layer's entry by a whole FP8 step, and that grows over steps (seen: 13% by the sixth).
+    # stream), so on these near-tied random models it agrees with eager decode to BF16 rounding, not bit for bit:
+    # ~1% RMS on the first step. Later steps drift further where a rounding difference flips a near-tied expert
+    # choice (seen on CUDA: 6.5% over six steps of the group-limited DeepSeek-V3 model), and FP8 entries are
+    # re-rounded to 3 mantissa bits, so one layer's difference can move the next layer's entry by a whole FP8 step
+    # (seen: 13% by the sixth step). A wrong kernel is off by 100%.
     assert rms_rel_err(got[0], eager[0]) < 3e-2
+    assert rms_rel_err(got, eager) < 0.1
     if kv_dtype == "bf16":
-        assert rms_rel_err(got, eager) < 3e-2
         top2 = eager.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.05 * top2[:, 0].abs().clamp_min(1.0)
         assert clear.any() and torch.equal(got.argmax(-1)[clear], eager.argmax(-1)[clear])
-    else:
-        assert rms_rel_err(got, eager) < 0.1
 
 
 def test_graph_bucket_is_the_next_power_of_two_within_the_capacity():

@@ -182,14 +182,14 @@ class LLM:
 
     def set_decode_mode(self, mode: str) -> None:
         """Where decode runs the routed experts that are not in the hot cache (``decode_mode`` of the
-        constructor); may change between generations. The link rates "hybrid" and "auto" start from are
-        measured on first use and kept."""
+        constructor); may change between generations. The link rates "hybrid" splits by are measured on first
+        use and kept."""
         from .engine.link_rates import cpu_read_gbps, h2d_gbps
 
         if self.runtime is None:
             raise ValueError("decode modes belong to the GPU engine (device='cuda' with quantised experts)")
         rates = {}
-        if mode in ("hybrid", "auto"):
+        if mode == "hybrid":
             if self._link_rates is None:
                 cpu = cpu_read_gbps()
                 # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
@@ -202,7 +202,8 @@ class LLM:
         if rates:
             where += f" (measured: CPU reads {rates['cpu_gbps']:.1f} GB/s, host-to-GPU {rates['h2d_gbps']:.1f} GB/s)"
         if mode == "auto":
-            where += "; the split then follows the timings of each step"
+            where = ("on the CPU or copied to the GPU in the share that decodes fastest: the first decode steps try "
+                     "shares from 0 to 1 and keep the fastest, rechecked every few hundred steps")
         log.info("decode (%s mode): experts not in the hot cache run %s", mode, where)
         self.load_report["decode_mode"] = {"mode": mode, "gpu_share": share, **rates}
 

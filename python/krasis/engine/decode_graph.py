@@ -248,13 +248,11 @@ class DecodeGraphs:
             if experts is None:
                 continue
             self._event.record()
-            rt.gpu_work_starts()
             experts.replay()
             rt.wait(self._event)
             cpu_ids, any_streamed = rt.split(layer.experts.slot, 1, k)
             if any_streamed:
                 streamed.replay()
-            rt.gpu_work_ends()
             y = rt.cpu_part(layer.experts.slot, 1, k, cpu_ids)
             if y is not None:
                 b.cpu.copy_(y, non_blocking=True)

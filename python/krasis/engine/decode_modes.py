@@ -1,23 +1,55 @@
-"""Where decode runs the routed experts that are not in the hot-expert cache, and how "auto" moves its split.
+"""Where decode runs the routed experts that are not in the hot-expert cache, and how "auto" picks its split.
 
 No heavy imports: the command line offers these modes before anything is loaded."""
 
 from __future__ import annotations
 
+import statistics
+
 # Where decode runs the routed experts that are not in the hot cache: "cpu" (the Rust kernels), "gpu" (copied
 # from pinned memory into VRAM per step and run there), "hybrid" (split between both in proportion to the
-# measured DRAM and host-to-device rates, so that both finish together) or "auto" (hybrid's split to start
-# with, then moved after every layer step toward the share at which the CPU and the GPU finish together).
+# measured DRAM and host-to-device rates) or "auto" (the split that decodes fastest on this machine, found by
+# timing whole decode steps; see AutoSplit).
 DECODE_MODES = ("auto", "cpu", "gpu", "hybrid")
-# auto: how far one layer step's timings move the share (a fraction of their relative imbalance)
-REBALANCE_RATE = 0.05
 
 
-def rebalanced_share(share: float, cpu_seconds: float, gpu_seconds: float, rate: float = REBALANCE_RATE) -> float:
-    """The GPU's next share of the non-resident experts after a layer step in which the CPU's experts took
-    ``cpu_seconds`` and the GPU's (hot-cache and streamed) ``gpu_seconds``: moved toward the side that
-    finished first, by ``rate`` times the relative imbalance, within [0, 1]."""
-    total = cpu_seconds + gpu_seconds
-    if total <= 0:
-        return share
-    return min(1.0, max(0.0, share + rate * (cpu_seconds - gpu_seconds) / total))
+class AutoSplit:
+    """Chooses the GPU's share of the non-resident experts by the wall time of whole decode steps.
+
+    The rates measured at load do not predict a step's time well: per-call costs (launching copies, waking CPU
+    threads, the host waiting on the GPU) are a large part of it. So the candidates are tried in turn, each for
+    ``trial_steps`` steps after one step to settle, and the fastest (median step time) is kept; every
+    ``revisit_every`` steps its neighbours are tried again, so the choice follows what the context length and the
+    hot cache do to the costs. ``observe`` takes each step's seconds; ``share`` is the share to use next."""
+
+    CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, trial_steps: int = 4, revisit_every: int = 256):
+        self.trial_steps, self.revisit_every = trial_steps, revisit_every
+        self.best: float | None = None  # the share kept after the last round of trials
+        self.times: dict[float, float] = {}  # median step seconds of each candidate in the current round
+        self._queue = list(self.CANDIDATES)  # candidates still to try in this round
+        self._samples: list[float] = []
+        self._since_round = 0
+
+    @property
+    def share(self) -> float:
+        return self._queue[0] if self._queue else self.best
+
+    def observe(self, seconds: float) -> None:
+        """One decode step of the current share took ``seconds``."""
+        if not self._queue:
+            self._since_round += 1
+            if self._since_round >= self.revisit_every:
+                self._start_round([s for s in self.CANDIDATES if abs(s - self.best) <= 0.25 + 1e-9])
+            return
+        self._samples.append(seconds)
+        if len(self._samples) > self.trial_steps:  # the first step after a switch settles it and is not counted
+            self.times[self._queue.pop(0)] = statistics.median(self._samples[1:])
+            self._samples = []
+            if not self._queue:
+                self.best = min(self.times, key=self.times.__getitem__)
+                self._since_round = 0
+
+    def _start_round(self, candidates: list[float]) -> None:
+        self.times, self._queue, self._samples = {}, candidates, []

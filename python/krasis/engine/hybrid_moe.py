@@ -15,7 +15,7 @@ import torch
 from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
 from ..kernels.moe_decode import moe_gemv
-from .decode_modes import DECODE_MODES, rebalanced_share
+from .decode_modes import DECODE_MODES, AutoSplit
 from .device_sync import current_stream, new_event, pinned
 from .expert_stream import ExpertStreamer, copy_experts, slice_experts
 from .hot_cache import HotExpertCache
@@ -24,6 +24,8 @@ from .hot_cache import HotExpertCache
 # streamed to the GPU. Streaming one layer costs ~its expert bytes over PCIe, which only pays off once
 # a chunk touches most experts with many tokens each.
 DECODE_MAX_TOKENS = 32
+# auto: a gap longer than this between one-token forwards is not a decode step (the host did something else)
+MAX_STEP_SECONDS = 1.0
 class HybridExperts:
     """All MoE layers' routed experts: pinned host copies in the GPU layout (for streaming and the hot
     cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore, both indexed by MoE
@@ -48,52 +50,28 @@ class HybridExperts:
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
-        self.adaptive = False  # "auto": gpu_share follows the timings of real steps
-        # auto: events around the GPU's expert work of the last layer step (CUDA only) and the CPU's seconds
-        timing = self.device.type == "cuda"
-        self._gpu_start = torch.cuda.Event(enable_timing=True) if timing else None
-        self._gpu_end = torch.cuda.Event(enable_timing=True) if timing else None
-        self._timed_step = False  # a step's GPU events are recorded and not yet read
-        self._cpu_seconds = 0.0  # the CPU experts' seconds in the last step
+        self.auto: AutoSplit | None = None  # "auto": picks gpu_share by the time of whole decode steps
+        self._last_step: float | None = None  # when the last one-token forward began (auto)
         e = host[0].num_experts if host else 0
         self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
 
     def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, h2d_gbps: float | None = None) -> None:
-        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" and "auto" need both rates (GB/s)
-        and start by streaming the share h2d / (cpu + h2d) of them."""
+        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s) and
+        streams the share h2d / (cpu + h2d) of them; "auto" tries shares and keeps the fastest (AutoSplit)."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
-        self.adaptive = mode == "auto"
-        self._timed_step = False
-        if mode in ("hybrid", "auto"):
+        self.auto, self._last_step = None, None
+        if mode == "hybrid":
             if not cpu_gbps or not h2d_gbps:
-                raise ValueError(f"decode mode {mode!r} needs the measured CPU and host-to-device rates")
+                raise ValueError("decode mode 'hybrid' needs the measured CPU and host-to-device rates")
             self.gpu_share = h2d_gbps / (cpu_gbps + h2d_gbps)
+        elif mode == "auto":
+            self.auto = AutoSplit()
+            self.gpu_share = self.auto.share
         else:
             self.gpu_share = 1.0 if mode == "gpu" else 0.0
-
-    def gpu_work_starts(self) -> None:
-        """Called where a decode layer step's GPU expert work is queued (auto mode times it)."""
-        if self.adaptive and self._gpu_start is not None:
-            self._gpu_start.record()
-
-    def gpu_work_ends(self) -> None:
-        """Called right after the step's streamed work is queued, before its CPU experts run."""
-        if self.adaptive and self._gpu_end is not None:
-            self._gpu_end.record()
-            self._timed_step = True
-            self._cpu_seconds = 0.0  # cpu_part sets it, unless the CPU has nothing to do
-
-    def _rebalance(self) -> None:
-        """auto: move the share by the last timed step, whose GPU events have completed by now (the host has
-        since waited for later work on the same stream)."""
-        if not self._timed_step:
-            return
-        gpu_seconds = self._gpu_start.elapsed_time(self._gpu_end) / 1e3
-        self.gpu_share = rebalanced_share(self.gpu_share, self._cpu_seconds, gpu_seconds)
-        self._timed_step = False
 
     def layer(self, slot: int) -> HybridExpertLayer:
         return HybridExpertLayer(self, slot)
@@ -101,10 +79,21 @@ class HybridExperts:
     def begin_forward(self, num_tokens: int) -> None:
         """Called before each forward pass over ``num_tokens`` new tokens."""
         self.streaming = num_tokens > DECODE_MAX_TOKENS
+        if self.auto is not None:
+            self._time_step(num_tokens)
         if self.streaming:
             # decode may have used the second buffer for streamed experts: its copies wait for that work
             self.streamer.released[1].record(current_stream(self.device))
             self.streamer.begin_pass()
+
+    def _time_step(self, num_tokens: int) -> None:
+        """auto: one-token forwards that follow one another are decode steps; the time between their starts
+        (sampling and the host's work included) is what the split is judged by."""
+        now = time.perf_counter()
+        if num_tokens == 1 and self._last_step is not None and now - self._last_step < MAX_STEP_SECONDS:
+            self.auto.observe(now - self._last_step)
+            self.gpu_share = self.auto.share
+        self._last_step = now if num_tokens == 1 else None
 
     def end_prefill(self) -> None:
         """After a prompt: refresh the hot cache from the routing counts seen so far."""
@@ -124,14 +113,12 @@ class HybridExperts:
         # Stage the CPU's inputs first so the copy is not queued behind the GPU experts' kernels.
         self.stage(x, weights, ids)
         self._staged.record()
-        self.gpu_work_starts()
         y = self.gpu_part(slot, x, weights, ids)
         self.wait(self._staged)
         cpu_ids, streamed = self.split(slot, x.shape[0], ids.shape[1])
         if streamed:
             y_s = self.streamed_part(x, weights, ids)
             y = y_s if y is None else y + y_s
-        self.gpu_work_ends()
         y_cpu = self.cpu_part(slot, x.shape[0], ids.shape[1], cpu_ids)
         if y_cpu is None:
             return y.to(x.dtype)
@@ -169,8 +156,6 @@ class HybridExperts:
         current stream, with its expert -> slot map) for streamed_part, and the rest is left to the CPU.
         Returns (the ids for cpu_part, -1 where not the CPU's; None when the CPU has nothing), and whether any
         expert was streamed."""
-        if self.adaptive:
-            self._rebalance()
         h = self.store.hidden
         ids = self._in_np[:t, h + k: h + 2 * k].astype(np.int64)
         resident = self.hcs.table_host[slot][ids] >= 0
@@ -221,8 +206,7 @@ class HybridExperts:
         start = time.perf_counter()
         self._y_np[:t] = self.store.forward(slot, np.ascontiguousarray(staged[:, :h]), cpu_ids,
                                             np.ascontiguousarray(staged[:, h:h + k]))
-        self._cpu_seconds = time.perf_counter() - start
-        c["cpu_expert_seconds"] += self._cpu_seconds
+        c["cpu_expert_seconds"] += time.perf_counter() - start
         return self._y[:t]
 
     @property
