@@ -10,7 +10,7 @@
 #
 # Settings (environment): MODEL=/tmp/dsv2  PROMPTS="10000 20000"  BUDGET=6144 (MiB)  DECODE_TOKENS=64
 # DECODE_PROMPTS=3  HF_DECODE_TOKENS=8  REPEATS=2  NO_HCS=1 (also run Krasis without the hot-expert cache)
-# DECODE_MODE=cpu|gpu|hybrid (where Krasis' decode runs the experts not in the hot cache; default cpu)
+# DECODE_MODE=auto|cpu|gpu|hybrid (where Krasis' decode runs the experts not in the hot cache; default auto)
 # SKIP_MAKE / SKIP_BOUNDS / SKIP_ENGINE / SKIP_BASELINE=1  KRASIS_HOME (default /tmp/krasis-bench-home: the
 # weight cache, ~10 GB, lives beside the 31 GB model on the same disk)  PY=python3
 # Per-step time limits in seconds: MAKE_TIMEOUT=300 BOUNDS_TIMEOUT=120 ENGINE_TIMEOUT=480 HF_TIMEOUT=540
@@ -71,7 +71,7 @@ fi
 if [ -z "${SKIP_ENGINE:-}" ]; then
   run engine "${ENGINE_TIMEOUT:-480}" $PY benchmarks/gpu_engine.py "$MODEL" --vram-budget-mb "$BUDGET" \
     --prompt-tokens "${prompts[@]}" --decode-tokens "$DECODE_TOKENS" --decode-prompts "$DECODE_PROMPTS" \
-    --repeats "$REPEATS" --device "$DEVICE" --decode-mode "${DECODE_MODE:-cpu}" --json "$out/engine.json"
+    --repeats "$REPEATS" --device "$DEVICE" --decode-mode "${DECODE_MODE:-auto}" --json "$out/engine.json"
   if [ -n "${NO_HCS:-}" ]; then
     run engine_no_hcs "${ENGINE_TIMEOUT:-480}" $PY benchmarks/gpu_engine.py "$MODEL" --vram-budget-mb "$BUDGET" \
       --prompt-tokens "${prompts[@]}" --decode-tokens "$DECODE_TOKENS" --decode-prompts "$DECODE_PROMPTS" \

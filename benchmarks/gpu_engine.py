@@ -283,7 +283,7 @@ def main() -> None:
     p.add_argument("--decode-prompt-tokens", type=int, default=128)
     p.add_argument("--no-hcs", action="store_true", help="no hot-expert cache in VRAM")
     p.add_argument("--kv-dtype", default="fp8")
-    p.add_argument("--decode-mode", choices=DECODE_MODES, default="cpu",
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                    help="where decode runs the experts not in the hot cache (krasis.LLM decode_mode)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: LLM(..., device='cpu', expert_bits=4, dtype='float32') to check this script")

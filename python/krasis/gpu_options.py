@@ -27,10 +27,10 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hcs-calibrate", metavar="FILE", default=None,
                    help="after loading, fill the hot-expert cache from the routing of this text file and save it as "
                         "a heat map beside the weight cache; later starts reuse the saved heat map")
-    g.add_argument("--decode-mode", choices=DECODE_MODES, default="cpu",
-                   help="where decode runs the experts not in the hot cache: cpu (the Rust kernels; default), gpu "
-                        "(copied to VRAM each step), hybrid (split between both by rates measured at load) or auto "
-                        "(hybrid's split, then moved each step toward the CPU and GPU finishing together)")
+    g.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                   help="where decode runs the experts not in the hot cache: auto (default: tries shares of them "
+                        "copied to the GPU over the first decode steps and keeps the fastest), cpu (the Rust "
+                        "kernels), gpu (copied to VRAM each step) or hybrid (split by rates measured at load)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")

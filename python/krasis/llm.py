@@ -70,7 +70,7 @@ class LLM:
     ``vram_budget_mb`` caps what it may use (default: free memory less 1 GiB); ``kv_dtype`` is "auto" (the
     compute dtype), "bf16" or "fp8" (the GPU default); ``kv_cache_mb``, ``layer_group_size``, ``hcs`` (hot-expert
     cache on/off) and ``hcs_experts`` (at most this many hot experts) override the VRAM plan's choices;
-    ``decode_mode`` ("cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache, and
+    ``decode_mode`` ("auto", "cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache, and
     ``cuda_graphs`` replays decode steps as CUDA graphs (default on).
     ``hybrid`` (default: on for "cuda" with quantised experts) can also run that engine on "cpu", with its
     Triton kernels in the interpreter (TRITON_INTERPRET=1): a slow mode for testing without a GPU.
@@ -87,7 +87,7 @@ class LLM:
                  vram_budget_mb: int | None = None, kv_dtype: str | None = None, kv_cache_mb: int | None = None,
                  layer_group_size: int | None = None, hcs: bool = True, hcs_experts: int | None = None,
                  hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True,
-                 decode_mode: str = "cpu"):
+                 decode_mode: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:

@@ -14,6 +14,7 @@ from typing import Any
 
 import tomli_w
 
+from ..engine.decode_modes import DECODE_MODES
 from ..errors import KrasisError
 from ..paths import krasis_home
 
@@ -83,6 +84,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("hcs", "bool", True, "keep hot experts resident in VRAM"),
     _opt("hcs_experts", "int", None, "at most this many hot experts in VRAM (absent: as many as fit)", minimum=0),
     _opt("cuda_graphs", "bool", True, "replay decode steps as captured CUDA graphs"),
+    _opt("decode_mode", "choice", "auto", "where decode runs the experts not in the hot cache: auto (the fastest "
+         "share, found by timing), cpu, gpu (copied each step) or hybrid (split by measured rates)", DECODE_MODES),
     _opt("threads", "int", None, "CPU expert kernel threads (absent: physical cores)", minimum=1),
     _opt("host", "str", "127.0.0.1", "address the server listens on"),
     _opt("port", "int", 8012, "port the server listens on", minimum=1, maximum=65535),
