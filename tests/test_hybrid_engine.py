@@ -359,9 +359,14 @@ def test_server_timing_reports_the_engines_share_of_a_request(hybrid, tiny_check
                                                   "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200
         engine = client.get("/v1/timing").json()["last"]["engine"]
+        metrics = client.get("/metrics").text
     steps = engine["decode_layer_steps"]
     assert steps == 2 * len(llm.runtime.host) and engine["routed_calls"] == steps * llm.spec.moe.router.top_k
     assert engine["expert_bytes_streamed"] > 0 and 0 < engine["hot_cache_share"] < 1
+    # /metrics carries the same request's coverage
+    assert f"krasis_routed_expert_calls_total {engine['routed_calls']}\n" in metrics
+    assert f"krasis_routed_expert_calls_hot_cache_total {engine['routed_calls_on_gpu']}\n" in metrics
+    assert f"krasis_last_request_hot_cache_share {engine['hot_cache_share']}\n" in metrics
 
 
 def test_calibration_from_a_text_file_saves_a_heat_map_the_next_load_reuses(hybrid, tiny_checkpoint, tmp_path,

@@ -178,7 +178,19 @@ def _prometheus(generator: Generator | None) -> str:
         ("krasis_generated_tokens_total", "counter", "new tokens generated", stats.generated_tokens if stats else 0),
         ("krasis_decode_seconds_total", "counter", "time spent generating tokens after the first",
          stats.decode_seconds if stats else 0.0),
+        ("krasis_routed_expert_calls_total", "counter", "GPU engine: routed-expert calls in decode",
+         stats.routed_calls if stats else 0),
+        ("krasis_routed_expert_calls_hot_cache_total", "counter",
+         "GPU engine: routed-expert calls in decode served from the VRAM hot-expert cache",
+         stats.routed_calls_hot_cache if stats else 0),
+        ("krasis_routed_expert_calls_streamed_total", "counter",
+         "GPU engine: routed-expert calls in decode copied to the GPU that step (the rest ran on the CPU)",
+         stats.routed_calls_streamed if stats else 0),
     ]
+    if stats is not None and stats.last_hot_cache_share is not None:
+        rows.append(("krasis_last_request_hot_cache_share", "gauge",
+                     "share of the last request's routed-expert calls served from the hot-expert cache",
+                     stats.last_hot_cache_share))
     lines = []
     for name, kind, help_text, value in rows:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]

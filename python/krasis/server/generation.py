@@ -62,6 +62,20 @@ class GenerationStats:
         self.generated_tokens += 1
         self.decode_seconds += seconds
 
+    # the GPU engine's routed-expert calls in decode: all, served from the VRAM hot cache, copied to the GPU
+    routed_calls: int = 0
+    routed_calls_hot_cache: int = 0
+    routed_calls_streamed: int = 0
+    last_hot_cache_share: float | None = None  # of the last request that made routed calls
+
+    def add_engine(self, stages: dict) -> None:
+        """A request's engine stages (``engine_stages``)."""
+        self.routed_calls += stages.get("routed_calls", 0)
+        self.routed_calls_hot_cache += stages.get("routed_calls_on_gpu", 0)
+        self.routed_calls_streamed += stages.get("routed_calls_streamed", 0)
+        if stages.get("hot_cache_share") is not None:
+            self.last_hot_cache_share = stages["hot_cache_share"]
+
 
 class QueueFullError(Exception):
     pass
@@ -139,7 +153,7 @@ class Generator:
                   "cached_tokens": 0, "prefill_seconds": 0.0, "generated_tokens": 0, "decode_seconds": 0.0,
                   "cancelled": False}
         counters = getattr(self.llm, "engine_counters", dict)
-        engine_before = counters() if self.timing_enabled else {}
+        engine_before = counters()
         try:
             if stream.cancelled.is_set():
                 timing["cancelled"] = True
@@ -174,6 +188,13 @@ class Generator:
             log.exception("generation failed")
             stream.put(("error", e))
         finally:
+            engine = engine_stages(engine_before, counters()) if engine_before else None
+            if engine is not None and engine["routed_calls"]:
+                self.stats.add_engine(engine)
+                log.info("request: %d prompt tokens, %d generated; hot-expert cache served %.1f%% of %d routed-expert "
+                         "calls in decode (%d copied to the GPU, the rest on the CPU)", timing["prompt_tokens"],
+                         timing["generated_tokens"], 100 * engine["hot_cache_share"], engine["routed_calls"],
+                         engine.get("routed_calls_streamed", 0))
             if self.timing_enabled:  # recorded before "end", so a client that reads it next sees this request
                 decoded = timing["generated_tokens"] - 1
                 timing["decode_tokens_per_second"] = (decoded / timing["decode_seconds"]
@@ -181,8 +202,8 @@ class Generator:
                 new_prompt = timing["prompt_tokens"] - timing["cached_tokens"]
                 timing["prefill_tokens_per_second"] = (new_prompt / timing["prefill_seconds"]
                                                        if timing["prefill_seconds"] > 0 else None)
-                if engine_before:
-                    timing["engine"] = engine_stages(engine_before, counters())
+                if engine is not None:
+                    timing["engine"] = engine
                 self.last_timing = timing
             stream.put(("end", None))
 
