@@ -1,10 +1,11 @@
 """Decode steps of the hybrid engine replayed as CUDA graphs, built from one-launch decode kernels.
 
-Each layer's GPU work is captured once into two graphs: "attend" (the previous layer's sums, attention, the
-router, and the copy of the CPU experts' inputs to pinned memory) and "experts" (shared expert and hot-cache
-experts). The host replays them layer by layer; between the two it waits only for the staged copy, runs the
-CPU experts while the GPU runs "experts", and queues the CPU's result into a fixed device buffer that the
-next layer's "attend" adds in.
+Each MoE layer's GPU work is captured once into three graphs: "attend" (the previous layer's sums, attention,
+the router, and the copy of the CPU experts' inputs to pinned memory), "experts" (shared expert and hot-cache
+experts) and "streamed" (the experts the decode mode copied to the GPU this step). The host replays them layer
+by layer; after "attend" it waits only for the staged copy, queues the step's expert copies and "streamed" when
+there are any, runs the CPU experts while the GPU works, and queues the CPU's result into a fixed device buffer
+that the next layer's "attend" adds in.
 
 Inside a graph a kernel still costs a few microseconds however small its work, and for one token nearly all
 of them are small; so the step uses fused kernels where torch would launch many: the residual sums with each

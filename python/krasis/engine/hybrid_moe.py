@@ -26,6 +26,8 @@ from .hot_cache import HotExpertCache
 DECODE_MAX_TOKENS = 32
 # auto: a gap longer than this between one-token forwards is not a decode step (the host did something else)
 MAX_STEP_SECONDS = 1.0
+
+
 class HybridExperts:
     """All MoE layers' routed experts: pinned host copies in the GPU layout (for streaming and the hot
     cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore, both indexed by MoE
