@@ -7,6 +7,7 @@ set by conftest.py when there is no GPU), which checks the orchestration everywh
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from measures import argmax_agreement, random_prompt, rms_rel_err
@@ -226,6 +227,64 @@ def test_hot_cache_serves_the_share_of_decode_calls_it_holds(hybrid, tiny_checkp
     every = hybrid(path)
     every.generate(random_prompt(64, seed=4), 6)
     assert every.engine_report()["hcs_coverage"] == 1.0
+
+
+def _random_host_experts(layers: int, experts: int) -> list:
+    """Host experts with random bytes in the GPU layout's shapes (bookkeeping tests: the values are not run)."""
+    from krasis.kernels import GPUExperts
+
+    def one():
+        w13, w2 = (torch.randint(0, 256, (experts, 32, n), dtype=torch.uint8) for n in (128, 64))
+        return GPUExperts(w13, torch.rand(experts, 1, 128), w2, torch.rand(experts, 1, 64), 4, 64)
+
+    return [one() for _ in range(layers)]
+
+
+def test_hot_cache_update_swaps_its_coldest_residents_for_the_hottest_others():
+    from krasis.engine.hot_cache import HotExpertCache
+
+    host = _random_host_experts(layers=2, experts=6)
+    cache = HotExpertCache(host, 3, torch.device("cpu"))
+    cache.record_host(0, np.array([0, 0, 0, 1, 1, 2]), 0)  # (0, 2) is the coldest of the three
+    assert cache.refill() == 3
+    assert sorted(r for r in cache.resident) == [(0, 0), (0, 1), (0, 2)]
+    cache.record_host(1, np.array([5, 5, 5, 5, 4, 4]), 0)
+    assert cache.refill(max_swaps=1) == 1  # only the hottest newcomer, in place of the coldest resident
+    assert sorted(r for r in cache.resident) == [(0, 0), (0, 1), (1, 5)]
+    for slot, (layer, expert) in enumerate(cache.resident):
+        assert cache.table_host[layer, expert] == slot
+        assert torch.equal(cache.experts.w13[slot], host[layer].w13[expert])
+        assert torch.equal(cache.experts.s2[slot], host[layer].s2[expert])
+    assert torch.equal(cache.table, torch.from_numpy(cache.table_host).to(torch.int32))
+    assert (cache.table_host >= 0).sum() == 3
+
+
+def test_hot_cache_decay_lets_recent_routing_outweigh_old():
+    from krasis.engine.hot_cache import HotExpertCache
+
+    cache = HotExpertCache(_random_host_experts(layers=1, experts=4), 1, torch.device("cpu"))
+    cache.record_host(0, np.array([0] * 10), 0)
+    cache.refill()
+    assert cache.resident == [(0, 0)]
+    cache.decay(0.1)  # ten old calls now weigh one
+    cache.record_host(0, np.array([3, 3]), 0)
+    assert cache.update_between_steps() == 1 and cache.resident == [(0, 3)]
+
+
+def test_hot_cache_updates_between_decode_steps_change_no_token(hybrid, tiny_checkpoint, cpu_logits):
+    name = "deepseek_v2_lite_like"
+    llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3)
+    rt = llm.runtime
+    rt.hcs_update_every = 1  # an update before every decode step
+    ids = random_prompt(20, seed=21)
+    stream = llm.stream(ids, max_new_tokens=10)
+    out = [next(stream)]  # the prompt is in; its refill has chosen the residents
+    layer, cold = next((layer, e) for layer in range(rt.hcs.num_layers) for e in range(rt.hcs.num_experts)
+                       if rt.hcs.table_host[layer, e] < 0)
+    rt.hcs.counts[layer, cold] += 1e6  # a newcomer the first update must swap in
+    out += list(stream)
+    assert rt.hcs.updates >= 8 and rt.hcs.swaps >= 1 and rt.hcs.table_host[layer, cold] >= 0
+    _assert_cpu_path_argmax(cpu_logits, name, ids, out)
 
 
 def test_fp8_kv_cache_stays_close_to_bf16(hybrid, tiny_checkpoint):

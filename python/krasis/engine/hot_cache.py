@@ -12,8 +12,13 @@ from ..kernels import GPUExperts
 from .expert_stream import copy_experts, empty_experts_like, slice_experts
 
 log = logging.getLogger("krasis")
-# A refill happens when at least this share of the slots would change hands.
+# A refill after a prompt happens when at least this share of the slots would change hands.
 REFILL_MIN_CHANGE = 0.05
+# During decode, every UPDATE_EVERY steps the counts so far are multiplied by UPDATE_DECAY (so recent routing
+# outweighs old) and at most UPDATE_SWAPS of the coldest resident experts are replaced by hotter ones.
+UPDATE_EVERY = 64
+UPDATE_DECAY = 0.9
+UPDATE_SWAPS = 8
 
 
 class HotExpertCache:
@@ -32,6 +37,7 @@ class HotExpertCache:
         self._gpu_counts = torch.zeros((self.num_layers, self.num_experts), dtype=torch.float64, device=device)
         self.decode_calls = 0
         self.decode_hits = 0
+        self.updates = self.swaps = 0  # between-step updates since load, and the experts they swapped in
 
     def record_gpu(self, layer: int, ids: torch.Tensor) -> None:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
@@ -54,6 +60,11 @@ class HotExpertCache:
         self.counts += heat
         return self.refill()
 
+    def decay(self, factor: float) -> None:
+        """Multiply every routing count so far by ``factor`` (later routing then weighs more)."""
+        self.counts *= factor
+        self._gpu_counts *= factor
+
     def coverage(self) -> float | None:
         """Share of decode routed-expert calls served from VRAM since the last reset (None before any)."""
         return self.decode_hits / self.decode_calls if self.decode_calls else None
@@ -61,20 +72,35 @@ class HotExpertCache:
     def reset_coverage(self) -> None:
         self.decode_calls = self.decode_hits = 0
 
-    def refill(self) -> int:
-        """Make the most-used experts resident; returns how many slots were (re)filled."""
+    def refill(self, max_swaps: int | None = None) -> int:
+        """Make the most-used experts resident; returns how many slots were (re)filled. With ``max_swaps``
+        (between decode steps) at most that many of the coldest residents are replaced, by the hottest
+        non-resident experts, and even one swap is made; without it (after a prompt) everything that should be
+        resident is loaded, when at least REFILL_MIN_CHANGE of the slots would change.
+
+        The copies and the table update are queued on the current stream, so decode steps queued before them
+        read the old contents and steps after them the new; the host table changes at the same point, so the
+        host's and the GPU's view of what is resident always agree at a step's start."""
         if self.slots == 0:
             return 0
         counts = self.heat()
         if not counts.any():
             return 0
         flat = np.argsort(-counts, axis=None, kind="stable")[: self.slots]
-        wanted = {(int(i) // self.num_experts, int(i) % self.num_experts) for i in flat}
+        wanted = [(int(i) // self.num_experts, int(i) % self.num_experts) for i in flat]  # hottest first
+        wanted_set = set(wanted)
         current = {r for r in self.resident if r is not None}
-        incoming = sorted(wanted - current)
-        if len(incoming) < REFILL_MIN_CHANGE * self.slots and len(current) == self.slots:
-            return 0
-        free = [s for s, r in enumerate(self.resident) if r is None or r not in wanted]
+        incoming = [w for w in wanted if w not in current]
+        if max_swaps is None:
+            if len(incoming) < REFILL_MIN_CHANGE * self.slots and len(current) == self.slots:
+                return 0
+        else:
+            incoming = incoming[:max_swaps]
+            if not incoming:
+                return 0
+        # free slots first, then the residents that are no longer wanted, coldest first
+        free = sorted((s for s, r in enumerate(self.resident) if r is None or r not in wanted_set),
+                      key=lambda s: -1.0 if self.resident[s] is None else counts[self.resident[s]])
         for s, (layer, expert) in zip(free, incoming, strict=False):
             old = self.resident[s]
             if old is not None:
@@ -84,6 +110,16 @@ class HotExpertCache:
             self.table_host[layer, expert] = s
         self.table.copy_(torch.from_numpy(self.table_host).to(torch.int32))
         share = counts[self.table_host >= 0].sum() / counts.sum()
-        log.info("hot-expert cache: %d of %d slots refilled; the resident experts took %.1f%% of the routed calls "
-                 "seen so far", len(incoming), self.slots, 100 * share)
+        log.log(logging.INFO if max_swaps is None else logging.DEBUG,
+                "hot-expert cache: %d of %d slots refilled; the resident experts took %.1f%% of the routed calls "
+                "seen so far%s", len(incoming), self.slots, 100 * share, "" if max_swaps is None else " (decayed)")
         return len(incoming)
+
+    def update_between_steps(self) -> int:
+        """During decode (every UPDATE_EVERY steps): decay the counts and swap in at most UPDATE_SWAPS hotter
+        experts; returns the swaps made."""
+        self.decay(UPDATE_DECAY)
+        swaps = self.refill(max_swaps=UPDATE_SWAPS)
+        self.updates += 1
+        self.swaps += swaps
+        return swaps

@@ -18,7 +18,7 @@ from ..kernels.moe_decode import moe_gemv
 from .decode_modes import DECODE_MODES, AutoSplit
 from .device_sync import current_stream, new_event, pinned
 from .expert_stream import ExpertStreamer, copy_experts, slice_experts
-from .hot_cache import HotExpertCache
+from .hot_cache import UPDATE_EVERY, HotExpertCache
 
 # Up to this many tokens a forward is a decode step (hot cache + CPU); above it the layer's experts are
 # streamed to the GPU. Streaming one layer costs ~its expert bytes over PCIe, which only pays off once
@@ -52,6 +52,8 @@ class HybridExperts:
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
+        self._decode_steps = 0  # one-token forwards since load
+        self.hcs_update_every = UPDATE_EVERY  # decode steps between the hot cache's updates
         self.auto: AutoSplit | None = None  # "auto": picks gpu_share by the time of whole decode steps
         self._last_step: float | None = None  # when the last one-token forward began (auto)
         e = host[0].num_experts if host else 0
@@ -83,6 +85,11 @@ class HybridExperts:
         self.streaming = num_tokens > DECODE_MAX_TOKENS
         if self.auto is not None:
             self._time_step(num_tokens)
+        if num_tokens == 1 and self.hcs.slots:
+            # the hot cache follows decode's routing: a few swaps every UPDATE_EVERY steps, before this step's work
+            self._decode_steps += 1
+            if self._decode_steps % self.hcs_update_every == 0:
+                self.hcs.update_between_steps()
         if self.streaming:
             # decode may have used the second buffer for streamed experts: its copies wait for that work
             self.streamer.released[1].record(current_stream(self.device))
