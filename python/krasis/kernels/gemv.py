@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .device import num_sms
-from .gpu_layout import GPUQuantMatrix
+from .gpu_layout import GPUQuantMatrix, k_step
 
 # Up to this many rows quant_linear and fused_moe use the matrix-vector kernels (every row re-reads the
 # weights, so with more rows the tensor-core GEMM wins).
@@ -59,10 +59,9 @@ def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, s
 
 
 def gemv_consts(bits: int, group: int) -> dict:
-    """The kernels' K-step constants for a format: BLOCK_K is the group (INT8) or max(group, 64) (INT4)."""
-    bk = group if bits == 8 else max(group, 64)
-    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bk if bits == 8 else bk // 2,
-                SPLIT_SCALE=bits == 4 and group == 32)
+    """The kernels' K-step constants for a format (``gpu_layout.k_step``)."""
+    bk, bkp, split = k_step(bits, group)
+    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split)
 
 
 def gemv_block_n(rows: int, n: int, device: torch.device) -> int:

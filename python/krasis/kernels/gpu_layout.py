@@ -52,6 +52,16 @@ def packed_rows(k: int, bits: int) -> int:
     return k if bits == 8 else k // 2
 
 
+def k_step(bits: int, group: int) -> tuple[int, int, bool]:
+    """How a kernel walks K in this layout: (K values per step, packed rows per step, whether a step's low and
+    high nibbles have their own scale rows). A step is one group (INT8), or max(group, 64) values (INT4: whole
+    64-value blocks; with group 32 each block's two halves are two groups)."""
+    if bits == 8:
+        return group, group, False
+    bk = max(group, 64)
+    return bk, bk // 2, group == 32
+
+
 @dataclass
 class GPUQuantMatrix:
     """One quantised W [N, K] in the GPU layout: qweight uint8 [K_packed, N], scales float32 [K/group, N]."""

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older layouts of the package
 
 from .device import num_sms
 from .gemv import GEMV_MAX_TOKENS, linear_gemv
-from .gpu_layout import GPUExperts, GPUQuantMatrix, packed_rows
+from .gpu_layout import GPUExperts, GPUQuantMatrix, k_step, packed_rows
 from .moe_align import align_by_expert
 from .moe_decode import moe_gemv
 
@@ -224,14 +224,6 @@ def linear_config(m: int, n: int, device: torch.device) -> GemmConfig:
     return GemmConfig(block_m=16 if m <= 16 else 32, block_n=block_n, num_warps=4, num_stages=4)
 
 
-def _block_k(bits: int, group: int) -> tuple[int, int, bool]:
-    """(BLOCK_K, packed rows per step, split scale) for a format."""
-    if bits == 8:
-        return group, group, False
-    bk = max(group, 64)
-    return bk, bk // 2, group == 32
-
-
 def _dot_dtype(device: torch.device):
     return tl.bfloat16 if device.type == "cuda" else tl.float32
 
@@ -242,7 +234,7 @@ def _launch(mode: int, a: torch.Tensor, w: torch.Tensor, s: torch.Tensor, c: tor
             routing: torch.Tensor | None = None) -> None:
     if w.stride(-1) != 1 or s.stride(-1) != 1:
         raise ValueError("weights and scales need a contiguous last (N) dimension")
-    bk, bkp, split = _block_k(bits, group)
+    bk, bkp, split = k_step(bits, group)
     stride_we, stride_se = (w.stride(0), s.stride(0)) if w.dim() == 3 else (0, 0)
     unused = c  # pointer arguments the mode does not read
     args = (a, w, s, c, *(unused if t is None else t for t in (sorted_pairs, block_expert, routing)),

@@ -103,11 +103,12 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
     e, k = router.shape[0], spec.top_k
     if router.shape[1] != h or router.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"router {tuple(router.shape)} and x {tuple(x.shape)} need matching, contiguous rows")
-    round_logits = not spec.float32_logits and x.dtype != torch.float32
+    # a router that runs in the compute dtype rounds its logits and weights to it
+    in_compute_dtype = not spec.float32_logits and x.dtype != torch.float32
     logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
     block_e = min(64, triton.next_power_of_2(e))
     _logits_kernel[(t, triton.cdiv(e, block_e))](x, router, logits, e, h, x.stride(0), router.stride(0),
-                                                 logits.stride(0), ROUND=round_logits, BLOCK_E=block_e, BLOCK_H=128,
+                                                 logits.stride(0), ROUND=in_compute_dtype, BLOCK_E=block_e, BLOCK_H=128,
                                                  num_warps=4)
     if out is None:
         weights = torch.empty((t, k), dtype=torch.float32, device=x.device)
@@ -122,7 +123,7 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
                          logits.stride(0), x.stride(0), weights.stride(0), ids.stride(0), staged.stride(0),
                          TOP_K=k, SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias,
                          NORM=spec.norm_topk_prob and (spec.correction_bias or k > 1),
-                         ROUND=not spec.float32_logits and x.dtype != torch.float32,
+                         ROUND=in_compute_dtype,
                          BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k), BLOCK_H=1024,
                          num_warps=4)
     return weights, ids, staged

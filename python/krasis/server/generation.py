@@ -50,6 +50,11 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
+    # the GPU engine's routed-expert calls in decode: all, served from the VRAM hot cache, copied to the GPU
+    routed_calls: int = 0
+    routed_calls_hot_cache: int = 0
+    routed_calls_streamed: int = 0
+    last_hot_cache_share: float | None = None  # of the last request that made routed calls
 
     def add_prefill(self, prompt_tokens: int, cached: int, seconds: float) -> None:
         self.requests += 1
@@ -61,12 +66,6 @@ class GenerationStats:
     def add_decode(self, seconds: float) -> None:
         self.generated_tokens += 1
         self.decode_seconds += seconds
-
-    # the GPU engine's routed-expert calls in decode: all, served from the VRAM hot cache, copied to the GPU
-    routed_calls: int = 0
-    routed_calls_hot_cache: int = 0
-    routed_calls_streamed: int = 0
-    last_hot_cache_share: float | None = None  # of the last request that made routed calls
 
     def add_engine(self, stages: dict) -> None:
         """A request's engine stages (``engine_stages``)."""
