@@ -30,6 +30,8 @@ from gpu_engine import random_prompt  # noqa: E402
 
 from krasis.engine.decode_modes import DECODE_MODES  # noqa: E402
 
+# A pseudo-mode for --modes: "cpu" replayed layer by layer, as every decode step was before the one-graph step.
+LAYER_BY_LAYER = "cpu-layers"
 # llama.cpp on the same H100 machine, synthetic DeepSeek-V2-Lite Q4_K_M, -ncmoe 21 within 6 GiB (peers README)
 LLAMA_CPP_TOK_S = 67.4
 
@@ -47,7 +49,9 @@ def decode_run(llm, prompt: list[int], tokens: int) -> dict:
 
 def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
             link_gbps: float) -> dict:
-    llm.set_decode_mode(mode)
+    llm.set_decode_mode("cpu" if mode == LAYER_BY_LAYER else mode)
+    # the baseline row: decode mode "cpu" with each layer's graphs replayed by the host (before the one-graph step)
+    llm._graphs.one_graph = mode != LAYER_BY_LAYER
     vocab = llm.spec.vocab_size
     llm.generate(random_prompt(length, vocab, 7), max_new_tokens=4)  # captures this length's graphs
     runs = [decode_run(llm, random_prompt(length, vocab, 100 + j), tokens) for j in range(prompts)]
@@ -73,7 +77,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[1000, 16000])
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--modes", nargs="+", choices=DECODE_MODES, default=["cpu", "gpu", "hybrid", "auto"])
+    p.add_argument("--modes", nargs="+", choices=(*DECODE_MODES, LAYER_BY_LAYER),
+                   default=["cpu", "gpu", "hybrid", "auto"],
+                   help=f"decode modes to time; {LAYER_BY_LAYER!r} is 'cpu' replaying each layer's graphs (baseline)")
     p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()

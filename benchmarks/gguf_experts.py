@@ -12,7 +12,8 @@ experts: gate/up Q4_K, and down Q5_0 because its rows (I=1408) are not a multipl
 falls back the same way). "Q8_0" is Q8_0 throughout. The GGUF is written with random valid blocks into a temporary
 file, memory-mapped (page cache), and calls cycle through the layers so weights come from DRAM, not cache. "GB/s"
 counts the stored bytes of the distinct experts a call touches over the call's time; "% DRAM" divides by
-`_core.read_bandwidth()` measured in the same run with the same pool. GGUF kernels take f32 activations.
+`_core.read_bandwidth()` measured in the same run with the same pool. Both activation modes are timed: "int8"
+(activations quantised per 32 values, integer dot products; the default) and "f32".
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def open_store(path: Path):
     return _core.GgufExpertStore([str(path)], spec, experts, HIDDEN, INTER)
 
 
-def bench_gguf(store, layers, m, rng, min_time):
+def bench_gguf(store, layers, m, rng, min_time, act_int8):
     cases = [cpu_experts.routing(rng, m, TOPK, store.num_experts) for _ in range(layers)]
     xs = [rng.standard_normal((m, HIDDEN), dtype=np.float32) for _ in range(layers)]
     touched = np.mean([len(np.unique(ids)) for ids, _ in cases]) * store.expert_nbytes(0)
@@ -89,7 +90,7 @@ def bench_gguf(store, layers, m, rng, min_time):
     def call(i):
         layer = i % layers
         ids, w = cases[layer]
-        store.forward(layer, xs[layer], ids, w)
+        store.forward(layer, xs[layer], ids, w, act_int8=act_int8)
 
     cpu_experts.warm_up(call, 2 * layers, min_time)  # fault the file's pages in, warm the pool
     t = cpu_experts.time_calls(call, min_time)
@@ -137,10 +138,12 @@ def main() -> None:
             print(f"\nGGUF {fmt} (gate/up/down {'/'.join(types)}): {path.stat().st_size / 2**30:.2f} GiB, "
                   f"{store.expert_nbytes(0) / 2**20:.2f} MiB per expert (written in {time.perf_counter() - t0:.1f}s)")
             for m in ms:
-                t, rate = bench_gguf(store, layers, m, rng, min_time)
-                rows.append([f"GGUF {fmt}", "f32", m, t * 1e6, rate / 1e9, 100 * rate / bw])
-                print(f"  M={m:<3} {t * 1e6:9.1f} us/call  {rate / 1e9:7.1f} GB/s  {100 * rate / bw:5.1f}% of DRAM",
-                      flush=True)
+                for act_int8 in (True, False):
+                    t, rate = bench_gguf(store, layers, m, rng, min_time, act_int8)
+                    act = "int8" if act_int8 else "f32"
+                    rows.append([f"GGUF {fmt}", act, m, t * 1e6, rate / 1e9, 100 * rate / bw])
+                    print(f"  M={m:<3} act={act:<4} {t * 1e6:9.1f} us/call  {rate / 1e9:7.1f} GB/s  "
+                          f"{100 * rate / bw:5.1f}% of DRAM", flush=True)
             del store
     if not args.no_krasis:
         for bits in (4, 8):

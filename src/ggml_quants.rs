@@ -193,6 +193,20 @@ pub fn k_scale_min(s: &[u8], b: usize) -> (u8, u8) {
     }
 }
 
+/// All 8 six-bit scales and mins of a Q4_K / Q5_K block's 12 scale bytes at once, as bytes packed
+/// in u32 words: [scales 0..4, scales 4..8, mins 0..4, mins 4..8] (same values as `k_scale_min`).
+#[inline(always)]
+pub fn k_scales_mins_packed(s: &[u8]) -> [u32; 4] {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (w(0), w(4), w(8));
+    [
+        a & 0x3F3F_3F3F,
+        (c & 0x0F0F_0F0F) | ((a >> 2) & 0x3030_3030),
+        b & 0x3F3F_3F3F,
+        ((c >> 4) & 0x0F0F_0F0F) | ((b >> 2) & 0x3030_3030),
+    ]
+}
+
 /// Dequantise one block `blk` (block_bytes long) into `out` (block_size values).
 pub fn dequantize_block(ty: GgmlType, blk: &[u8], out: &mut [f32]) {
     let bs = ty.block_size();
@@ -290,6 +304,128 @@ pub fn dequantize_block(ty: GgmlType, blk: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Activation group size (values per f32 unit) the GGUF INT8-activation kernels take.
+pub const ACT_GROUP: usize = 32;
+
+impl GgmlType {
+    /// Whether INT8 activations (`act_int8`) use integer dot products for this type; the others
+    /// (Q2_K, Q3_K) always take f32 activations.
+    pub fn has_int_kernel(self) -> bool {
+        !matches!(self, GgmlType::Q2K | GgmlType::Q3K)
+    }
+}
+
+/// One block in integer form: value i = a[i / 16] * q[i] + b[i / 16] (block_size values;
+/// 32-value types fill a[0..2], b[0..2]). The definition the INT8-activation kernels compute with.
+pub fn int_block(
+    ty: GgmlType,
+    blk: &[u8],
+    q: &mut [i8; 256],
+    a: &mut [f32; 16],
+    b: &mut [f32; 16],
+) {
+    assert!(blk.len() >= ty.block_bytes());
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let (d, m, qs) = if ty == GgmlType::Q4_0 {
+                (half(blk, 0), -8.0 * half(blk, 0), &blk[2..18])
+            } else {
+                (half(blk, 0), half(blk, 2), &blk[4..20])
+            };
+            for j in 0..16 {
+                q[j] = (qs[j] & 15) as i8;
+                q[j + 16] = (qs[j] >> 4) as i8;
+            }
+            *a = [d; 16];
+            *b = [m; 16];
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (d, m, hoff) = if ty == GgmlType::Q5_0 {
+                (half(blk, 0), -16.0 * half(blk, 0), 2)
+            } else {
+                (half(blk, 0), half(blk, 2), 4)
+            };
+            let qh = u32::from_le_bytes(blk[hoff..hoff + 4].try_into().unwrap());
+            let qs = &blk[hoff + 4..hoff + 20];
+            for j in 0..16 {
+                q[j] = ((qs[j] & 15) as u32 | ((qh >> j) & 1) << 4) as i8;
+                q[j + 16] = ((qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i8;
+            }
+            *a = [d; 16];
+            *b = [m; 16];
+        }
+        GgmlType::Q8_0 => {
+            for j in 0..32 {
+                q[j] = blk[2 + j] as i8;
+            }
+            *a = [half(blk, 0); 16];
+            *b = [0.0; 16];
+        }
+        GgmlType::Q2K => {
+            let (sc, qs) = (&blk[0..16], &blk[16..80]);
+            let (d, dmin) = (half(blk, 80), half(blk, 82));
+            for (i, v) in q.iter_mut().enumerate() {
+                let (h, s, j) = (i / 128, (i / 32) % 4, i % 32);
+                *v = ((qs[32 * h + j] >> (2 * s)) & 3) as i8;
+            }
+            for s in 0..16 {
+                a[s] = d * (sc[s] & 15) as f32;
+                b[s] = -dmin * (sc[s] >> 4) as f32;
+            }
+        }
+        GgmlType::Q3K => {
+            let (hm, qs, sc) = (&blk[0..32], &blk[32..96], &blk[96..108]);
+            let d = half(blk, 108);
+            for (s, v) in a.iter_mut().enumerate() {
+                let lo = if s < 8 { sc[s] & 15 } else { sc[s - 8] >> 4 };
+                let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+                *v = d * ((lo | hi << 4) as i32 - 32) as f32;
+            }
+            for i in 0..256 {
+                let (h, s, j) = (i / 128, (i / 32) % 4, i % 32);
+                let low = ((qs[32 * h + j] >> (2 * s)) & 3) as i8;
+                let high = ((hm[i % 32] >> (i / 32)) & 1) as i8;
+                q[i] = low - 4 * (1 - high);
+            }
+            *b = [0.0; 16];
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (d, dmin, sc) = (half(blk, 0), half(blk, 2), &blk[4..16]);
+            let (qh, qs) = if ty == GgmlType::Q5K {
+                (Some(&blk[16..48]), &blk[48..176])
+            } else {
+                (None, &blk[16..144])
+            };
+            for s in 0..8 {
+                let (scale, mn) = k_scale_min(sc, s);
+                a[2 * s..2 * s + 2].fill(d * scale as f32);
+                b[2 * s..2 * s + 2].fill(-dmin * mn as f32);
+                for j in 0..32 {
+                    let mut v = (qs[32 * (s / 2) + j] >> (4 * (s % 2))) & 15;
+                    if let Some(qh) = qh {
+                        v |= ((qh[j] >> s) & 1) << 4;
+                    }
+                    q[32 * s + j] = v as i8;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+            let d = half(blk, 208);
+            for (i, v) in q.iter_mut().enumerate() {
+                let (h, r) = (i / 128, i % 128);
+                let lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
+                let hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+                *v = (lo | hi << 4) as i8 - 32;
+            }
+            for s in 0..16 {
+                a[s] = d * (sc[s] as i8) as f32;
+            }
+            *b = [0.0; 16];
+        }
+    }
+}
+
 /// A borrowed GGUF weight W [N, K]: `data` is the N rows of blocks exactly as stored in the file.
 #[derive(Clone, Copy)]
 pub struct GgufMatRef<'a> {
@@ -369,6 +505,44 @@ pub(crate) mod tests {
         let e = GgmlType::from_id(1).unwrap_err();
         assert!(e.contains("Q4_K") && e.contains("Q8_0"), "{e}");
         assert!(GgmlType::Q4K.row_bytes(1408).is_err());
+    }
+
+    #[test]
+    fn packed_k_scales_match_k_scale_min() {
+        let mut rng = Rng::new(9);
+        for _ in 0..2000 {
+            let s: Vec<u8> = (0..12).map(|_| rng.next_u64() as u8).collect();
+            let p = k_scales_mins_packed(&s);
+            for b in 0..8 {
+                let (sc, mn) = k_scale_min(&s, b);
+                assert_eq!((p[b / 4] >> (8 * (b % 4))) as u8, sc);
+                assert_eq!((p[2 + b / 4] >> (8 * (b % 4))) as u8, mn);
+            }
+        }
+    }
+
+    #[test]
+    fn int_block_matches_dequantisation() {
+        let mut rng = Rng::new(3);
+        for ty in SUPPORTED {
+            let bs = ty.block_size();
+            for blk in random_blocks(&mut rng, ty, 8).chunks(ty.block_bytes()) {
+                let mut want = [0f32; 256];
+                dequantize_block(ty, blk, &mut want);
+                let (mut q, mut a, mut b) = ([0i8; 256], [0f32; 16], [0f32; 16]);
+                int_block(ty, blk, &mut q, &mut a, &mut b);
+                for i in 0..bs {
+                    let v = a[i / 16] * q[i] as f32 + b[i / 16];
+                    let tol = 1e-6 * (a[i / 16].abs() * 64.0 + b[i / 16].abs());
+                    assert!(
+                        (v - want[i]).abs() <= tol,
+                        "{} {i}: {v} {}",
+                        ty.name(),
+                        want[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! `python.rs` is the only module that knows PyO3.
 
 pub mod bandwidth;
+pub mod decode_link;
 pub mod ggml_quants;
 pub mod gguf_store;
 pub mod kernels;

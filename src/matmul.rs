@@ -115,7 +115,7 @@ pub fn matmul(pool: &Pool, path: SimdPath, w: &MatRef, x: &[f32], act_int8: bool
     matmul_weight(pool, path, &WeightRef::Krasis(*w), x, act_int8)
 }
 
-/// y[M, N] = x[M, K] @ W^T for either kind of weight (`act_int8` is ignored for GGUF weights).
+/// y[M, N] = x[M, K] @ W^T for either kind of weight (`act_int8` as in `moe::moe_forward`).
 pub fn matmul_weight(
     pool: &Pool,
     path: SimdPath,

@@ -71,8 +71,9 @@ pub const SKIP: usize = usize::MAX;
 
 /// The routed-expert forward. `x` is [M, H]; `ids` and `weights` are [M, k]; every id must be
 /// below the number of experts `expert(id)` accepts, or SKIP (the pair adds nothing).
-/// With `numa`, work follows `ExpertRef::node`. `act_int8` applies only when every weight in use
-/// is a Krasis matrix; GGUF weights always take f32 activations.
+/// With `numa`, work follows `ExpertRef::node`. With `act_int8` the activations are quantised per
+/// group (the weights' `int_group`: a Krasis matrix's group, 32 for GGUF blocks) for integer dots;
+/// a GGUF type without an integer kernel (Q2_K, Q3_K) still takes them in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward<'a>(
     pool: &Pool,

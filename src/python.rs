@@ -1,4 +1,5 @@
 //! PyO3 bindings: type conversion and Python exceptions only; the logic lives in the other modules.
+use crate::decode_link::{serve as serve_link, Mailbox};
 use crate::ggml_quants::{dequantize as dequantize_gguf_mat, GgmlType, GgufMatRef};
 use crate::gguf_store::{GgufExpertStore, GgufTensor};
 use crate::kernels::WeightRef;
@@ -10,8 +11,11 @@ use crate::quant::{dequantize as dequantize_mat, MatLayout, MatRef};
 use crate::simd::{self, SimdPath};
 use crate::store::ExpertStore;
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -471,6 +475,134 @@ impl<'py> MoeInputs<'py> {
     }
 }
 
+/// The mapped buffers and tables of a decode-graph handshake (`serve_decode_graph` of both stores),
+/// checked: staged f32 (>= hidden + 2k values), out f32 (>= hidden), flags int64 [>= 2], resident int64
+/// [num_layers, num_experts], ids_out int64 [>= len(layers), k], all C-contiguous.
+struct DecodeLinkArgs<'py> {
+    staged: PyReadwriteArrayDyn<'py, f32>,
+    out: PyReadwriteArrayDyn<'py, f32>,
+    flags: PyReadwriteArrayDyn<'py, i64>,
+    resident: PyReadonlyArray2<'py, i64>,
+    ids_out: PyReadwriteArray2<'py, i64>,
+    k: usize,
+}
+
+impl<'py> DecodeLinkArgs<'py> {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        staged: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
+        flags: &Bound<'py, PyAny>,
+        resident: &Bound<'py, PyAny>,
+        ids_out: &Bound<'py, PyAny>,
+        layers: &[usize],
+        (num_layers, num_experts, hidden): (usize, usize, usize),
+    ) -> PyResult<Self> {
+        fn arr<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
+            obj: &Bound<'py, PyAny>,
+            name: &str,
+            what: &str,
+        ) -> PyResult<Bound<'py, numpy::PyArray<T, D>>> {
+            let a = obj
+                .cast::<numpy::PyArray<T, D>>()
+                .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy {what} array")))?
+                .clone();
+            if !a.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "{name} must be C-contiguous"
+                )));
+            }
+            Ok(a)
+        }
+        let ids_out = arr::<i64, numpy::Ix2>(ids_out, "ids_out", "2-D int64")?;
+        let k = ids_out.shape()[1];
+        let staged = arr::<f32, numpy::IxDyn>(staged, "staged", "float32")?;
+        let out = arr::<f32, numpy::IxDyn>(out, "out", "float32")?;
+        let flags = arr::<i64, numpy::IxDyn>(flags, "flags", "int64")?;
+        let resident = arr::<i64, numpy::Ix2>(resident, "resident", "2-D int64")?;
+        if k == 0 || ids_out.shape()[0] < layers.len() {
+            return Err(PyValueError::new_err(format!(
+                "ids_out must be [>= {} layers, k >= 1], got {:?}",
+                layers.len(),
+                ids_out.shape()
+            )));
+        }
+        if staged.len() < hidden + 2 * k || out.len() < hidden || flags.len() < 2 {
+            return Err(PyValueError::new_err(format!(
+                "staged needs >= {} values (got {}), out >= {hidden} (got {}), flags >= 2 (got {})",
+                hidden + 2 * k,
+                staged.len(),
+                out.len(),
+                flags.len()
+            )));
+        }
+        check_shape("resident", resident.shape(), &[num_layers, num_experts])?;
+        if let Some(&l) = layers.iter().find(|&&l| l >= num_layers) {
+            return Err(PyValueError::new_err(format!(
+                "layer {l} out of range (num_layers={num_layers})"
+            )));
+        }
+        Ok(DecodeLinkArgs {
+            staged: staged.readwrite(),
+            out: out.readwrite(),
+            flags: flags.readwrite(),
+            resident: resident.readonly(),
+            ids_out: ids_out.readwrite(),
+            k,
+        })
+    }
+
+    /// Run `decode_link::serve` with the GIL released; returns (cpu_pairs, cpu_seconds, wait_seconds).
+    fn serve<F>(
+        mut self,
+        py: Python<'_>,
+        layers: &[usize],
+        (num_experts, hidden): (usize, usize),
+        timeout_s: f64,
+        forward: F,
+    ) -> PyResult<(usize, f64, f64)>
+    where
+        F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String> + Send,
+    {
+        // Addresses cross into the GIL-free closure as integers; the borrows above keep them valid.
+        let staged = self.staged.as_array_mut().as_mut_ptr() as usize;
+        let out = self.out.as_array_mut().as_mut_ptr() as usize;
+        let flags = self.flags.as_array_mut().as_mut_ptr() as usize;
+        let resident = contiguous(&self.resident, "resident")?;
+        let mut ids_out = self.ids_out.as_array_mut();
+        let ids_out = ids_out
+            .as_slice_mut()
+            .ok_or_else(|| PyValueError::new_err("ids_out must be C-contiguous"))?;
+        let k = self.k;
+        let timeout = std::time::Duration::from_secs_f64(timeout_s.max(0.0));
+        let stats = py
+            .detach(|| {
+                // SAFETY: the arrays are borrowed (numpy's borrow flags) for this call and checked above
+                // for size, contiguity and dtype; only the GPU and this call touch them meanwhile.
+                let mb = unsafe {
+                    Mailbox::new(
+                        staged as *const f32,
+                        out as *mut f32,
+                        flags as *const i64,
+                        hidden,
+                        k,
+                    )
+                };
+                serve_link(
+                    &mb,
+                    layers,
+                    resident,
+                    num_experts,
+                    ids_out,
+                    timeout,
+                    forward,
+                )
+            })
+            .map_err(|e| PyRuntimeError::new_err(e))?;
+        Ok((stats.cpu_pairs, stats.cpu_seconds, stats.wait_seconds))
+    }
+}
+
 fn ids_2d(obj: &Bound<'_, PyAny>, m: usize, num_experts: usize) -> PyResult<(Vec<usize>, usize)> {
     let (vals, shape): (Vec<i64>, Vec<usize>) = if let Ok(a) = obj.cast::<PyArray2<i64>>() {
         let r = a.readonly();
@@ -680,6 +812,41 @@ impl PyExpertStore {
         to_2d(py, y, inp.m, h)
     }
 
+    /// Answer one decode step's handshakes with a GPU step graph (see `decode_link`): for each MoE layer
+    /// in `layers`, wait for the GPU to stage it in `staged` (x | weights | ids as float32), run the
+    /// experts with `resident[layer, id] < 0` on the CPU, write their sum to `out` and raise `flags[1]`.
+    /// Every routed id goes to `ids_out[j]`. Returns (cpu_pairs, cpu_seconds, wait_seconds).
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve_decode_graph(
+        &self,
+        py: Python<'_>,
+        staged: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+        layers: Vec<usize>,
+        resident: &Bound<'_, PyAny>,
+        ids_out: &Bound<'_, PyAny>,
+        timeout_s: f64,
+        act_int8: bool,
+    ) -> PyResult<(usize, f64, f64)> {
+        let s = &self.inner;
+        let (h, e) = (s.layout.hidden, s.num_experts);
+        let args = DecodeLinkArgs::check(
+            staged,
+            out,
+            flags,
+            resident,
+            ids_out,
+            &layers,
+            (s.num_layers, e, h),
+        )?;
+        let (p, sp) = (pool::global(), path()?);
+        args.serve(py, &layers, (e, h), timeout_s, |layer, x, ids, w| {
+            s.forward(&p, sp, layer, x, ids, w, act_int8)
+        })
+    }
+
     /// (address, nbytes) of each layer's buffer (layer order), for pinning / registering.
     fn buffers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         PyList::new(py, self.inner.buffers())
@@ -780,9 +947,9 @@ impl PyGgufExpertStore {
     }
 
     /// Routed-expert forward of one layer: x float32 [M, H], expert_ids int [M, k] (-1 skips),
-    /// weights float32 [M, k]. `act_int8` is accepted for ExpertStore compatibility and ignored
-    /// (GGUF kernels take f32 activations).
-    #[pyo3(signature = (layer, x, expert_ids, weights, act_int8=false))]
+    /// weights float32 [M, k]. `act_int8`: activations quantised per token to INT8 (groups of 32)
+    /// and integer dot products for the types that have them (all but Q2_K, Q3_K); False: f32.
+    #[pyo3(signature = (layer, x, expert_ids, weights, act_int8=true))]
     fn forward<'py>(
         &self,
         py: Python<'py>,
@@ -792,16 +959,47 @@ impl PyGgufExpertStore {
         weights: &Bound<'py, PyAny>,
         act_int8: bool,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let _ = act_int8;
         let s = &self.inner;
         let (h, dims) = (s.hidden, (s.num_layers, s.num_experts));
         let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
         let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
         let (p, sp) = (pool::global(), path()?);
         let y = py
-            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws))
+            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws, act_int8))
             .map_err(verr)?;
         to_2d(py, y, inp.m, h)
+    }
+
+    /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve_decode_graph(
+        &self,
+        py: Python<'_>,
+        staged: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        flags: &Bound<'_, PyAny>,
+        layers: Vec<usize>,
+        resident: &Bound<'_, PyAny>,
+        ids_out: &Bound<'_, PyAny>,
+        timeout_s: f64,
+        act_int8: bool,
+    ) -> PyResult<(usize, f64, f64)> {
+        let s = &self.inner;
+        let (h, e) = (s.hidden, s.num_experts);
+        let args = DecodeLinkArgs::check(
+            staged,
+            out,
+            flags,
+            resident,
+            ids_out,
+            &layers,
+            (s.num_layers, e, h),
+        )?;
+        let (p, sp) = (pool::global(), path()?);
+        args.serve(py, &layers, (e, h), timeout_s, |layer, x, ids, w| {
+            s.forward(&p, sp, layer, x, ids, w, act_int8)
+        })
     }
 
     /// One expert's matrix dequantised to float32 (0 = gate [I, H], 1 = up, 2 = down [H, I]).

@@ -180,8 +180,13 @@ impl ExpertStore {
             // populate (MAP_POPULATE): every page is faulted in now, at load, rather than on first use;
             // measured on the GPU machine, the first decode steps otherwise ran the CPU experts at a
             // quarter of their speed while the pages came in.
-            let map = unsafe { memmap2::MmapOptions::new().len(len).populate().map_copy(&file) }
-                .map_err(|e| format!("cannot map cache file {}: {e}", path.display()))?;
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .len(len)
+                    .populate()
+                    .map_copy(&file)
+            }
+            .map_err(|e| format!("cannot map cache file {}: {e}", path.display()))?;
             buffers.push(map);
         }
         Ok(ExpertStore {

@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +34,9 @@ from krasis.kernels import (
     quantize_cpu_layout,
     to_gpu_layout,
 )
+from krasis.kernels.expert_gather import gather_experts
 from krasis.kernels.fused_norm import add_rms_norm
+from krasis.kernels.host_signal import signal_host, wait_host
 from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
 from krasis.kernels.moe_decode import moe_gemv
@@ -308,6 +311,76 @@ def check_route_and_stage(size: Size, device: torch.device, name: str) -> None:
     assert rows.shape == (3, h + 2 * k)
 
 
+def check_gather_experts(size: Size, device: torch.device) -> None:
+    """gather_experts copies the mapped experts of each routed pair into its staging slot (from pinned host
+    memory on a GPU) and marks the slots; unmapped pairs copy nothing and get slot -1."""
+    host = random_experts(size, 4, 32, torch.device("cpu"), count=6)
+    if device.type == "cuda":
+        host = GPUExperts(*(t.pin_memory() for t in (host.w13, host.s13, host.w2, host.s2)), bits=4, group=32)
+    e = host.num_experts
+    staging = random_experts(size, 4, 32, device, count=4)
+    before = staging.to("cpu")
+    expert_map = torch.full((e,), -1, dtype=torch.int32, device=device)
+    expert_map[[e - 1, 0, 2]] = torch.tensor([e - 1, 0, 2], dtype=torch.int32, device=device)
+    ids = torch.tensor([[2, 1, e - 1, 0]], device=device)  # expert 1 is not mapped
+    slots = torch.zeros(4, dtype=torch.int32, device=device)
+    gather_experts(host, expert_map, ids, staging, slots)
+    assert slots.tolist() == [0, -1, 2, 3], slots.tolist()
+    got = staging.to("cpu")
+    for p in ("w13", "s13", "w2", "s2"):
+        g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
+        assert torch.equal(g[0], h[2]) and torch.equal(g[2], h[e - 1]) and torch.equal(g[3], h[0]), p
+        assert torch.equal(g[1], b[1]), f"{p}: an unmapped pair's slot was written"
+
+
+def _host_flags(device: torch.device) -> torch.Tensor:
+    """The handshake flags in host memory the device can reach (pinned when it is a GPU)."""
+    return torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
+
+
+def check_host_handshake(device: torch.device) -> None:
+    """signal_host counts the handshake and raises flags[0]; wait_host holds the stream until the host (another
+    thread, answering late) raises flags[1], and work queued after it sees what the host wrote first."""
+    seq, flags = torch.full((1,), 4, dtype=torch.int64, device=device), _host_flags(device)
+    flags[:2] = 4
+    answer = torch.randn(8).pin_memory() if device.type == "cuda" else torch.randn(8)
+    sent = answer.clone()
+    answer.zero_()
+    view = flags.numpy()
+
+    def host() -> None:
+        deadline = time.monotonic() + 30
+        while view[0] < 5 and time.monotonic() < deadline:
+            pass
+        time.sleep(0.05)  # the GPU is polling by now
+        answer.copy_(sent)
+        view[1] = view[0]
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    got = torch.zeros(8, device=device)
+    try:
+        signal_host(seq, flags)
+        wait_host(seq, flags)
+        got.copy_(answer, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        thread.join()
+    assert int(seq) == 5 and flags.tolist() == [5, 5, 0], (int(seq), flags.tolist())
+    assert torch.equal(got.cpu(), sent)
+
+
+def check_host_wait_gives_up(device: torch.device) -> None:
+    """With nobody answering, wait_host returns after its polls and records the handshake it gave up on."""
+    seq, flags = torch.full((1,), 6, dtype=torch.int64, device=device), _host_flags(device)
+    flags[1] = 5
+    wait_host(seq, flags, polls=100)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    assert flags.tolist() == [0, 5, 6], flags.tolist()
+
+
 FORMATS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
 
 
@@ -338,6 +411,9 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     for interleaved in (False, True):
         out[f"rotary[interleaved={interleaved}]"] = lambda d, i=interleaved: check_rotary(size, d, i)
     out["small_align_equals_torch_align"] = lambda d: check_small_align_equals_torch_align(size, d)
+    out["gather_experts"] = lambda d: check_gather_experts(size, d)
+    out["host_handshake"] = check_host_handshake
+    out["host_wait_gives_up"] = check_host_wait_gives_up
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)
     out["strided_expert_view"] = lambda d: check_strided_expert_view(size, d)
     return out

@@ -197,3 +197,42 @@ def test_forward_skips_pairs_marked_minus_one(simd):
     want = store.forward(1, x, ids, zero_w)
     assert rel_err(store.forward(1, x, skipped, w), want.astype(np.float64)) < 1e-6
     assert not store.forward(1, x, np.full_like(ids, -1), w).any()
+
+
+def _link_buffers(k):
+    """Host-side stand-ins for a decode graph's mapped buffers: staged row, output row, flags, residency, ids."""
+    return (np.zeros((1, H + 2 * k + 4), np.float32), np.zeros((1, H), np.float32), np.zeros(3, np.int64),
+            np.full((L, E), -1, np.int64), np.zeros((1, k), np.int64))
+
+
+def test_serve_decode_graph_answers_a_staged_layer_with_its_non_resident_experts():
+    store = store_for(4, 128)
+    staged, out, flags, resident, ids_out = _link_buffers(3)
+    x, ids, w = rand(1, H), np.array([[5, 1, 7]]), RNG.random((1, 3)).astype(np.float32)
+    staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
+    flags[0] = 1  # the GPU has staged handshake 1
+    resident[1, 7] = 0  # expert 7 of layer 1 is the GPU's
+    pairs, cpu_seconds, wait_seconds = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out)
+    assert (pairs, int(flags[1]), ids_out.tolist()) == (2, 1, [[5, 1, 7]])
+    want = store.forward(1, x, np.array([[5, 1, -1]]), w)
+    assert rel_err(out, want.astype(np.float64)) < 1e-6
+    assert cpu_seconds > 0 and wait_seconds >= 0
+
+
+def test_serve_decode_graph_times_out_when_the_gpu_stages_nothing():
+    staged, out, flags, resident, ids_out = _link_buffers(2)
+    with pytest.raises(RuntimeError, match="did not stage decode handshake 1"):
+        store_for(4, 128).serve_decode_graph(staged, out, flags, [0], resident, ids_out, timeout_s=0.05)
+
+
+def test_serve_decode_graph_refuses_wrong_buffers():
+    store = store_for(4, 128)
+    staged, out, flags, resident, ids_out = _link_buffers(2)
+    with pytest.raises(TypeError, match="flags must be a numpy int64"):
+        store.serve_decode_graph(staged, out, flags.astype(np.float32), [0], resident, ids_out)
+    with pytest.raises(ValueError, match="resident"):
+        store.serve_decode_graph(staged, out, flags, [0], resident[:1], ids_out)
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        store.serve_decode_graph(staged, out, flags, [5], resident, ids_out)
+    with pytest.raises(ValueError, match="staged needs"):
+        store.serve_decode_graph(staged[:, :H], out, flags, [0], resident, ids_out)

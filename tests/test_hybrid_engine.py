@@ -327,11 +327,14 @@ def _decode_logits(llm, prompt, forced, step):
     return torch.stack([step(cache, token).float().cpu() for token in forced])
 
 
-@pytest.mark.parametrize("name,kv_dtype,mode", [(name, kv, "cpu") for name in MODELS for kv in ("bf16", "fp8")]
-                         + [("glm4_moe_grouped", "bf16", "cpu"), ("deepseek_v3_grouped_qlora", "bf16", "cpu"),
-                            ("deepseek_v2_lite_like", "bf16", "hybrid")])
+@pytest.mark.parametrize("name,kv_dtype,mode,one_graph",
+                         [(name, kv, "cpu", True) for name in MODELS for kv in ("bf16", "fp8")]
+                         + [("glm4_moe_grouped", "bf16", "cpu", True),
+                            ("deepseek_v3_grouped_qlora", "bf16", "cpu", True),
+                            ("deepseek_v2_lite_like", "bf16", "hybrid", True),  # some experts read over PCIe
+                            ("deepseek_v2_lite_like", "bf16", "hybrid", False)])  # layer by layer, copies
 def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, tiny_checkpoint, name, kv_dtype,
-                                                                         mode):
+                                                                         mode, one_graph):
     from krasis.engine.decode_graph import SMALLEST_BUCKET, DecodeGraphs
 
     llm = hybrid(tiny_checkpoint(name)[1], kv_dtype=kv_dtype, hcs_experts=6, cuda_graphs=False, decode_mode=mode)
@@ -343,10 +346,16 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
     def graph_step(cache, token):
         if "g" not in graphs:  # CUDA graphs on CUDA; the same fixed-shape steps run eagerly on the CPU
             graphs["g"] = DecodeGraphs(llm._forward, llm.runtime, cache)
+            graphs["g"].one_graph = one_graph
         return graphs["g"].step(token, cache.length)[0]
 
+    streamed_before = llm.runtime.counters["routed_calls_streamed"]
     got = _decode_logits(llm, prompt, forced, graph_step)
-    assert sorted(graphs["g"]._graphs) == [SMALLEST_BUCKET, 2 * SMALLEST_BUCKET]
+    if one_graph:  # one graph per step, with the PCIe reads' kernels only where the mode streams
+        assert sorted(graphs["g"]._steps) == [(SMALLEST_BUCKET, mode != "cpu"), (2 * SMALLEST_BUCKET, mode != "cpu")]
+    else:
+        assert sorted(graphs["g"]._graphs) == [SMALLEST_BUCKET, 2 * SMALLEST_BUCKET]
+    assert (llm.runtime.counters["routed_calls_streamed"] > streamed_before) == (mode != "cpu")
     # The graph step runs its own fused kernels (float32 attention and routing, the same roundings of the residual
     # stream), so on these near-tied random models it agrees with eager decode to BF16 rounding, not bit for bit:
     # ~1% RMS on the first step. Later steps drift further where a rounding difference flips a near-tied expert
@@ -357,6 +366,58 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
     assert rms_rel_err(got, eager) < 0.1
     if kv_dtype == "bf16":
         _assert_argmax_where_clear(eager, got.argmax(-1).tolist())
+
+
+def _graph_decoder(llm):
+    """A DecodeGraphs of ``llm`` on a fresh cache holding a 20-token prompt, and that cache."""
+    from krasis.engine.decode_graph import DecodeGraphs
+
+    cache = llm.new_cache()
+    llm._prefill(llm._check_tokens(random_prompt(20, seed=21)), cache, 0)
+    return DecodeGraphs(llm._forward, llm.runtime, cache), cache
+
+
+def test_a_one_graph_step_counts_where_each_routed_call_ran(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    graphs, cache = _graph_decoder(llm)
+    rt, hcs = llm.runtime, llm.runtime.hcs
+    tokens = random_prompt(3, seed=22)
+    for token in tokens[:2]:
+        graphs.step(token, cache.length)
+    before, calls_before = dict(rt.counters), hcs.decode_calls
+    graphs.step(tokens[2], cache.length)
+    moe_layers, top_k = len(rt.host), llm.spec.moe.router.top_k
+    assert rt.counters["decode_layer_steps"] - before["decode_layer_steps"] == moe_layers
+    assert rt.counters["routed_calls"] - before["routed_calls"] == moe_layers * top_k
+    assert hcs.decode_calls - calls_before == moe_layers * top_k
+    # the step's routing as the host saw it: the calls counted on the GPU are its hot-cache hits
+    ids = graphs.link.ids
+    assert ids.shape == (moe_layers, top_k) and ((ids >= 0) & (ids < hcs.num_experts)).all()
+    hits = int((hcs.table_host[np.arange(moe_layers)[:, None], ids] >= 0).sum())
+    assert rt.counters["routed_calls_on_gpu"] - before["routed_calls_on_gpu"] == hits
+
+
+def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    graphs, cache = _graph_decoder(llm)
+    store = llm.runtime.store
+
+    class Failing:  # the store, whose first step's CPU side fails
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def serve_decode_graph(self, *args, **kwargs):
+            llm.runtime.store = store
+            raise RuntimeError("CPU experts failed")
+
+    token, position = random_prompt(1, seed=23)[0], cache.length
+    llm.runtime.store = Failing()
+    with pytest.raises(RuntimeError, match="CPU experts failed"):
+        graphs.step(token, position)
+    assert int(graphs.link.seq) == 0 and graphs.link.flags.tolist() == [0, 0, 0]
+    logits = graphs.step(token, position).float().cpu()
+    want = _decode_logits(llm, random_prompt(20, seed=21), [token], lambda c, t: llm._decode_step(t, c))[0]
+    assert rms_rel_err(logits[0], want) < 3e-2
 
 
 def test_graph_bucket_is_the_next_power_of_two_within_the_capacity():

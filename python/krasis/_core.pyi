@@ -141,6 +141,23 @@ class ExpertStore:
         act_int8: bool = True,
     ) -> npt.NDArray[np.float32]:
         """y[t] = sum_j weights[t, j] * down(silu(gate x[t]) * up x[t]) for expert expert_ids[t, j]; [M, H]."""
+    def serve_decode_graph(
+        self,
+        staged: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+        flags: npt.NDArray[np.int64],
+        layers: list[int],
+        resident: npt.NDArray[np.int64],
+        ids_out: npt.NDArray[np.int64],
+        timeout_s: float = 30.0,
+        act_int8: bool = True,
+    ) -> tuple[int, float, float]:
+        """Answer one decode step's handshakes with a GPU step graph (ADVANCED.md "Decode CUDA graphs"): for each MoE
+        layer in ``layers``, wait until flags[0] reaches the next handshake number, read the staged row (x | weights
+        | ids as float32, hidden + 2k values), run the experts with resident[layer, id] < 0 on the CPU, write their
+        sum to ``out`` (hidden values) and raise flags[1]; every routed id goes to ids_out[j] ([len(layers), k]).
+        GIL released. Returns (CPU pairs, seconds in the CPU kernels, seconds waiting for the GPU); RuntimeError
+        when the GPU does not stage a layer within ``timeout_s`` or stages an id out of range."""
     def buffers(self) -> list[tuple[int, int]]:
         """(address, nbytes) of each layer's buffer, layer order."""
     def layout(self) -> dict:
@@ -198,9 +215,22 @@ class GgufExpertStore:
         x: npt.NDArray[np.float32],
         expert_ids: npt.NDArray[np.int64] | npt.NDArray[np.int32],
         weights: npt.NDArray[np.float32],
-        act_int8: bool = False,
+        act_int8: bool = True,
     ) -> npt.NDArray[np.float32]:
-        """As ExpertStore.forward; act_int8 is accepted and ignored (GGUF kernels take f32 activations)."""
+        """As ExpertStore.forward. act_int8: activations quantised per token to INT8 (groups of 32) and integer dot
+        products for the types that have them (all but Q2_K, Q3_K); False: f32 activations throughout."""
+    def serve_decode_graph(
+        self,
+        staged: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+        flags: npt.NDArray[np.int64],
+        layers: list[int],
+        resident: npt.NDArray[np.int64],
+        ids_out: npt.NDArray[np.int64],
+        timeout_s: float = 30.0,
+        act_int8: bool = True,
+    ) -> tuple[int, float, float]:
+        """As ExpertStore.serve_decode_graph (act_int8 as in forward)."""
     def dequantize_expert(self, layer: int, expert: int, which: int) -> npt.NDArray[np.float32]:
         """One expert's matrix as float32: which 0 = gate [I, H], 1 = up [I, H], 2 = down [H, I]."""
     def types(self) -> list[list[str]]:

@@ -30,7 +30,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
                    help="where decode runs the experts not in the hot cache: auto (default: tries shares of them "
                         "copied to the GPU over the first decode steps and keeps the fastest), cpu (the Rust "
-                        "kernels), gpu (copied to VRAM each step) or hybrid (split by rates measured at load)")
+                        "kernels), gpu (copied to VRAM each step) or hybrid (split by rates measured on first use)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")

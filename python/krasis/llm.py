@@ -152,7 +152,7 @@ class LLM:
                                                                self.device, options, progress, cpu_store)
             else:
                 weights = load_cached_weights(ckpt, self.spec, self.dtype, quant, directory)
-        self._link_rates: dict | None = None  # CPU and host-to-GPU rates (GB/s), measured for the decode modes
+        self._link_rates: dict | None = None  # CPU and GPU streaming rates (GB/s), measured for "hybrid"
         if self.runtime is not None:
             self.set_decode_mode(decode_mode)
         self.load_report["load_s"] = time.perf_counter() - start
@@ -184,7 +184,7 @@ class LLM:
         """Where decode runs the routed experts that are not in the hot cache (``decode_mode`` of the
         constructor); may change between generations. The link rates "hybrid" splits by are measured on first
         use and kept."""
-        from .engine.link_rates import cpu_read_gbps, h2d_gbps
+        from .engine.link_rates import cpu_read_gbps, gather_gbps
 
         if self.runtime is None:
             raise ValueError("decode modes belong to the GPU engine (device='cuda' with quantised experts)")
@@ -193,14 +193,15 @@ class LLM:
             if self._link_rates is None:
                 cpu = cpu_read_gbps()
                 # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
-                self._link_rates = {"cpu_gbps": cpu, "h2d_gbps": h2d_gbps(self.device) if self.device.type == "cuda"
-                                    else cpu}
+                self._link_rates = {"cpu_gbps": cpu, "stream_gbps": gather_gbps(self.device)
+                                    if self.device.type == "cuda" else cpu}
             rates = self._link_rates
         self.runtime.set_decode_mode(mode, **rates)
         share = self.runtime.gpu_share
-        where = f"{100 * (1 - share):.0f}% on the CPU, {100 * share:.0f}% copied to the GPU each step"
+        where = f"{100 * (1 - share):.0f}% on the CPU, {100 * share:.0f}% streamed to the GPU each step"
         if rates:
-            where += f" (measured: CPU reads {rates['cpu_gbps']:.1f} GB/s, host-to-GPU {rates['h2d_gbps']:.1f} GB/s)"
+            where += (f" (measured: CPU reads {rates['cpu_gbps']:.1f} GB/s, the GPU streams from pinned memory at "
+                      f"{rates['stream_gbps']:.1f} GB/s)")
         if mode == "auto":
             where = ("on the CPU or copied to the GPU in the share that decodes fastest: the first decode steps try "
                      "shares from 0 to 1 and keep the fastest, rechecked every few hundred steps")

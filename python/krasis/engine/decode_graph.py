@@ -1,11 +1,16 @@
 """Decode steps of the hybrid engine replayed as CUDA graphs, built from one-launch decode kernels.
 
-Each MoE layer's GPU work is captured once into three graphs: "attend" (the previous layer's sums, attention,
-the router, and the copy of the CPU experts' inputs to pinned memory), "experts" (shared expert and hot-cache
-experts) and "streamed" (the experts the decode mode copied to the GPU this step). The host replays them layer
-by layer; after "attend" it waits only for the staged copy, queues the step's expert copies and "streamed" when
-there are any, runs the CPU experts while the GPU works, and queues the CPU's result into a fixed device buffer
-that the next layer's "attend" adds in.
+A step is one graph: every layer, with each MoE layer handing the experts that are neither resident in VRAM nor
+read over PCIe to the host through mapped pinned memory and waiting for their sum (``graph_link``). The host
+replays it and then answers the layers' handshakes in turn from the Rust extension, so Python does nothing per
+layer. Experts the decode mode streams are read by the GPU's expert kernel straight from pinned host memory
+(``HybridExperts.pcie_part``): no copies to queue, so nothing for the host to decide between layers.
+
+``one_graph = False`` keeps the earlier design, measured as a baseline: each MoE layer's GPU work is captured into
+three graphs, "attend" (the previous layer's sums, attention, the router, and the copy of the CPU experts' inputs
+to pinned memory), "experts" (shared expert and hot-cache experts) and "streamed" (experts the host copied to the
+GPU this step); the host replays them layer by layer, after "attend" waits for the staged copy, queues the
+step's expert copies and "streamed", runs the CPU experts while the GPU works, and queues their result.
 
 Inside a graph a kernel still costs a few microseconds however small its work, and for one token nearly all
 of them are small; so the step uses fused kernels where torch would launch many: the residual sums with each
@@ -38,6 +43,7 @@ from ..ops.linear import linear
 from ..ops.mlp import swiglu
 from .device_sync import new_event
 from .forward import MLA_NORM_EPS, Forward
+from .graph_link import HostLink
 from .hybrid_moe import HybridExperts
 from .kv_cache import KVCache
 
@@ -109,6 +115,12 @@ class DecodeGraphs:
         # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers
         self._graphs: dict[int, list[tuple[_Replay, _Replay | None, _Replay | None]]] = {}
         self._final: dict[int, _Replay] = {}
+        # per (bucket, whether any expert is read over PCIe): the whole step as one graph, meeting the host
+        # through ``link``
+        self._steps: dict[tuple[int, bool], _Replay] = {}
+        moe = [layer.experts.slot for layer in forward.w.layers if layer.experts is not None]
+        self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
+        self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
         self._event = new_event(self.device)
         self._embed_row = torch.empty(spec.hidden_size, dtype=forward.w.embed.dtype,
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
@@ -171,7 +183,7 @@ class DecodeGraphs:
         out = torch.bmm(out_lat.to(h.dtype)[:, None, :], kv_b[:, dn:, :].transpose(1, 2))  # [heads, 1, v]
         return linear(out.reshape(1, -1), w["o"], w.get("o_bias"))
 
-    def _experts(self, index: int) -> None:
+    def _experts(self, index: int, pcie: bool = False) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         shared = f.shared_expert(layer, b.h)
         if shared is None:
@@ -179,10 +191,21 @@ class DecodeGraphs:
         else:
             b.extra.copy_(shared)
         self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu)
+        if pcie:
+            self.rt.pcie_part(layer.experts.slot, b.h, b.weights, b.ids, add_to=b.gpu)
 
     def _streamed(self, index: int) -> None:
         b = self.buf
         self.rt.streamed_part(b.h, b.weights, b.ids, add_to=b.gpu)
+
+    def _whole_step(self, bucket: int, pcie: bool) -> None:
+        for index, layer in enumerate(self.f.w.layers):
+            self._attend(index, bucket)
+            if layer.experts is not None:
+                self.link.hand_over()
+                self._experts(index, pcie)
+                self.link.take_back(self.buf.cpu)
+        self._final_norm()
 
     def _final_norm(self) -> None:
         f, b = self.f, self.buf
@@ -194,14 +217,18 @@ class DecodeGraphs:
         b.logits.copy_(logits)
 
     # -- capture and replay -------------------------------------------------------------------------------------
-    def _capture(self, work: Callable[[], None]) -> _Replay:
+    def _capture(self, work: Callable[[], None], linked: bool = False) -> _Replay:
+        """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``)."""
         if not self.capturing:
             return _Eager(work)
         # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            work()
+            if linked:  # the host answers from another thread: an eager run may wait for the GPU on the way
+                self.link.run(work, threaded=True, count=False)
+            else:
+                work()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -222,6 +249,11 @@ class DecodeGraphs:
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
 
+    def _capture_step(self, bucket: int, pcie: bool) -> None:
+        self._steps[bucket, pcie] = self._capture(lambda: self._whole_step(bucket, pcie), linked=True)
+        log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
+                 "through mapped memory%s)", bucket, ", some experts read over PCIe" if pcie else "")
+
     def _set_input(self, token: int) -> None:
         """The token's embedding as the residual stream, nothing pending from a previous layer."""
         b, embed = self.buf, self.f.w.embed
@@ -239,11 +271,26 @@ class DecodeGraphs:
         b, rt = self.buf, self.rt
         bucket = graph_bucket(position + 1, self.cache.capacity)
         b.position.fill_(position)
-        if bucket not in self._graphs:
-            self._capture_bucket(bucket)  # its warm-up runs write the buffers: the input is set after it
-        self._set_input(token)
-        rt.begin_forward(1)
-        k = self.f.spec.moe.router.top_k
+        rt.begin_forward(1)  # may change the decode mode's split ("auto")
+        if self.one_graph and self.link is not None:
+            self.link.check()
+            key = bucket, rt.gpu_share > 0  # a step that reads no expert over PCIe leaves its kernels out
+            if key not in self._steps:
+                self._capture_step(*key)  # its warm-up run writes the buffers: the input is set after it
+            self._set_input(token)
+            self.link.run(self._steps[key].replay, threaded=not self.capturing)
+        else:
+            if bucket not in self._graphs:
+                self._capture_bucket(bucket)
+            self._set_input(token)
+            self._layer_by_layer(bucket)
+        self.cache.length = position + 1
+        return b.logits
+
+    def _layer_by_layer(self, bucket: int) -> None:
+        """A step whose decode mode streams experts: the host decides each MoE layer's copies between graphs."""
+        b, rt = self.buf, self.rt
+        k = self.f.spec.moe.router.top_k if self.f.spec.moe else 0
         for (attend, experts, streamed), layer in zip(self._graphs[bucket], self.f.w.layers, strict=True):
             attend.replay()
             if experts is None:
@@ -258,5 +305,3 @@ class DecodeGraphs:
             if y is not None:
                 b.cpu.copy_(y, non_blocking=True)
         self._final[bucket].replay()
-        self.cache.length = position + 1
-        return b.logits

@@ -8,7 +8,7 @@ import statistics
 
 # Where decode runs the routed experts that are not in the hot cache: "cpu" (the Rust kernels), "gpu" (copied
 # from pinned memory into VRAM per step and run there), "hybrid" (split between both in proportion to the
-# measured DRAM and host-to-device rates) or "auto" (the split that decodes fastest on this machine, found by
+# measured DRAM and GPU streaming rates) or "auto" (the split that decodes fastest on this machine, found by
 # timing whole decode steps; see AutoSplit).
 DECODE_MODES = ("auto", "cpu", "gpu", "hybrid")
 

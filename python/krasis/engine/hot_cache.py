@@ -38,6 +38,7 @@ class HotExpertCache:
         self.decode_calls = 0
         self.decode_hits = 0
         self.updates = self.swaps = 0  # between-step updates since load, and the experts they swapped in
+        self.version = 0  # bumped whenever the resident set changes
 
     def record_gpu(self, layer: int, ids: torch.Tensor) -> None:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
@@ -48,6 +49,16 @@ class HotExpertCache:
         np.add.at(self.counts[layer], ids.ravel(), 1.0)
         self.decode_calls += ids.size
         self.decode_hits += hits
+
+    def record_step(self, layers: list[int], ids: np.ndarray) -> int:
+        """``record_host`` for a whole decode step: ``ids`` [len(layers), k] routed in MoE layer ``layers[j]``;
+        returns how many of them were resident."""
+        rows = np.repeat(np.asarray(layers, dtype=np.int64), ids.shape[1])
+        np.add.at(self.counts, (rows, ids.ravel()), 1.0)
+        hits = int((self.table_host[rows, ids.ravel()] >= 0).sum())
+        self.decode_calls += ids.size
+        self.decode_hits += hits
+        return hits
 
     def heat(self) -> np.ndarray:
         """Routing counts per (MoE layer, expert) seen so far, float64 [layers, experts] (prefill and decode)."""
@@ -109,6 +120,7 @@ class HotExpertCache:
             self.resident[s] = (layer, expert)
             self.table_host[layer, expert] = s
         self.table.copy_(torch.from_numpy(self.table_host).to(torch.int32))
+        self.version += 1
         share = counts[self.table_host >= 0].sum() / counts.sum()
         log.log(logging.INFO if max_swaps is None else logging.DEBUG,
                 "hot-expert cache: %d of %d slots refilled; the resident experts took %.1f%% of the routed calls "

@@ -14,6 +14,7 @@ import torch
 
 from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
+from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
 from .decode_modes import DECODE_MODES, AutoSplit
 from .device_sync import current_stream, new_event, pinned
@@ -26,6 +27,8 @@ from .hot_cache import UPDATE_EVERY, HotExpertCache
 DECODE_MAX_TOKENS = 32
 # auto: a gap longer than this between one-token forwards is not a decode step (the host did something else)
 MAX_STEP_SECONDS = 1.0
+# a decode step's CPU side gives up when the GPU has not staged the next layer within this many seconds
+GRAPH_TIMEOUT = 30.0
 
 
 class HybridExperts:
@@ -60,17 +63,29 @@ class HybridExperts:
         self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
+        # The one-graph step (decode_graph) streams the experts ``pcie_map`` names (its own index, -1 elsewhere)
+        # with a copy kernel inside the graph (``pcie_part``). Which ones: the non-resident experts whose fixed
+        # pseudo-random rank is below gpu_share, so about that share of the non-resident calls.
+        # ``_not_cpu`` tells the host which experts are not the CPU's (>= 0): resident or streamed.
+        layers = len(host)
+        self.pcie_map = torch.full((layers, max(e, 1)), -1, dtype=torch.int32, device=self.device)
+        self._pcie_map_host = torch.full((layers, max(e, 1)), -1, dtype=torch.int32, pin_memory=pin)
+        self._not_cpu = np.full((layers, max(e, 1)), -1, dtype=np.int64)
+        self._pcie_rank = (np.arange(max(e, 1))[None, :] * 0.6180339887 + np.arange(layers)[:, None] * 0.4142135624) % 1
+        self._split_key: tuple[int, float] | None = None
+        self._pcie_slots: torch.Tensor | None = None  # which staging slot holds each routed pair's expert
 
-    def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, h2d_gbps: float | None = None) -> None:
-        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s) and
-        streams the share h2d / (cpu + h2d) of them; "auto" tries shares and keeps the fastest (AutoSplit)."""
+    def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, stream_gbps: float | None = None) -> None:
+        """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s: the CPU
+        kernels' DRAM reads, the GPU's streaming from pinned memory) and streams the share stream / (cpu + stream)
+        of them; "auto" tries shares and keeps the fastest (AutoSplit)."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
         self.auto, self._last_step = None, None
         if mode == "hybrid":
-            if not cpu_gbps or not h2d_gbps:
-                raise ValueError("decode mode 'hybrid' needs the measured CPU and host-to-device rates")
-            self.gpu_share = h2d_gbps / (cpu_gbps + h2d_gbps)
+            if not cpu_gbps or not stream_gbps:
+                raise ValueError("decode mode 'hybrid' needs the measured CPU and GPU streaming rates")
+            self.gpu_share = stream_gbps / (cpu_gbps + stream_gbps)
         elif mode == "auto":
             self.auto = AutoSplit()
             self.gpu_share = self.auto.share
@@ -90,10 +105,27 @@ class HybridExperts:
             self._decode_steps += 1
             if self._decode_steps % self.hcs_update_every == 0:
                 self.hcs.update_between_steps()
+        if num_tokens == 1:
+            self._refresh_split()
+            if self.gpu_share > 0:  # a one-graph step may stage experts in the second prefill buffer
+                self.streamer.loaded[1] = None
         if self.streaming:
             # decode may have used the second buffer for streamed experts: its copies wait for that work
             self.streamer.released[1].record(current_stream(self.device))
             self.streamer.begin_pass()
+
+    def _refresh_split(self) -> None:
+        """Bring ``pcie_map`` and ``_not_cpu`` up to date with the hot cache and gpu_share (queued on the current
+        stream like the hot cache's own table; nothing to do when neither changed)."""
+        key = (self.hcs.version, self.gpu_share)
+        if key == self._split_key or not self.host:
+            return
+        self._split_key = key
+        resident = self.hcs.table_host >= 0
+        pcie = ~resident & (self._pcie_rank < self.gpu_share)
+        self._pcie_map_host.numpy()[:] = np.where(pcie, np.arange(pcie.shape[1])[None, :], -1)
+        self.pcie_map.copy_(self._pcie_map_host, non_blocking=True)
+        self._not_cpu = np.where(resident | pcie, 0, -1)
 
     def _time_step(self, num_tokens: int) -> None:
         """auto: one-token forwards that follow one another are decode steps; the time between their starts
@@ -217,6 +249,50 @@ class HybridExperts:
                                             np.ascontiguousarray(staged[:, h:h + k]))
         c["cpu_expert_seconds"] += time.perf_counter() - start
         return self._y[:t]
+
+    @property
+    def staged_row(self) -> torch.Tensor:
+        """The pinned row a decode step stages for the CPU experts, float32 [1, hidden + 2k + ...] = [x | weights |
+        ids] (``stage_rows``)."""
+        return self._in[:1]
+
+    @property
+    def cpu_out_row(self) -> torch.Tensor:
+        """The pinned row the CPU experts' sum of a one-token step is written to, float32 [1, hidden]."""
+        return self._y[:1]
+
+    def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True) -> None:
+        """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
+        each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident nor read over PCIe
+        on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with ``count``; not for a
+        warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the host view of the
+        graph's flags, ``ids_out`` int64 [layers, k] receives the routing."""
+        cpu_pairs, cpu_seconds, wait_seconds = self.store.serve_decode_graph(
+            self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT)
+        if not count:
+            return
+        calls = len(slots) * ids_out.shape[1]
+        hits = self.hcs.record_step(slots, ids_out[: len(slots)])
+        c = self.counters
+        c["decode_layer_steps"] += len(slots)
+        c["routed_calls"] += calls
+        c["routed_calls_on_gpu"] += hits
+        c["routed_calls_streamed"] += calls - cpu_pairs - hits
+        c["decode_bytes_streamed"] += (calls - cpu_pairs - hits) * (self.host[0].nbytes // self.host[0].num_experts)
+        c["cpu_expert_seconds"] += cpu_seconds
+        c["wait_for_gpu_seconds"] += wait_seconds
+
+    def pcie_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  add_to: torch.Tensor) -> torch.Tensor:
+        """The experts of a one-token step that ``pcie_map`` streams: copied from pinned host memory into staging
+        slots by a kernel (``gather_experts``), then run from there, added into ``add_to`` (float32 [1, H]).
+        No host sync, fixed addresses: a CUDA graph may hold it."""
+        k = ids.numel()
+        if self._pcie_slots is None or self._pcie_slots.numel() != k:
+            self._pcie_slots = torch.full((k,), -1, dtype=torch.int32, device=self.device)
+        staging = slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer, idle in decode
+        gather_experts(self.host[slot], self.pcie_map[slot], ids, staging, self._pcie_slots)
+        return moe_gemv(x, staging, weights, self._pcie_slots.view(1, k), out=add_to, accumulate=True)
 
     @property
     def cpu_expert_nbytes(self) -> int:

@@ -1,0 +1,93 @@
+"""The handshake between a decode step captured as one CUDA graph and the host that runs its CPU experts.
+
+With a whole step (every layer) in one graph, the host's only work per layer is the CPU experts: no Python
+replays a layer's graphs, waits on an event or queues a copy. The graph cannot call the host, so the two meet
+in mapped pinned memory (``kernels.host_signal``): after staging a MoE layer's inputs the graph raises a flag
+and runs the layer's GPU experts; the host, spinning on the flag inside the Rust extension, runs the other
+experts and raises the answer flag; the graph, spinning on that, copies the CPU's sum in and goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..kernels.host_signal import signal_host, wait_host
+from .device_sync import pinned
+from .hybrid_moe import HybridExperts
+
+# Written to the answer flag to let every remaining wait of a broken step pass at once.
+_RELEASE_ALL = 1 << 62
+
+
+class HostLink:
+    """Flags, handshake counter and routing record of the one-graph decode step of ``runtime``'s MoE layers
+    (``slots``, in layer order)."""
+
+    def __init__(self, runtime: HybridExperts, slots: list[int], top_k: int, device: torch.device):
+        self.rt, self.slots, self.device = runtime, slots, device
+        self.flags = torch.zeros(3, dtype=torch.int64, pin_memory=pinned(device))
+        self._flags = self.flags.numpy()  # the host's view of the same memory
+        self.seq = torch.zeros(1, dtype=torch.int64, device=device)
+        self.ids = np.zeros((len(slots), top_k), dtype=np.int64)  # the last step's routing, per MoE layer
+
+    # -- inside the graph ----------------------------------------------------------------------------------------
+    def hand_over(self) -> None:
+        """The layer's inputs are staged (queued before this): let the host start."""
+        signal_host(self.seq, self.flags)
+
+    def take_back(self, out: torch.Tensor) -> None:
+        """Wait for the host's answer and copy its sum (float32 [1, hidden]) into ``out``."""
+        wait_host(self.seq, self.flags)
+        out.copy_(self.rt.cpu_out_row, non_blocking=True)
+
+    # -- on the host ---------------------------------------------------------------------------------------------
+    def run(self, work: Callable[[], None], threaded: bool, count: bool = True) -> None:
+        """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
+        when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
+        the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed."""
+        try:
+            if not threaded:
+                work()
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
+            else:
+                errors: list[BaseException] = []
+
+                def serve() -> None:
+                    try:
+                        self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
+                    except BaseException as e:  # re-raised on the caller's thread
+                        errors.append(e)
+                        self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever
+
+                thread = threading.Thread(target=serve, name="krasis-decode-host", daemon=True)
+                thread.start()
+                try:
+                    work()
+                finally:
+                    thread.join()
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            self._abort()
+            raise
+        self.check()
+
+    def check(self) -> None:
+        """Raise if the graph gave up waiting for the host (its step's output is not to be trusted)."""
+        if self._flags[2]:
+            handshake = int(self._flags[2])
+            self._abort()
+            raise RuntimeError(f"decode step: the GPU gave up waiting for the CPU experts at handshake {handshake}; "
+                               "the step was abandoned and the link reset")
+
+    def _abort(self) -> None:
+        """Let a step in flight finish at once (its remaining waits pass), then start both counters afresh."""
+        self._flags[1] = _RELEASE_ALL
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seq.zero_()
+        self._flags[:] = 0

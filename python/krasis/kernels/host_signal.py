@@ -1,0 +1,49 @@
+"""Two one-program kernels through which a CUDA graph hands work to the host and waits for it to be done.
+
+``flags`` is an int64 [3] tensor in page-locked host memory, which the GPU reads and writes directly (unified
+addressing maps it): [0] the last handshake the GPU staged, [1] the last the host answered, [2] nonzero when the
+GPU gave up waiting (the handshake it gave up on). ``seq`` is an int64 [1] device tensor counting handshakes, so
+a graph replayed many times keeps numbering them. The host's half is ``decode_link`` in the Rust extension.
+
+A poll of host memory takes about a microsecond over PCIe; after WAIT_POLLS of them (tens of seconds) the wait
+gives up rather than hang the GPU forever, and records which handshake it gave up on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+WAIT_POLLS = 20_000_000
+
+
+@triton.jit
+def _signal_kernel(seq_ptr, flags_ptr):
+    s = tl.load(seq_ptr) + 1
+    tl.store(seq_ptr, s)
+    tl.store(flags_ptr, s)
+
+
+@triton.jit
+def _wait_kernel(seq_ptr, flags_ptr, POLLS: tl.constexpr):
+    s = tl.load(seq_ptr)
+    # volatile: each poll reads host memory again instead of a value the compiler kept
+    answered = tl.load(flags_ptr + 1, volatile=True)
+    polls = 0
+    while (answered < s) & (polls < POLLS):
+        answered = tl.load(flags_ptr + 1, volatile=True)
+        polls += 1
+    if answered < s:
+        tl.store(flags_ptr + 2, s)
+
+
+def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
+    """Count one more handshake and tell the host (flags[0]) that its inputs are in place. The inputs must
+    have been written by work queued before this on the same stream."""
+    _signal_kernel[(1,)](seq, flags)
+
+
+def wait_host(seq: torch.Tensor, flags: torch.Tensor, polls: int = WAIT_POLLS) -> None:
+    """Hold the stream until the host has answered the current handshake (flags[1] reaches seq)."""
+    _wait_kernel[(1,)](seq, flags, POLLS=polls)

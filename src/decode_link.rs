@@ -1,0 +1,316 @@
+//! The host's half of a decode step that the GPU runs as one CUDA graph.
+//!
+//! The graph cannot call back into the host, so the two sides meet in page-locked host memory that the
+//! GPU reads and writes directly (mapped through unified addressing). For each MoE layer of the step the
+//! GPU writes the layer's staged row (normed hidden state, routing weights, expert ids) and then raises
+//! `flags[0]` to the next sequence number; the host, spinning on that flag, runs the experts that are not
+//! resident in VRAM through the CPU kernels, writes their weighted sum to the output row and raises
+//! `flags[1]` to the same number; the GPU, spinning on `flags[1]`, copies the sum in and goes on. Sequence
+//! numbers only grow, so neither side needs to reset a flag, and a step that stops half way (a timeout)
+//! leaves the two counters unequal, which the caller detects and repairs.
+
+use crate::moe::SKIP;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Mapped host buffers shared with the GPU's step graph. Built from memory the caller keeps alive and
+/// does not otherwise touch while a `serve` runs; every access goes through raw pointers (volatile reads,
+/// plain writes, atomics for the flags) because the GPU changes the memory behind the compiler's back.
+pub struct Mailbox {
+    staged: *const f32,
+    out: *mut f32,
+    flags: *const AtomicI64,
+    hidden: usize,
+    k: usize,
+}
+
+/// What one `serve` did: routed pairs computed on the CPU, seconds in the CPU kernels, seconds spent
+/// waiting for the GPU to stage a layer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServeStats {
+    pub cpu_pairs: usize,
+    pub cpu_seconds: f64,
+    pub wait_seconds: f64,
+}
+
+impl Mailbox {
+    /// `staged` holds at least `hidden + 2k` f32 (x | routing weights | ids as f32), `out` at least
+    /// `hidden` f32, `flags` two i64.
+    ///
+    /// # Safety
+    /// The three pointers are valid, aligned, and stay valid and unaliased by Rust references for the
+    /// lifetime of the Mailbox (the GPU may write them at any time); the lengths above hold.
+    pub unsafe fn new(
+        staged: *const f32,
+        out: *mut f32,
+        flags: *const i64,
+        hidden: usize,
+        k: usize,
+    ) -> Mailbox {
+        Mailbox {
+            staged,
+            out,
+            flags: flags as *const AtomicI64,
+            hidden,
+            k,
+        }
+    }
+
+    fn flag(&self, i: usize) -> &AtomicI64 {
+        // SAFETY: `new`'s contract: two aligned i64 that live as long as self; AtomicI64 has i64's layout.
+        unsafe { &*self.flags.add(i) }
+    }
+
+    /// The last sequence number the host answered.
+    pub fn answered(&self) -> i64 {
+        self.flag(1).load(Ordering::Acquire)
+    }
+
+    /// The last sequence number the GPU staged.
+    pub fn staged_seq(&self) -> i64 {
+        self.flag(0).load(Ordering::Acquire)
+    }
+
+    /// Spin until the GPU has staged `seq`; an error after `timeout`.
+    fn wait_staged(&self, seq: i64, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while self.flag(0).load(Ordering::Acquire) < seq {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(4096) && start.elapsed() > timeout {
+                return Err(format!(
+                    "the GPU did not stage decode handshake {seq} within {:.0} s (last staged: {})",
+                    timeout.as_secs_f64(),
+                    self.staged_seq()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies of the staged row: (x [hidden], routing weights [k], ids [k] as f32).
+    fn read_staged(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (h, k) = (self.hidden, self.k);
+        // SAFETY: `new`'s contract gives hidden + 2k readable f32; volatile because the GPU wrote them.
+        let read = |at: usize, n: usize| -> Vec<f32> {
+            (at..at + n)
+                .map(|i| unsafe { self.staged.add(i).read_volatile() })
+                .collect()
+        };
+        (read(0, h), read(h, k), read(h + k, k))
+    }
+
+    /// Write the layer's CPU sum and answer `seq`.
+    fn answer(&self, y: &[f32], seq: i64) {
+        debug_assert_eq!(y.len(), self.hidden);
+        // SAFETY: `new`'s contract gives `hidden` writable f32 that no Rust reference aliases.
+        unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), self.out, self.hidden) };
+        // Release: the sum is visible before the flag that says it is there.
+        self.flag(1).store(seq, Ordering::Release);
+    }
+}
+
+/// Answer the GPU's handshakes for one decode step: `layers[j]` is the MoE layer of the j-th. For each,
+/// the staged experts not resident in VRAM (`resident[layer * num_experts + id] < 0`) run through
+/// `forward(layer, x, ids, weights)` (ids SKIP elsewhere) and the rest count as the GPU's; every routed
+/// id is recorded in `ids_out[j * k ..]`. A staged id out of range is an error (after the GPU has been
+/// answered with zeros, so it is not left waiting).
+pub fn serve<F>(
+    mb: &Mailbox,
+    layers: &[usize],
+    resident: &[i64],
+    num_experts: usize,
+    ids_out: &mut [i64],
+    timeout: Duration,
+    mut forward: F,
+) -> Result<ServeStats, String>
+where
+    F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String>,
+{
+    let (h, k) = (mb.hidden, mb.k);
+    if ids_out.len() < layers.len() * k {
+        return Err(format!(
+            "ids_out holds {} ids, the step routes {} layers x {k}",
+            ids_out.len(),
+            layers.len()
+        ));
+    }
+    let mut stats = ServeStats::default();
+    let mut seq = mb.answered();
+    for (j, &layer) in layers.iter().enumerate() {
+        seq += 1;
+        let waited = Instant::now();
+        mb.wait_staged(seq, timeout)?;
+        stats.wait_seconds += waited.elapsed().as_secs_f64();
+        let (x, w, ids_f) = mb.read_staged();
+        let mut ids = vec![SKIP; k];
+        let mut bad = None;
+        for (i, &v) in ids_f.iter().enumerate() {
+            let id = v as i64;
+            ids_out[j * k + i] = id;
+            if v != id as f32 || id < 0 || id as usize >= num_experts {
+                bad = Some(v);
+                continue;
+            }
+            if resident[layer * num_experts + id as usize] < 0 {
+                ids[i] = id as usize;
+                stats.cpu_pairs += 1;
+            }
+        }
+        if let Some(v) = bad {
+            mb.answer(&vec![0.0; h], seq);
+            return Err(format!(
+                "the GPU staged expert id {v} for MoE layer {layer} (valid: 0..{num_experts})"
+            ));
+        }
+        let y = if ids.iter().any(|&e| e != SKIP) {
+            let start = Instant::now();
+            let y = forward(layer, &x, &ids, &w);
+            stats.cpu_seconds += start.elapsed().as_secs_f64();
+            match y {
+                Ok(y) => y,
+                Err(e) => {
+                    mb.answer(&vec![0.0; h], seq);
+                    return Err(e);
+                }
+            }
+        } else {
+            vec![0.0; h]
+        };
+        mb.answer(&y, seq);
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A GPU stand-in on another thread: stages `rows` one after another, collecting the answers.
+    struct Shared {
+        staged: Vec<f32>,
+        out: Vec<f32>,
+        flags: [i64; 2],
+    }
+
+    #[test]
+    fn serves_each_staged_layer_in_order_and_skips_resident_experts() {
+        let (h, k, e) = (4usize, 2usize, 3usize);
+        let mut shared = Box::new(Shared {
+            staged: vec![0.0; h + 2 * k],
+            out: vec![0.0; h],
+            flags: [0, 0],
+        });
+        let mb = unsafe {
+            Mailbox::new(
+                shared.staged.as_ptr(),
+                shared.out.as_mut_ptr(),
+                shared.flags.as_mut_ptr(),
+                h,
+                k,
+            )
+        };
+        // layer 0: expert 2 resident; layer 1: none
+        let resident = vec![-1, -1, 0, -1, -1, -1];
+        let addr = Arc::new((
+            shared.staged.as_mut_ptr() as usize,
+            shared.out.as_ptr() as usize,
+            shared.flags.as_mut_ptr() as usize,
+        ));
+        let gpu = {
+            let addr = Arc::clone(&addr);
+            std::thread::spawn(move || {
+                let (staged, out, flags) = *addr;
+                let flags = flags as *const AtomicI64;
+                let mut answers = vec![];
+                for (seq, ids) in [(1i64, [1.0f32, 2.0]), (2, [2.0, 0.0])] {
+                    // SAFETY: the test keeps `shared` alive until this thread is joined.
+                    unsafe {
+                        let s = staged as *mut f32;
+                        for i in 0..h {
+                            s.add(i).write_volatile(seq as f32 + i as f32);
+                        }
+                        s.add(h).write_volatile(0.5);
+                        s.add(h + 1).write_volatile(0.25);
+                        s.add(h + k).write_volatile(ids[0]);
+                        s.add(h + k + 1).write_volatile(ids[1]);
+                        (*flags).store(seq, Ordering::Release);
+                        while (*flags.add(1)).load(Ordering::Acquire) < seq {
+                            std::hint::spin_loop();
+                        }
+                        answers.push(
+                            (0..h)
+                                .map(|i| (out as *const f32).add(i).read_volatile())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                answers
+            })
+        };
+        let mut ids_out = vec![0i64; 2 * k];
+        let mut calls = vec![];
+        let stats = serve(
+            &mb,
+            &[0, 1],
+            &resident,
+            e,
+            &mut ids_out,
+            Duration::from_secs(10),
+            |layer, x, ids, w| {
+                calls.push((layer, ids.to_vec(), w.to_vec()));
+                Ok(x.iter().map(|v| v * 2.0).collect())
+            },
+        )
+        .unwrap();
+        let answers = gpu.join().unwrap();
+        assert_eq!(ids_out, vec![1, 2, 2, 0]);
+        assert_eq!(calls[0], (0, vec![1, SKIP], vec![0.5, 0.25]));
+        assert_eq!(calls[1], (1, vec![2, 0], vec![0.5, 0.25]));
+        assert_eq!(stats.cpu_pairs, 3);
+        assert_eq!(answers[0], vec![2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(answers[1], vec![4.0, 6.0, 8.0, 10.0]);
+        assert_eq!(shared.flags, [2, 2]);
+    }
+
+    #[test]
+    fn a_gpu_that_never_stages_times_out_with_a_message() {
+        let (staged, mut out, mut flags) = (vec![0.0f32; 8], vec![0.0f32; 4], [0i64; 2]);
+        let mb =
+            unsafe { Mailbox::new(staged.as_ptr(), out.as_mut_ptr(), flags.as_mut_ptr(), 4, 2) };
+        let err = serve(
+            &mb,
+            &[0],
+            &[-1, -1],
+            2,
+            &mut [0; 2],
+            Duration::from_millis(50),
+            |_, x, _, _| Ok(x.to_vec()),
+        )
+        .unwrap_err();
+        assert!(err.contains("did not stage decode handshake 1"), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_id_is_answered_then_reported() {
+        let (mut staged, mut out, mut flags) = (vec![0.0f32; 8], vec![1.0f32; 4], [1i64, 0]);
+        staged[4 + 2] = 7.0; // ids start at hidden + k
+        let mb =
+            unsafe { Mailbox::new(staged.as_ptr(), out.as_mut_ptr(), flags.as_mut_ptr(), 4, 2) };
+        let err = serve(
+            &mb,
+            &[0],
+            &[-1, -1],
+            2,
+            &mut [0; 2],
+            Duration::from_secs(1),
+            |_, x, _, _| Ok(x.to_vec()),
+        )
+        .unwrap_err();
+        assert!(err.contains("expert id 7"), "{err}");
+        assert_eq!(flags[1], 1);
+        assert_eq!(out, vec![0.0; 4]);
+    }
+}
