@@ -189,7 +189,7 @@ def test_an_unknown_decode_mode_is_refused(hybrid, tiny_checkpoint):
 def test_auto_split_tries_each_share_and_keeps_the_fastest():
     from krasis.engine.decode_modes import AutoSplit
 
-    step_seconds = {0.0: 0.020, 0.25: 0.016, 0.5: 0.012, 0.75: 0.018, 1.0: 0.025}
+    step_seconds = {0.0: 0.020, 0.25: 0.016, 0.5: 0.012, 0.75: 0.013, 1.0: 0.012}
     auto = AutoSplit(trial_steps=3, revisit_every=10)
     tried = []
     for _ in range(5 * 4):  # every candidate: one step to settle, then three timed
@@ -200,11 +200,24 @@ def test_auto_split_tries_each_share_and_keeps_the_fastest():
     assert auto.times == pytest.approx(step_seconds)  # the settling steps were not counted
 
 
+def test_auto_split_stops_trying_larger_shares_once_one_is_clearly_slower():
+    from krasis.engine.decode_modes import AutoSplit
+
+    step_seconds = {0.0: 0.010, 0.25: 0.0105, 0.5: 0.013, 0.75: 0.001, 1.0: 0.001}
+    auto = AutoSplit(trial_steps=2, revisit_every=100)
+    tried = []
+    for _ in range(3 * 3):
+        tried.append(auto.share)
+        auto.observe(step_seconds[auto.share])
+    assert sorted(set(tried)) == [0.0, 0.25, 0.5]  # 0.5 is over 10% slower than 0: 0.75 and 1 are not tried
+    assert auto.best == auto.share == 0.0
+
+
 def test_auto_split_rechecks_its_neighbours_and_follows_a_change():
     from krasis.engine.decode_modes import AutoSplit
 
     auto = AutoSplit(trial_steps=2, revisit_every=5)
-    for _ in range(5 * 3):
+    for _ in range(2 * 3):  # 0, then 0.25, twice as slow: larger shares are not tried
         auto.observe(0.010 if auto.share == 0.0 else 0.020)
     assert auto.best == 0.0
     for _ in range(5):

@@ -13,12 +13,17 @@ import statistics
 DECODE_MODES = ("auto", "cpu", "gpu", "hybrid")
 
 
+# A candidate this much slower than the fastest tried so far ends the round's trials of larger shares.
+GIVE_UP = 1.1
+
+
 class AutoSplit:
     """Chooses the GPU's share of the non-resident experts by the wall time of whole decode steps.
 
     The rates measured at load do not predict a step's time well: per-call costs (launching copies, waking CPU
-    threads, the host waiting on the GPU) are a large part of it. So the candidates are tried in turn, each for
-    ``trial_steps`` steps after one step to settle, and the fastest (median step time) is kept; every
+    threads, the host waiting on the GPU) are a large part of it. So the candidates are tried in turn (smallest
+    first), each for ``trial_steps`` steps after one step to settle, until one is more than GIVE_UP times slower
+    than the fastest so far, and the fastest (median step time) is kept; every
     ``revisit_every`` steps its neighbours are tried again, so the choice follows what the context length and the
     hot cache do to the costs. ``observe`` takes each step's seconds; ``share`` is the share to use next."""
 
@@ -45,8 +50,13 @@ class AutoSplit:
             return
         self._samples.append(seconds)
         if len(self._samples) > self.trial_steps:  # the first step after a switch settles it and is not counted
-            self.times[self._queue.pop(0)] = statistics.median(self._samples[1:])
+            share = self._queue.pop(0)
+            self.times[share] = statistics.median(self._samples[1:])
             self._samples = []
+            if self.times[share] > GIVE_UP * min(self.times.values()):
+                # step time rises with the share past its best (one link saturates), so larger shares would only
+                # be slower: trials of them cost whole slow steps
+                self._queue = [s for s in self._queue if s < share]
             if not self._queue:
                 self.best = min(self.times, key=self.times.__getitem__)
                 self._since_round = 0
