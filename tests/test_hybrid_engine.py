@@ -170,14 +170,15 @@ def test_experts_streamed_to_the_gpu_in_decode_give_what_the_cpu_path_scores_bes
     ids = random_prompt(20, seed=3)
     llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3, decode_mode=mode)
     before = llm.engine_counters()
-    # auto tries every share for a few steps (see AutoSplit) before it keeps one: decode through all of them
+    # auto tries shares for a few steps each (see AutoSplit) before it keeps one: decode through all of them
     out = llm.generate(ids, max_new_tokens=27 if mode == "auto" else 10)
     after = llm.engine_counters()
     assert after["routed_calls_streamed"] > before["routed_calls_streamed"]
     if mode == "gpu":  # nothing left for the CPU
         assert after["cpu_expert_seconds"] == before["cpu_expert_seconds"]
-    if mode == "auto":
-        assert sorted(llm.runtime.auto.times) == list(llm.runtime.auto.CANDIDATES)
+    if mode == "auto":  # it tried shares, smallest first until one was clearly slower, and kept the fastest
+        times = llm.runtime.auto.times
+        assert len(times) >= 2 and llm.runtime.auto.best == min(times, key=times.get)
     _assert_cpu_path_argmax(cpu_logits, name, ids, out)
 
 
