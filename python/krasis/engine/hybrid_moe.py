@@ -251,12 +251,6 @@ class HybridExperts:
         return self._y[:t]
 
     @property
-    def staged_row(self) -> torch.Tensor:
-        """The pinned row a decode step stages for the CPU experts, float32 [1, hidden + 2k + ...] = [x | weights |
-        ids] (``stage_rows``)."""
-        return self._in[:1]
-
-    @property
     def cpu_out_row(self) -> torch.Tensor:
         """The pinned row the CPU experts' sum of a one-token step is written to, float32 [1, hidden]."""
         return self._y[:1]
