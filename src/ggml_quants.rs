@@ -207,100 +207,15 @@ pub fn k_scales_mins_packed(s: &[u8]) -> [u32; 4] {
     ]
 }
 
-/// Dequantise one block `blk` (block_bytes long) into `out` (block_size values).
+/// Dequantise one block `blk` (block_bytes long) into `out` (block_size values), through its
+/// integer form (`int_block`): value i = a[i / 16] * q[i] + b[i / 16].
 pub fn dequantize_block(ty: GgmlType, blk: &[u8], out: &mut [f32]) {
     let bs = ty.block_size();
-    assert!(blk.len() >= ty.block_bytes() && out.len() >= bs);
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let (d, m, qs) = if ty == GgmlType::Q4_0 {
-                (half(blk, 0), -8.0 * half(blk, 0), &blk[2..18])
-            } else {
-                (half(blk, 0), half(blk, 2), &blk[4..20])
-            };
-            for j in 0..16 {
-                out[j] = d * (qs[j] & 15) as f32 + m;
-                out[j + 16] = d * (qs[j] >> 4) as f32 + m;
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let (d, m, hoff) = if ty == GgmlType::Q5_0 {
-                (half(blk, 0), -16.0 * half(blk, 0), 2)
-            } else {
-                (half(blk, 0), half(blk, 2), 4)
-            };
-            let qh = u32::from_le_bytes(blk[hoff..hoff + 4].try_into().unwrap());
-            let qs = &blk[hoff + 4..hoff + 20];
-            for j in 0..16 {
-                let lo = (qs[j] & 15) as u32 | ((qh >> j) & 1) << 4;
-                let hi = (qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
-                out[j] = d * lo as f32 + m;
-                out[j + 16] = d * hi as f32 + m;
-            }
-        }
-        GgmlType::Q8_0 => {
-            let d = half(blk, 0);
-            for j in 0..32 {
-                out[j] = d * (blk[2 + j] as i8) as f32;
-            }
-        }
-        GgmlType::Q2K => {
-            let (sc, qs) = (&blk[0..16], &blk[16..80]);
-            let (d, dmin) = (half(blk, 80), half(blk, 82));
-            for i in 0..256 {
-                let (h, s, j) = (i / 128, (i / 32) % 4, i % 32);
-                let q = (qs[32 * h + j] >> (2 * s)) & 3;
-                let b = sc[i / 16];
-                out[i] = d * (b & 15) as f32 * q as f32 - dmin * (b >> 4) as f32;
-            }
-        }
-        GgmlType::Q3K => {
-            let (hm, qs, sc) = (&blk[0..32], &blk[32..96], &blk[96..108]);
-            let d = half(blk, 108);
-            let mut scale = [0f32; 16];
-            for (b, s) in scale.iter_mut().enumerate() {
-                let lo = if b < 8 { sc[b] & 15 } else { sc[b - 8] >> 4 };
-                let hi = (sc[8 + b % 4] >> (2 * (b / 4))) & 3;
-                *s = d * ((lo | hi << 4) as i32 - 32) as f32;
-            }
-            for i in 0..256 {
-                let (h, s, j) = (i / 128, (i / 32) % 4, i % 32);
-                let low = ((qs[32 * h + j] >> (2 * s)) & 3) as i32;
-                let high = ((hm[i % 32] >> (i / 32)) & 1) as i32;
-                out[i] = scale[i / 16] * (low - 4 * (1 - high)) as f32;
-            }
-        }
-        GgmlType::Q4K | GgmlType::Q5K => {
-            let (d, dmin, sc) = (half(blk, 0), half(blk, 2), &blk[4..16]);
-            let (qh, qs) = if ty == GgmlType::Q5K {
-                (Some(&blk[16..48]), &blk[48..176])
-            } else {
-                (None, &blk[16..144])
-            };
-            for b in 0..8 {
-                let (s, mn) = k_scale_min(sc, b);
-                let (ds, dm) = (d * s as f32, dmin * mn as f32);
-                for j in 0..32 {
-                    let mut q = (qs[32 * (b / 2) + j] >> (4 * (b % 2))) & 15;
-                    if let Some(qh) = qh {
-                        q |= ((qh[j] >> b) & 1) << 4;
-                    }
-                    out[32 * b + j] = ds * q as f32 - dm;
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-            let d = half(blk, 208);
-            for i in 0..256 {
-                let h = i / 128;
-                let r = i % 128;
-                let lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 15;
-                let hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-                let q = (lo | hi << 4) as i32 - 32;
-                out[i] = d * (sc[i / 16] as i8) as f32 * q as f32;
-            }
-        }
+    assert!(out.len() >= bs);
+    let (mut q, mut a, mut b) = ([0i8; 256], [0f32; 16], [0f32; 16]);
+    int_block(ty, blk, &mut q, &mut a, &mut b);
+    for (i, o) in out[..bs].iter_mut().enumerate() {
+        *o = a[i / 16] * q[i] as f32 + b[i / 16];
     }
 }
 
@@ -517,30 +432,6 @@ pub(crate) mod tests {
                 let (sc, mn) = k_scale_min(&s, b);
                 assert_eq!((p[b / 4] >> (8 * (b % 4))) as u8, sc);
                 assert_eq!((p[2 + b / 4] >> (8 * (b % 4))) as u8, mn);
-            }
-        }
-    }
-
-    #[test]
-    fn int_block_matches_dequantisation() {
-        let mut rng = Rng::new(3);
-        for ty in SUPPORTED {
-            let bs = ty.block_size();
-            for blk in random_blocks(&mut rng, ty, 8).chunks(ty.block_bytes()) {
-                let mut want = [0f32; 256];
-                dequantize_block(ty, blk, &mut want);
-                let (mut q, mut a, mut b) = ([0i8; 256], [0f32; 16], [0f32; 16]);
-                int_block(ty, blk, &mut q, &mut a, &mut b);
-                for i in 0..bs {
-                    let v = a[i / 16] * q[i] as f32 + b[i / 16];
-                    let tol = 1e-6 * (a[i / 16].abs() * 64.0 + b[i / 16].abs());
-                    assert!(
-                        (v - want[i]).abs() <= tol,
-                        "{} {i}: {v} {}",
-                        ty.name(),
-                        want[i]
-                    );
-                }
             }
         }
     }
