@@ -259,10 +259,10 @@ def test_hot_cache_update_swaps_its_coldest_residents_for_the_hottest_others():
 
     host = _random_host_experts(layers=2, experts=6)
     cache = HotExpertCache(host, 3, torch.device("cpu"))
-    cache.record_host(0, np.array([0, 0, 0, 1, 1, 2]), 0)  # (0, 2) is the coldest of the three
+    cache.record_step([0], np.array([[0, 0, 0, 1, 1, 2]]))  # (0, 2) is the coldest of the three
     assert cache.refill() == 3
     assert sorted(r for r in cache.resident) == [(0, 0), (0, 1), (0, 2)]
-    cache.record_host(1, np.array([5, 5, 5, 5, 4, 4]), 0)
+    cache.record_step([1], np.array([[5, 5, 5, 5, 4, 4]]))
     assert cache.refill(max_swaps=1) == 1  # only the hottest newcomer, in place of the coldest resident
     assert sorted(r for r in cache.resident) == [(0, 0), (0, 1), (1, 5)]
     for slot, (layer, expert) in enumerate(cache.resident):
@@ -277,11 +277,11 @@ def test_hot_cache_decay_lets_recent_routing_outweigh_old():
     from krasis.engine.hot_cache import HotExpertCache
 
     cache = HotExpertCache(_random_host_experts(layers=1, experts=4), 1, torch.device("cpu"))
-    cache.record_host(0, np.array([0] * 10), 0)
+    cache.record_step([0], np.array([[0] * 10]))
     cache.refill()
     assert cache.resident == [(0, 0)]
     cache.decay(0.1)  # ten old calls now weigh one
-    cache.record_host(0, np.array([3, 3]), 0)
+    cache.record_step([0], np.array([[3, 3]]))
     assert cache.update_between_steps() == 1 and cache.resident == [(0, 3)]
 
 

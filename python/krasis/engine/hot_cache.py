@@ -44,15 +44,9 @@ class HotExpertCache:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
         self._gpu_counts[layer] += torch.bincount(ids.flatten(), minlength=self.num_experts).to(torch.float64)
 
-    def record_host(self, layer: int, ids: np.ndarray, hits: int) -> None:
-        """Count routing decisions of a decode step; ``hits`` of them were served from VRAM."""
-        np.add.at(self.counts[layer], ids.ravel(), 1.0)
-        self.decode_calls += ids.size
-        self.decode_hits += hits
-
     def record_step(self, layers: list[int], ids: np.ndarray) -> int:
-        """``record_host`` for a whole decode step: ``ids`` [len(layers), k] routed in MoE layer ``layers[j]``;
-        returns how many of them were resident."""
+        """Count routing decisions of decode held on the host: row j of ``ids`` [len(layers), k] was routed in MoE
+        layer ``layers[j]``; returns how many of them were resident (served from VRAM)."""
         rows = np.repeat(np.asarray(layers, dtype=np.int64), ids.shape[1])
         np.add.at(self.counts, (rows, ids.ravel()), 1.0)
         hits = int((self.table_host[rows, ids.ravel()] >= 0).sum())

@@ -200,8 +200,7 @@ class HybridExperts:
         h = self.store.hidden
         ids = self._in_np[:t, h + k: h + 2 * k].astype(np.int64)
         resident = self.hcs.table_host[slot][ids] >= 0
-        hits = int(resident.sum())
-        self.hcs.record_host(slot, ids, hits)
+        hits = self.hcs.record_step([slot] * t, ids)
         c = self.counters
         c["decode_layer_steps"] += 1
         c["routed_calls"] += ids.size
