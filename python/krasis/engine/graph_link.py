@@ -50,31 +50,35 @@ class HostLink:
         when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
         the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed."""
         try:
-            if not threaded:
+            if threaded:
+                self._serve_beside(work, count)
+            else:
                 work()
                 self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
-            else:
-                errors: list[BaseException] = []
-
-                def serve() -> None:
-                    try:
-                        self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
-                    except BaseException as e:  # re-raised on the caller's thread
-                        errors.append(e)
-                        self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever
-
-                thread = threading.Thread(target=serve, name="krasis-decode-host", daemon=True)
-                thread.start()
-                try:
-                    work()
-                finally:
-                    thread.join()
-                if errors:
-                    raise errors[0]
         except BaseException:
             self._abort()
             raise
         self.check()
+
+    def _serve_beside(self, work: Callable[[], None], count: bool) -> None:
+        """Answer the handshakes on a second thread while ``work`` runs on this one."""
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
+            except BaseException as e:  # re-raised on the caller's thread
+                errors.append(e)
+                self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever
+
+        thread = threading.Thread(target=serve, name="krasis-decode-host", daemon=True)
+        thread.start()
+        try:
+            work()
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def check(self) -> None:
         """Raise if the graph gave up waiting for the host (its step's output is not to be trusted)."""
