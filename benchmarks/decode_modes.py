@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +30,7 @@ sys.path.insert(0, str(HERE))
 import bounds  # noqa: E402
 from gpu_engine import random_prompt  # noqa: E402
 
+from krasis import _core  # noqa: E402
 from krasis.engine.decode_modes import DECODE_MODES  # noqa: E402
 
 # A pseudo-mode for --modes: "cpu" replayed layer by layer, as every decode step was before the one-graph step.
@@ -53,8 +56,11 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     # the baseline row: decode mode "cpu" with each layer's graphs replayed by the host (before the one-graph step)
     llm._graphs.one_graph = mode != LAYER_BY_LAYER
     vocab = llm.spec.vocab_size
-    llm.generate(random_prompt(length, vocab, 7), max_new_tokens=4)  # captures this length's graphs
+    # captures this length's graphs, and gives the hot cache and the CPU experts a few steps to settle
+    llm.generate(random_prompt(length, vocab, 7), max_new_tokens=16)
+    _core.moe_phase_times()  # reset: the CPU experts' own phase times over the runs below
     runs = [decode_run(llm, random_prompt(length, vocab, 100 + j), tokens) for j in range(prompts)]
+    phases, phase_calls = _core.moe_phase_times()
     steps = sum(r["decode_layer_steps"] for r in runs) / moe_layers  # decoded tokens (the prefill is no step)
     calls = sum(r["routed_calls"] for r in runs)
     on_gpu = sum(r["routed_calls_on_gpu"] for r in runs)
@@ -67,7 +73,37 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
             "nonresident_bytes_per_token": nonres_bytes, "bound_tok_s": bound,
             "cpu_expert_ms_per_token": 1e3 * sum(r["cpu_expert_seconds"] for r in runs) / steps,
             "wait_ms_per_token": 1e3 * sum(r["wait_for_gpu_seconds"] for r in runs) / steps,
-            "final_gpu_share": llm.runtime.gpu_share}
+            "final_gpu_share": llm.runtime.gpu_share,
+            "cpu_call_phase_us": {k: 1e6 * v / max(phase_calls, 1) for k, v in phases.items()}}
+
+
+def probe_cpu_store(store, experts_per_call: int, gaps_us: list[float], seconds: float = 1.5) -> None:
+    """The CPU experts outside decode: ``store.forward`` for one token and ``experts_per_call`` random experts,
+    cycling the MoE layers (cold weights), back to back and with the host idle ``gap`` us between calls (the GPU's
+    part of a decode step). Prints the weight read rate of each, to set beside decode's own."""
+    rng = np.random.default_rng(0)
+    layers, experts = store.num_layers, store.num_experts
+    x = rng.standard_normal((layers, 1, store.hidden), dtype=np.float32)
+    ids = np.stack([rng.choice(experts, experts_per_call, replace=False) for _ in range(layers)])[:, None]
+    w = np.full((1, experts_per_call), 1.0 / experts_per_call, dtype=np.float32)
+    nbytes = experts_per_call * store.expert_nbytes
+    for gap in gaps_us:
+        calls, busy = 0, 0.0
+        _core.moe_phase_times()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            layer = calls % layers
+            t0 = time.perf_counter()
+            store.forward(layer, x[layer], ids[layer], w)
+            busy += time.perf_counter() - t0
+            calls += 1
+            until = time.perf_counter() + gap * 1e-6
+            while time.perf_counter() < until:
+                pass
+        phases, n = _core.moe_phase_times()
+        steps = " ".join(f"{k}={1e6 * v / max(n, 1):.0f}" for k, v in phases.items())
+        print(f"CPU store probe: {experts_per_call} experts/call, gap {gap:.0f} us: {1e6 * busy / calls:.0f} us/call, "
+              f"{nbytes * calls / busy / 1e9:.1f} GB/s  [us: {steps}]", flush=True)
 
 
 def main() -> None:
@@ -82,6 +118,8 @@ def main() -> None:
                    help=f"decode modes to time; {LAYER_BY_LAYER!r} is 'cpu' replaying each layer's graphs (baseline)")
     p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--probe-cpu-store", type=int, default=0, metavar="K",
+                   help="also time the CPU store alone with K experts per call, back to back and with gaps")
     args = p.parse_args()
     import krasis
 
@@ -93,7 +131,14 @@ def main() -> None:
                      vram_budget_mb=args.vram_budget_mb)
     llm.eos_token_ids = set()
     print(f"loaded in {time.perf_counter() - t0:.1f} s; hot cache {llm.runtime.hcs.slots} experts", flush=True)
+    # A weight cache built by this load (or a model just written) leaves GBs of dirty pages whose write-back
+    # competes for the CPUs and DRAM for a minute or more: let it finish before anything is timed.
+    t0 = time.perf_counter()
+    os.sync()
+    print(f"page cache written back in {time.perf_counter() - t0:.1f} s", flush=True)
     moe_layers = sum(1 for layer in llm._forward.w.layers if layer.experts is not None)
+    if args.probe_cpu_store:
+        probe_cpu_store(llm.runtime.store, args.probe_cpu_store, [0, 100, 200, 400])
     rows = []
     for length in args.prompt_tokens:
         for mode in args.modes:
@@ -113,6 +158,10 @@ def main() -> None:
         print(f"| {r['prompt_tokens']:,} | {r['mode']} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
               f"{r['nonresident_bytes_per_token'] / 1e6:.0f} | {r['streamed_share']:.0%} ({r['final_gpu_share']:.2f}) "
               f"| {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")
+    print("\nCPU expert calls in decode, us per call by phase:")
+    for r in rows:
+        print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} " +
+              " ".join(f"{k}={v:.0f}" for k, v in r["cpu_call_phase_us"].items()))
     if args.json:
         args.json.write_text(json.dumps({"rates": {"dram_gbps": dram, "h2d_gbps": h2d}, "rows": rows,
                                          "label": args.label}, indent=1))

@@ -6,6 +6,7 @@
 #
 #   SKEW=0 bash benchmarks/device_decode.sh
 #   SKEW=1 PROMPTS="1000 16000" MODES="cpu gpu hybrid auto" bash benchmarks/device_decode.sh
+#   EXTRA="--probe-cpu-store 4" SKEW=0 bash benchmarks/device_decode.sh   # more decode_modes.py options
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 MODEL=${MODEL:-/tmp/dsv2}
@@ -19,10 +20,11 @@ if [ "$have" != "$SKEW" ] && [ "$have" != "$SKEW.0" ]; then
   rm -rf "$MODEL" "$KRASIS_HOME"
   timeout "${MAKE_TIMEOUT:-300}" $PY benchmarks/make_bench_model.py "$MODEL" --force --routing-skew "$SKEW" 2>&1 \
     | grep -v -E "it/s\]|s/it\]" | tail -25 | tee "$out/make_model_s$SKEW.log"
+  sync  # the model's 31 GB of dirty pages would otherwise be written back while decode is timed
 fi
 read -r -a prompts <<< "${PROMPTS:-1000 16000}"
 read -r -a modes <<< "${MODES:-cpu gpu hybrid auto}"
 timeout "${DECODE_TIMEOUT:-420}" $PY benchmarks/decode_modes.py "$MODEL" --vram-budget-mb "${BUDGET:-6144}" \
   --prompt-tokens "${prompts[@]}" --modes "${modes[@]}" --prompts "${PROMPTS_PER_LENGTH:-3}" \
-  --tokens "${DECODE_TOKENS:-64}" --label "routing skew $SKEW" --json "$out/decode_modes_s$SKEW.json" 2>&1 \
+  --tokens "${DECODE_TOKENS:-64}" ${EXTRA:-} --label "routing skew $SKEW" --json "$out/decode_modes_s$SKEW.json" 2>&1 \
   | grep -v -E "it/s\]|s/it\]" | tee "$out/decode_modes_s$SKEW.log"

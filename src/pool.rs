@@ -3,7 +3,8 @@
 //! (it runs its share instead of idling, so n workers use exactly n cores; it is not pinned),
 //! and n - 1 threads are spawned for workers 1..n. Idle workers spin for a short
 //! while (`KRASIS_SPIN_US`, default 200 us) so back-to-back calls start in well under a
-//! microsecond, then park on a condition variable so an idle runtime costs no CPU.
+//! microsecond, then park on a condition variable so an idle runtime costs no CPU. A
+//! `KeepAwake` guard keeps them spinning for a run of jobs with idle gaps between them.
 
 use crate::topology::Topology;
 use std::cell::UnsafeCell;
@@ -22,6 +23,8 @@ struct Shared {
     remaining: AtomicUsize,
     panicked: AtomicBool,
     sleeping: AtomicUsize,
+    /// Live `KeepAwake` guards: while any is held, idle workers spin instead of parking.
+    awake_holds: AtomicUsize,
     shutdown: AtomicBool,
     wake_lock: Mutex<()>,
     wake: Condvar,
@@ -58,6 +61,17 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Holds the pool's workers awake (`Pool::keep_awake`).
+pub struct KeepAwake<'a> {
+    pool: &'a Pool,
+}
+
+impl Drop for KeepAwake<'_> {
+    fn drop(&mut self) {
+        self.pool.shared.awake_holds.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,10 +142,16 @@ fn worker(shared: Arc<Shared>, tid: usize, cpu: Option<usize>) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) && start.elapsed() > shared.spin {
+            if spins.is_multiple_of(256)
+                && start.elapsed() > shared.spin
+                && shared.awake_holds.load(Ordering::Relaxed) == 0
+            {
                 let mut g = shared.wake_lock.lock().unwrap();
                 shared.sleeping.fetch_add(1, Ordering::SeqCst);
-                while shared.epoch.load(Ordering::SeqCst) == seen {
+                // (A KeepAwake taken meanwhile wakes the parked workers back to spinning.)
+                while shared.epoch.load(Ordering::SeqCst) == seen
+                    && shared.awake_holds.load(Ordering::SeqCst) == 0
+                {
                     g = shared.wake.wait(g).unwrap();
                 }
                 shared.sleeping.fetch_sub(1, Ordering::SeqCst);
@@ -160,23 +180,29 @@ fn worker(shared: Arc<Shared>, tid: usize, cpu: Option<usize>) {
 impl Pool {
     /// A pool of `n` workers pinned round-robin over the topology's cores (`pin` false: unpinned).
     pub fn new(n: usize, topo: &Topology, pin: bool) -> Pool {
-        let n = n.max(1);
         let spin_us = std::env::var("KRASIS_SPIN_US")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(200u64);
+        Pool::with_spin(n, topo, pin, Duration::from_micros(spin_us))
+    }
+
+    /// As `new`, with idle workers spinning for `spin` before they park.
+    fn with_spin(n: usize, topo: &Topology, pin: bool, spin: Duration) -> Pool {
+        let n = n.max(1);
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: UnsafeCell::new(None),
             remaining: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleeping: AtomicUsize::new(0),
+            awake_holds: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
             done_lock: Mutex::new(()),
             done: Condvar::new(),
-            spin: Duration::from_micros(spin_us),
+            spin,
         });
         let placement: Vec<(usize, usize)> =
             (0..n).map(|i| topo.cores[i % topo.cores.len()]).collect();
@@ -226,6 +252,23 @@ impl Pool {
         } else {
             None
         })
+    }
+
+    /// Keep idle workers spinning (never parked) until the guard drops, for a run of jobs with
+    /// short idle gaps between them that the spin time may not cover: a decode step's CPU experts,
+    /// one job per layer with the GPU's part of the layer in between. A parked worker costs the
+    /// next job its wake-up, and its core's sleep state its warm caches.
+    pub fn keep_awake(&self) -> KeepAwake<'_> {
+        // SeqCst with the workers' `sleeping` increment and their check of `awake_holds`: either
+        // this sees a parking worker and wakes it, or the worker sees the hold and does not park.
+        self.shared.awake_holds.fetch_add(1, Ordering::SeqCst);
+        let parked = self.shared.sleeping.load(Ordering::SeqCst);
+        if parked > 0 {
+            // Wake the parked ones now, so the first job does not wait for them.
+            let _g = self.shared.wake_lock.lock().unwrap();
+            self.shared.wake.notify_all();
+        }
+        KeepAwake { pool: self }
     }
 
     /// Run `f(tid)` on every worker and return when all have finished. Panics if a worker's call
@@ -444,11 +487,49 @@ mod tests {
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1000));
     }
 
+    /// Waits up to a second for `parked` workers of `pool` to be parked.
+    fn wait_parked(pool: &Pool, parked: usize) -> bool {
+        let end = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < end {
+            if pool.shared.sleeping.load(Ordering::SeqCst) == parked {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn keep_awake_wakes_parked_workers_and_keeps_them_spinning_until_dropped() {
+        let pool = Pool::with_spin(3, &Topology::detect(), false, Duration::ZERO);
+        pool.run(&|_| {});
+        assert!(
+            wait_parked(&pool, 2),
+            "idle workers park after their spin time"
+        );
+        let awake = pool.keep_awake();
+        assert!(wait_parked(&pool, 0), "keep_awake wakes them");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            pool.shared.sleeping.load(Ordering::SeqCst),
+            0,
+            "and they stay awake"
+        );
+        let n = AtomicUsize::new(0);
+        pool.run(&|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 3);
+        drop(awake);
+        assert!(
+            wait_parked(&pool, 2),
+            "they park again once the guard is gone"
+        );
+    }
+
     #[test]
     fn parked_workers_wake_up() {
-        std::env::set_var("KRASIS_SPIN_US", "0");
-        let pool = Pool::new(2, &Topology::detect(), false);
-        std::env::remove_var("KRASIS_SPIN_US");
+        let pool = Pool::with_spin(2, &Topology::detect(), false, Duration::ZERO);
         let n = AtomicUsize::new(0);
         for _ in 0..20 {
             std::thread::sleep(Duration::from_millis(2));

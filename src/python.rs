@@ -556,6 +556,7 @@ impl<'py> DecodeLinkArgs<'py> {
     fn serve<F>(
         mut self,
         py: Python<'_>,
+        pool: &pool::Pool,
         layers: &[usize],
         (num_experts, hidden): (usize, usize),
         timeout_s: f64,
@@ -577,6 +578,10 @@ impl<'py> DecodeLinkArgs<'py> {
         let timeout = std::time::Duration::from_secs_f64(timeout_s.max(0.0));
         let stats = py
             .detach(|| {
+                // One pin of this thread and workers that stay awake for the whole step: the GPU's
+                // part of each layer leaves the pool idle for about as long as it spins.
+                let _awake = pool.keep_awake();
+                let _pin = pool.pin_caller();
                 // SAFETY: the arrays are borrowed (numpy's borrow flags) for this call and checked above
                 // for size, contiguity and dtype; only the GPU and this call touch them meanwhile.
                 let mb = unsafe {
@@ -842,7 +847,7 @@ impl PyExpertStore {
             (s.num_layers, e, h),
         )?;
         let (p, sp) = (pool::global(), path()?);
-        args.serve(py, &layers, (e, h), timeout_s, |layer, x, ids, w| {
+        args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {
             s.forward(&p, sp, layer, x, ids, w, act_int8)
         })
     }
@@ -997,7 +1002,7 @@ impl PyGgufExpertStore {
             (s.num_layers, e, h),
         )?;
         let (p, sp) = (pool::global(), path()?);
-        args.serve(py, &layers, (e, h), timeout_s, |layer, x, ids, w| {
+        args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {
             s.forward(&p, sp, layer, x, ids, w, act_int8)
         })
     }
@@ -1067,15 +1072,12 @@ impl PyGgufExpertStore {
 }
 
 /// Seconds spent per step of ExpertStore.forward since the last call, and the call count:
-/// ({"setup": s, "gate_up": s, "quantize_h": s, "down": s, "total": s}, calls). For benchmarks.
+/// ({"setup": s, "gate_up": s, "down": s, "total": s}, calls). For benchmarks.
 #[pyfunction]
 fn moe_phase_times<'py>(py: Python<'py>) -> PyResult<(Bound<'py, PyDict>, u64)> {
     let (t, calls) = crate::moe::take_phase_times();
     let d = PyDict::new(py);
-    for (name, v) in ["setup", "gate_up", "quantize_h", "down", "total"]
-        .iter()
-        .zip(t)
-    {
+    for (name, v) in ["setup", "gate_up", "down", "total"].iter().zip(t) {
         d.set_item(*name, v)?;
     }
     Ok((d, calls))

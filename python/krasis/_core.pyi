@@ -58,8 +58,8 @@ def pool_dispatch_overhead(iters: int = 10000) -> float:
     """Mean seconds per dispatch of an empty job to the pool."""
 
 def moe_phase_times() -> tuple[dict[str, float], int]:
-    """Seconds spent per step of ExpertStore.forward since the last call (setup, gate_up,
-    quantize_h, down, total) and the number of calls; resets the counters. For benchmarks."""
+    """Seconds spent per step of ExpertStore.forward since the last call (setup, gate_up, down,
+    total) and the number of calls; resets the counters. For benchmarks."""
 
 class QuantMatrix:
     """A quantised dense matrix W [N, K]; forward computes x @ W^T."""
