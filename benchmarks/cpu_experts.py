@@ -9,12 +9,15 @@ Each call runs one layer's routed experts for M tokens; calls cycle through --la
 weights come cold from DRAM (the store is many times the L3 cache). "weight GB/s" counts the bytes
 (packed weights + scales) of the distinct experts a call touches, divided by the call's time;
 "% DRAM" divides that by the machine's read bandwidth measured in the same run with the same pool.
+Each case reports the median of --repeats timing windows; torch's cases run after all of Krasis's, so
+torch's own threads are not about while Krasis is timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -76,7 +79,7 @@ def time_calls(fn, min_time, min_calls=5):
             return el / calls
 
 
-def bench_krasis(store, layers, m, k, rng, act_int8, min_time):
+def bench_krasis(store, layers, m, k, rng, act_int8, min_time, repeats):
     cases = [routing(rng, m, k, store.num_experts) for _ in range(layers)]
     xs = [rng.standard_normal((m, store.hidden), dtype=np.float32) for _ in range(layers)]
     per_expert = weight_bytes_per_expert(store)
@@ -91,9 +94,12 @@ def bench_krasis(store, layers, m, k, rng, act_int8, min_time):
     # is built (zeroing and compacting huge pages) would otherwise land in the first case.
     warm_up(call, layers, min_time)
     _core.moe_phase_times()
-    t = time_calls(call, min_time)
+    # The host's DRAM is shared with its neighbours and its rate drifts: the median of a few windows
+    # (their spread printed beside it) says more than one.
+    times = [time_calls(call, min_time) for _ in range(repeats)]
     phases, calls = _core.moe_phase_times()
-    return t, touched / t, {k: v / calls for k, v in phases.items()}
+    t = statistics.median(times)
+    return t, touched / t, {k: v / calls for k, v in phases.items()}, (min(times), max(times))
 
 
 def bench_torch(hidden, inter, k, experts, layers, m, rng, threads, min_time):
@@ -148,6 +154,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch BF16 comparison")
     ap.add_argument("--torch-layers", type=int, default=0, help="layers of BF16 weights for torch (default 2)")
     ap.add_argument("--min-time", type=float, default=0.0, help="seconds per measurement (default 1, quick 0.2)")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per case; the median is reported")
     args = ap.parse_args()
 
     if args.simd:
@@ -183,19 +190,24 @@ def main() -> None:
                   f"= {total / 2**30:.2f} GiB (built in {time.perf_counter() - t0:.1f}s)")
             for m in ms:
                 for act_int8 in acts:
-                    t, rate, ph = bench_krasis(store, layers, m, k, rng, act_int8, min_time)
+                    t, rate, ph, (lo, hi) = bench_krasis(store, layers, m, k, rng, act_int8, min_time,
+                                                         args.repeats)
                     act = "int8" if act_int8 else "f32"
                     rows.append([name, f"INT{bits}", act, m, t * 1e6, rate / 1e9, 100 * rate / bw])
                     steps = " ".join(f"{k}={v * 1e6:.0f}" for k, v in ph.items())
                     print(f"  M={m:<3} act={act:<4} {t * 1e6:9.1f} us/call  {rate / 1e9:7.1f} GB/s weights  "
-                          f"{100 * rate / bw:5.1f}% of DRAM  [us: {steps}]", flush=True)
+                          f"{100 * rate / bw:5.1f}% of DRAM  (windows {lo * 1e6:.0f}-{hi * 1e6:.0f} us)  "
+                          f"[us: {steps}]", flush=True)
             del store
-        if not args.no_torch:
-            for m in ms:
-                t, rate = bench_torch(hidden, inter, k, experts, torch_layers, m, rng, threads, min_time)
-                rows.append([name, "torch-BF16", "bf16", m, t * 1e6, rate / 1e9, 100 * rate / bw])
-                print(f"  torch bf16 M={m:<3} {t * 1e6:9.1f} us/call  {rate / 1e9:7.1f} GB/s weights  "
-                      f"{100 * rate / bw:5.1f}% of DRAM", flush=True)
+    for name, (hidden, inter, k, experts) in MODELS.items() if not args.no_torch else ():
+        if quick:
+            experts = min(experts, 16)
+        print(f"\n{name} torch BF16, {torch_layers} layers")
+        for m in ms:
+            t, rate = bench_torch(hidden, inter, k, experts, torch_layers, m, rng, threads, min_time)
+            rows.append([name, "torch-BF16", "bf16", m, t * 1e6, rate / 1e9, 100 * rate / bw])
+            print(f"  torch bf16 M={m:<3} {t * 1e6:9.1f} us/call  {rate / 1e9:7.1f} GB/s weights  "
+                  f"{100 * rate / bw:5.1f}% of DRAM", flush=True)
 
     print(f"\nSummary (DRAM {bw / 1e9:.1f} GB/s, {threads} threads, simd={_core.simd_path()})")
     print(f"| {'model':<17}| {'weights':<11}| {'act':<5}| {'M':>3} | {'us/call':>9} | {'GB/s':>6} | {'% DRAM':>6} |")

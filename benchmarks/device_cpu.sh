@@ -9,8 +9,8 @@ lscpu | grep -E "Model name|^CPU\(s\)|Thread|NUMA node\(s\)" > "$out/cpu.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py > "$out/core_tests.log" 2>&1
 echo "core tests rc=$? $(tail -1 "$out/core_tests.log")" >> "$out/summary.txt"
 timeout 200 python3 benchmarks/cache_build.py --layers 8 > "$out/cache_build.log" 2>&1
-timeout 150 python3 benchmarks/cpu_experts.py > "$out/cpu_experts_avx512.log" 2>&1
-KRASIS_SIMD=avx2 timeout 100 python3 benchmarks/cpu_experts.py --no-torch > "$out/cpu_experts_avx2.log" 2>&1
+timeout 400 python3 benchmarks/cpu_experts.py > "$out/cpu_experts_avx512.log" 2>&1
+KRASIS_SIMD=avx2 timeout 300 python3 benchmarks/cpu_experts.py --no-torch > "$out/cpu_experts_avx2.log" 2>&1
 timeout 100 python3 -m pytest -q -p no:cacheprovider -x tests > "$out/all_tests.log" 2>&1
 echo "all tests rc=$? $(tail -1 "$out/all_tests.log")" >> "$out/summary.txt"
 cat "$out/cpu.txt" "$out/summary.txt"
