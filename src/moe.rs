@@ -203,7 +203,7 @@ pub fn moe_forward<'a>(
 
     // INT8 mode quantises h per (pair, group of `hgroup` rows) as soon as the gate/up chunks that cover
     // the group are done (the worker finishing the last of them does it), so no pass of its own and
-    // no barrier: `pending[slot * groups + g]` counts the group's rows still to compute.
+    // no barrier: `pending[slot * hgroups + g]` counts the group's rows still to compute.
     let hgroup = if act_int8 {
         slots[0].expert.down.int_group().expect("checked above")
     } else {
@@ -214,10 +214,10 @@ pub fn moe_forward<'a>(
         "expert intermediate size {inter} is not a multiple of the activation group {hgroup}"
     );
     let hgroups = inter / hgroup;
-    let pending: Vec<AtomicUsize> = (0..slots.len() * hgroups)
+    let pending: Vec<AtomicUsize> = (0..if act_int8 { slots.len() * hgroups } else { 0 })
         .map(|_| AtomicUsize::new(hgroup))
         .collect();
-    let mut hq = if act_int8 {
+    let mut hacts = if act_int8 {
         Some(QuantActs::new(npairs, inter, hgroup))
     } else {
         None
@@ -228,7 +228,7 @@ pub fn moe_forward<'a>(
     let mut h = vec![0f32; npairs * inter];
     {
         let hd = Disjoint::new(&mut h);
-        let hqd = hq.as_mut().map(|q| {
+        let hqd = hacts.as_mut().map(|q| {
             (
                 Disjoint::new(&mut q.hi),
                 Disjoint::new(&mut q.lo),
@@ -292,7 +292,6 @@ pub fn moe_forward<'a>(
             }
         });
     }
-    let hacts = hq;
 
     lap(1, &mut t);
     // 2. y[t] += w * down h, per node.
