@@ -179,9 +179,9 @@ def main() -> None:
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
 
     rows = []
-    for name, (hidden, inter, k, experts) in MODELS.items():
-        if quick:
-            experts = min(experts, 16)
+    # quick runs keep 16 experts a layer
+    models = {name: (h, i, k, min(e, 16) if quick else e) for name, (h, i, k, e) in MODELS.items()}
+    for name, (hidden, inter, k, experts) in models.items():
         for bits in args.bits:
             t0 = time.perf_counter()
             store = build_store(rng, layers, experts, hidden, inter, bits, args.group_size)
@@ -199,9 +199,7 @@ def main() -> None:
                           f"{100 * rate / bw:5.1f}% of DRAM  (windows {lo * 1e6:.0f}-{hi * 1e6:.0f} us)  "
                           f"[us: {steps}]", flush=True)
             del store
-    for name, (hidden, inter, k, experts) in MODELS.items() if not args.no_torch else ():
-        if quick:
-            experts = min(experts, 16)
+    for name, (hidden, inter, k, experts) in models.items() if not args.no_torch else ():
         print(f"\n{name} torch BF16, {torch_layers} layers")
         for m in ms:
             t, rate = bench_torch(hidden, inter, k, experts, torch_layers, m, rng, threads, min_time)
