@@ -52,7 +52,16 @@ def pytest_configure(config):
     import os
     import tempfile
 
-    os.environ["KRASIS_HOME"] = tempfile.mkdtemp(prefix="krasis-test-home-")
+    config._krasis_test_home = tempfile.mkdtemp(prefix="krasis-test-home-")
+    os.environ["KRASIS_HOME"] = config._krasis_test_home
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home = getattr(config, "_krasis_test_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
