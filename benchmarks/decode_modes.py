@@ -1,6 +1,7 @@
 """Decode speed of each decode mode (cpu, gpu, hybrid, auto) on one model, each beside its bound.
 
     python benchmarks/decode_modes.py /tmp/dsv2 --vram-budget-mb 6144 --prompt-tokens 1000 16000
+    python benchmarks/decode_modes.py /tmp/dsv2 --modes cpu auto --prefetch 0 2 3   # each mode without and with
 
 The model loads once (INT4 experts, BF16 compute, FP8 KV, hot-expert cache on); for each mode and prompt length,
 ``--prompts`` random prompts are prefilled and ``--tokens`` tokens decoded (greedy, EOS ignored), and the mean
@@ -51,8 +52,9 @@ def decode_run(llm, prompt: list[int], tokens: int) -> dict:
 
 
 def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
-            link_gbps: float) -> dict:
+            link_gbps: float, prefetch: int = 0) -> dict:
     llm.set_decode_mode("cpu" if mode == LAYER_BY_LAYER else mode)
+    llm.set_prefetch(prefetch)
     # the baseline row: decode mode "cpu" with each layer's graphs replayed by the host (before the one-graph step)
     llm._graphs.one_graph = mode != LAYER_BY_LAYER
     vocab = llm.spec.vocab_size
@@ -65,15 +67,21 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     calls = sum(r["routed_calls"] for r in runs)
     on_gpu = sum(r["routed_calls_on_gpu"] for r in runs)
     streamed = sum(r["routed_calls_streamed"] for r in runs)
+    prefetched = sum(r["prefetched_experts"] for r in runs)
+    prefetch_hits = sum(r["routed_calls_prefetched"] for r in runs)
     nonres_bytes = (calls - on_gpu) * expert_nbytes / steps
     tok_s = statistics.mean(r["tok_s"] for r in runs)
     bound = link_gbps * 1e9 / nonres_bytes if nonres_bytes else None
-    return {"mode": mode, "prompt_tokens": length, "tok_s": tok_s, "per_prompt": [r["tok_s"] for r in runs],
+    return {"mode": mode, "prefetch": prefetch, "prompt_tokens": length, "tok_s": tok_s,
+            "per_prompt": [r["tok_s"] for r in runs],
             "coverage": on_gpu / calls if calls else None, "streamed_share": streamed / max(calls - on_gpu, 1),
             "nonresident_bytes_per_token": nonres_bytes, "bound_tok_s": bound,
             "cpu_expert_ms_per_token": 1e3 * sum(r["cpu_expert_seconds"] for r in runs) / steps,
             "wait_ms_per_token": 1e3 * sum(r["wait_for_gpu_seconds"] for r in runs) / steps,
             "final_gpu_share": llm.runtime.gpu_share,
+            # of the prefetched experts, the share the router picked; of the non-resident calls, the share they served
+            "prefetch_hit_rate": prefetch_hits / prefetched if prefetched else None,
+            "prefetched_share": prefetch_hits / max(calls - on_gpu, 1),
             "cpu_call_phase_us": {k: 1e6 * v / max(phase_calls, 1) for k, v in phases.items()}}
 
 
@@ -116,6 +124,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=(*DECODE_MODES, LAYER_BY_LAYER),
                    default=["cpu", "gpu", "hybrid", "auto"],
                    help=f"decode modes to time; {LAYER_BY_LAYER!r} is 'cpu' replaying each layer's graphs (baseline)")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[0], metavar="N",
+                   help="experts of each next MoE layer to prefetch (LLM.set_prefetch); each mode runs with each N")
     p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--probe-cpu-store", type=int, default=0, metavar="K",
@@ -146,25 +156,29 @@ def main() -> None:
     rows = []
     for length in args.prompt_tokens:
         for mode in args.modes:
-            r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes, moe_layers,
-                        dram + h2d)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for prefetch in args.prefetch:
+                r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes, moe_layers,
+                            dram + h2d, prefetch)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     print()
     print(f"decode, {args.tokens} tokens x {args.prompts} prompts, VRAM budget {args.vram_budget_mb} MiB, "
           f"{torch.cuda.get_device_name()} {args.label}")
     print("| prompt | mode | tok/s | bound (% of it) | HCS coverage | non-resident MB/token | streamed share "
-          "(final) | CPU experts ms/token | vs llama.cpp 67.4 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "(final) | prefetch: hit rate, calls served | CPU experts ms/token | vs llama.cpp 67.4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         bound = r["bound_tok_s"]
         pct = f"{bound:.0f} ({100 * r['tok_s'] / bound:.0f}%)" if bound else "n/a"
-        print(f"| {r['prompt_tokens']:,} | {r['mode']} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
+        mode = r["mode"] + (f" + prefetch {r['prefetch']}" if r["prefetch"] else "")
+        pf = (f"{r['prefetch_hit_rate']:.0%}, {r['prefetched_share']:.0%}" if r["prefetch_hit_rate"] is not None
+              else "-")
+        print(f"| {r['prompt_tokens']:,} | {mode} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
               f"{r['nonresident_bytes_per_token'] / 1e6:.0f} | {r['streamed_share']:.0%} ({r['final_gpu_share']:.2f}) "
-              f"| {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")
+              f"| {pf} | {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")
     print("\nCPU expert calls in decode, us per call by phase:")
     for r in rows:
-        print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} " +
+        print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} prefetch {r['prefetch']} " +
               " ".join(f"{k}={v:.0f}" for k, v in r["cpu_call_phase_us"].items()))
     if args.json:
         rates = {"dram_gbps": dram, "h2d_gbps": h2d, "pool_dispatch_us": dispatch_us}

@@ -7,6 +7,7 @@
 #   SKEW=0 bash benchmarks/device_decode.sh
 #   SKEW=1 PROMPTS="1000 16000" MODES="cpu gpu hybrid auto" bash benchmarks/device_decode.sh
 #   EXTRA="--probe-cpu-store 4" SKEW=0 bash benchmarks/device_decode.sh   # more decode_modes.py options
+#   EXTRA="--prefetch 0 2 3" MODES="cpu auto" SKEW=0 bash benchmarks/device_decode.sh   # with expert prefetch
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 MODEL=${MODEL:-/tmp/dsv2}

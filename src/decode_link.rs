@@ -8,6 +8,9 @@
 //! `flags[1]` to the same number; the GPU, spinning on `flags[1]`, copies the sum in and goes on. Sequence
 //! numbers only grow, so neither side needs to reset a flag, and a step that stops half way (a timeout)
 //! leaves the two counters unequal, which the caller detects and repairs.
+//!
+//! With `claims`, the staged row carries one more value per routed pair: nonzero where the GPU computes
+//! the pair itself from an expert it prefetched into VRAM, so the host skips it.
 
 use crate::moe::SKIP;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,20 +25,22 @@ pub struct Mailbox {
     flags: *const AtomicI64,
     hidden: usize,
     k: usize,
+    claims: bool,
 }
 
-/// What one `serve` did: routed pairs computed on the CPU, seconds in the CPU kernels, seconds spent
-/// waiting for the GPU to stage a layer.
+/// What one `serve` did: routed pairs computed on the CPU, pairs the GPU claimed (prefetched), seconds
+/// in the CPU kernels, seconds spent waiting for the GPU to stage a layer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServeStats {
     pub cpu_pairs: usize,
+    pub claimed_pairs: usize,
     pub cpu_seconds: f64,
     pub wait_seconds: f64,
 }
 
 impl Mailbox {
-    /// `staged` holds at least `hidden + 2k` f32 (x | routing weights | ids as f32), `out` at least
-    /// `hidden` f32, `flags` two i64.
+    /// `staged` holds at least `hidden + 2k` f32 (x | routing weights | ids as f32), or `hidden + 3k`
+    /// with `claims` (then | claimed flags), `out` at least `hidden` f32, `flags` two i64.
     ///
     /// # Safety
     /// The three pointers are valid, aligned, and stay valid and unaliased by Rust references for the
@@ -46,6 +51,7 @@ impl Mailbox {
         flags: *const i64,
         hidden: usize,
         k: usize,
+        claims: bool,
     ) -> Mailbox {
         Mailbox {
             staged,
@@ -53,6 +59,7 @@ impl Mailbox {
             flags: flags as *const AtomicI64,
             hidden,
             k,
+            claims,
         }
     }
 
@@ -89,16 +96,23 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Copies of the staged row: (x [hidden], routing weights [k], ids [k] as f32).
-    fn read_staged(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    /// Copies of the staged row: (x [hidden], routing weights [k], ids [k] as f32, claimed [k]: all
+    /// zero without `claims`).
+    fn read_staged(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, k) = (self.hidden, self.k);
-        // SAFETY: `new`'s contract gives hidden + 2k readable f32; volatile because the GPU wrote them.
+        // SAFETY: `new`'s contract gives hidden + 2k readable f32 (+ k with claims); volatile because
+        // the GPU wrote them.
         let read = |at: usize, n: usize| -> Vec<f32> {
             (at..at + n)
                 .map(|i| unsafe { self.staged.add(i).read_volatile() })
                 .collect()
         };
-        (read(0, h), read(h, k), read(h + k, k))
+        let claimed = if self.claims {
+            read(h + 2 * k, k)
+        } else {
+            vec![0.0; k]
+        };
+        (read(0, h), read(h, k), read(h + k, k), claimed)
     }
 
     /// Write the layer's CPU sum and answer `seq`.
@@ -112,8 +126,8 @@ impl Mailbox {
 }
 
 /// Answer the GPU's handshakes for one decode step: `layers[j]` is the MoE layer of the j-th. For each,
-/// the staged experts not resident in VRAM (`resident[layer * num_experts + id] < 0`) run through
-/// `forward(layer, x, ids, weights)` (ids SKIP elsewhere) and the rest count as the GPU's; every routed
+/// the staged experts neither resident in VRAM (`resident[layer * num_experts + id] < 0`) nor claimed
+/// run through `forward(layer, x, ids, weights)` (ids SKIP elsewhere) and the rest count as the GPU's; every routed
 /// id is recorded in `ids_out[j * k ..]`. A staged id out of range is an error (after the GPU has been
 /// answered with zeros, so it is not left waiting).
 pub fn serve<F>(
@@ -143,7 +157,7 @@ where
         let waited = Instant::now();
         mb.wait_staged(seq, timeout)?;
         stats.wait_seconds += waited.elapsed().as_secs_f64();
-        let (x, w, ids_f) = mb.read_staged();
+        let (x, w, ids_f, claimed) = mb.read_staged();
         let mut ids = vec![SKIP; k];
         let mut bad = None;
         for (i, &v) in ids_f.iter().enumerate() {
@@ -153,7 +167,12 @@ where
                 bad = Some(v);
                 continue;
             }
-            if resident[layer * num_experts + id as usize] < 0 {
+            if resident[layer * num_experts + id as usize] >= 0 {
+                continue;
+            }
+            if claimed[i] != 0.0 {
+                stats.claimed_pairs += 1;
+            } else {
                 ids[i] = id as usize;
                 stats.cpu_pairs += 1;
             }
@@ -195,6 +214,28 @@ mod tests {
         flags: [i64; 2],
     }
 
+    /// A Mailbox over buffers the test owns and keeps alive while it is used.
+    fn mailbox(
+        staged: &[f32],
+        out: &mut [f32],
+        flags: &mut [i64],
+        h: usize,
+        k: usize,
+        claims: bool,
+    ) -> Mailbox {
+        // SAFETY: the test keeps the buffers alive and does not touch them while `serve` runs.
+        unsafe {
+            Mailbox::new(
+                staged.as_ptr(),
+                out.as_mut_ptr(),
+                flags.as_mut_ptr(),
+                h,
+                k,
+                claims,
+            )
+        }
+    }
+
     #[test]
     fn serves_each_staged_layer_in_order_and_skips_resident_experts() {
         let (h, k, e) = (4usize, 2usize, 3usize);
@@ -210,6 +251,7 @@ mod tests {
                 shared.flags.as_mut_ptr(),
                 h,
                 k,
+                false,
             )
         };
         // layer 0: expert 2 resident; layer 1: none
@@ -276,10 +318,39 @@ mod tests {
     }
 
     #[test]
+    fn claimed_pairs_are_left_to_the_gpu_and_counted() {
+        // one staged layer (already flagged): ids 0, 1, 2; expert 2 resident, pair 0 claimed
+        let (h, k) = (4usize, 3usize);
+        let mut staged = vec![1.0f32; h + 3 * k];
+        staged[h + k..h + 2 * k].copy_from_slice(&[0.0, 1.0, 2.0]);
+        staged[h + 2 * k..].copy_from_slice(&[1.0, 0.0, 0.0]);
+        let (mut out, mut flags) = (vec![0.0f32; h], [1i64, 0]);
+        let mb = mailbox(&staged, &mut out, &mut flags, h, k, true);
+        let mut ids_out = vec![0i64; k];
+        let mut seen = vec![];
+        let stats = serve(
+            &mb,
+            &[0],
+            &[-1, -1, 0],
+            3,
+            &mut ids_out,
+            Duration::from_secs(1),
+            |_, x, ids, _| {
+                seen.push(ids.to_vec());
+                Ok(x.to_vec())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, vec![vec![SKIP, 1, SKIP]]);
+        assert_eq!((stats.cpu_pairs, stats.claimed_pairs), (1, 1));
+        assert_eq!(ids_out, vec![0, 1, 2]);
+        assert_eq!(flags[1], 1);
+    }
+
+    #[test]
     fn a_gpu_that_never_stages_times_out_with_a_message() {
         let (staged, mut out, mut flags) = (vec![0.0f32; 8], vec![0.0f32; 4], [0i64; 2]);
-        let mb =
-            unsafe { Mailbox::new(staged.as_ptr(), out.as_mut_ptr(), flags.as_mut_ptr(), 4, 2) };
+        let mb = mailbox(&staged, &mut out, &mut flags, 4, 2, false);
         let err = serve(
             &mb,
             &[0],
@@ -297,8 +368,7 @@ mod tests {
     fn an_out_of_range_id_is_answered_then_reported() {
         let (mut staged, mut out, mut flags) = (vec![0.0f32; 8], vec![1.0f32; 4], [1i64, 0]);
         staged[4 + 2] = 7.0; // ids start at hidden + k
-        let mb =
-            unsafe { Mailbox::new(staged.as_ptr(), out.as_mut_ptr(), flags.as_mut_ptr(), 4, 2) };
+        let mb = mailbox(&staged, &mut out, &mut flags, 4, 2, false);
         let err = serve(
             &mb,
             &[0],

@@ -476,7 +476,7 @@ impl<'py> MoeInputs<'py> {
 }
 
 /// The mapped buffers and tables of a decode-graph handshake (`serve_decode_graph` of both stores),
-/// checked: staged f32 (>= hidden + 2k values), out f32 (>= hidden), flags int64 [>= 2], resident int64
+/// checked: staged f32 (>= hidden + 2k values, + k with claims), out f32 (>= hidden), flags int64 [>= 2], resident int64
 /// [num_layers, num_experts], ids_out int64 [>= len(layers), k], all C-contiguous.
 struct DecodeLinkArgs<'py> {
     staged: PyReadwriteArrayDyn<'py, f32>,
@@ -485,6 +485,7 @@ struct DecodeLinkArgs<'py> {
     resident: PyReadonlyArray2<'py, i64>,
     ids_out: PyReadwriteArray2<'py, i64>,
     k: usize,
+    claims: bool,
 }
 
 impl<'py> DecodeLinkArgs<'py> {
@@ -497,6 +498,7 @@ impl<'py> DecodeLinkArgs<'py> {
         ids_out: &Bound<'py, PyAny>,
         layers: &[usize],
         (num_layers, num_experts, hidden): (usize, usize, usize),
+        claims: bool,
     ) -> PyResult<Self> {
         fn arr<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
             obj: &Bound<'py, PyAny>,
@@ -527,10 +529,11 @@ impl<'py> DecodeLinkArgs<'py> {
                 ids_out.shape()
             )));
         }
-        if staged.len() < hidden + 2 * k || out.len() < hidden || flags.len() < 2 {
+        let row = hidden + if claims { 3 } else { 2 } * k;
+        if staged.len() < row || out.len() < hidden || flags.len() < 2 {
             return Err(PyValueError::new_err(format!(
                 "staged needs >= {} values (got {}), out >= {hidden} (got {}), flags >= 2 (got {})",
-                hidden + 2 * k,
+                row,
                 staged.len(),
                 out.len(),
                 flags.len()
@@ -549,10 +552,12 @@ impl<'py> DecodeLinkArgs<'py> {
             resident: resident.readonly(),
             ids_out: ids_out.readwrite(),
             k,
+            claims,
         })
     }
 
-    /// Run `decode_link::serve` with the GIL released; returns (cpu_pairs, cpu_seconds, wait_seconds).
+    /// Run `decode_link::serve` with the GIL released; returns (cpu_pairs, claimed_pairs, cpu_seconds,
+    /// wait_seconds).
     fn serve<F>(
         mut self,
         py: Python<'_>,
@@ -561,7 +566,7 @@ impl<'py> DecodeLinkArgs<'py> {
         (num_experts, hidden): (usize, usize),
         timeout_s: f64,
         forward: F,
-    ) -> PyResult<(usize, f64, f64)>
+    ) -> PyResult<(usize, usize, f64, f64)>
     where
         F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String> + Send,
     {
@@ -574,7 +579,7 @@ impl<'py> DecodeLinkArgs<'py> {
         let ids_out = ids_out
             .as_slice_mut()
             .ok_or_else(|| PyValueError::new_err("ids_out must be C-contiguous"))?;
-        let k = self.k;
+        let (k, claims) = (self.k, self.claims);
         let timeout = std::time::Duration::from_secs_f64(timeout_s.max(0.0));
         let stats = py
             .detach(|| {
@@ -591,6 +596,7 @@ impl<'py> DecodeLinkArgs<'py> {
                         flags as *const i64,
                         hidden,
                         k,
+                        claims,
                     )
                 };
                 serve_link(
@@ -604,7 +610,12 @@ impl<'py> DecodeLinkArgs<'py> {
                 )
             })
             .map_err(|e| PyRuntimeError::new_err(e))?;
-        Ok((stats.cpu_pairs, stats.cpu_seconds, stats.wait_seconds))
+        Ok((
+            stats.cpu_pairs,
+            stats.claimed_pairs,
+            stats.cpu_seconds,
+            stats.wait_seconds,
+        ))
     }
 }
 
@@ -820,8 +831,10 @@ impl PyExpertStore {
     /// Answer one decode step's handshakes with a GPU step graph (see `decode_link`): for each MoE layer
     /// in `layers`, wait for the GPU to stage it in `staged` (x | weights | ids as float32), run the
     /// experts with `resident[layer, id] < 0` on the CPU, write their sum to `out` and raise `flags[1]`.
-    /// Every routed id goes to `ids_out[j]`. Returns (cpu_pairs, cpu_seconds, wait_seconds).
-    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true))]
+    /// Every routed id goes to `ids_out[j]`. With `claims` the staged row ends with one flag per pair,
+    /// nonzero where the GPU computes it (prefetched), and the host skips those.
+    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds).
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -834,7 +847,8 @@ impl PyExpertStore {
         ids_out: &Bound<'_, PyAny>,
         timeout_s: f64,
         act_int8: bool,
-    ) -> PyResult<(usize, f64, f64)> {
+        claims: bool,
+    ) -> PyResult<(usize, usize, f64, f64)> {
         let s = &self.inner;
         let (h, e) = (s.layout.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(
@@ -845,6 +859,7 @@ impl PyExpertStore {
             ids_out,
             &layers,
             (s.num_layers, e, h),
+            claims,
         )?;
         let (p, sp) = (pool::global(), path()?);
         args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {
@@ -976,7 +991,7 @@ impl PyGgufExpertStore {
     }
 
     /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).
-    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true))]
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -989,7 +1004,8 @@ impl PyGgufExpertStore {
         ids_out: &Bound<'_, PyAny>,
         timeout_s: f64,
         act_int8: bool,
-    ) -> PyResult<(usize, f64, f64)> {
+        claims: bool,
+    ) -> PyResult<(usize, usize, f64, f64)> {
         let s = &self.inner;
         let (h, e) = (s.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(
@@ -1000,6 +1016,7 @@ impl PyGgufExpertStore {
             ids_out,
             &layers,
             (s.num_layers, e, h),
+            claims,
         )?;
         let (p, sp) = (pool::global(), path()?);
         args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {

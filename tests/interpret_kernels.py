@@ -40,6 +40,7 @@ from krasis.kernels.host_signal import signal_host, wait_host
 from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
 from krasis.kernels.moe_decode import moe_gemv
+from krasis.kernels.prefetch_decode import copy_predicted, predict_experts
 from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4
 from krasis.kernels.rotary import rotary
 from krasis.kernels.route_decode import route_and_stage
@@ -333,6 +334,86 @@ def check_gather_experts(size: Size, device: torch.device) -> None:
         assert torch.equal(g[1], b[1]), f"{p}: an unmapped pair's slot was written"
 
 
+def check_route_and_stage_claims(size: Size, device: torch.device) -> None:
+    """With claims, the staged rows gain one flag per pair: 1.0 where claims[id] >= 0."""
+    spec = ROUTERS["softmax-norm-bf16"]
+    e, h, k = 40, size.hidden, spec.top_k
+    x = torch.randn(2, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    plain_w, plain_ids, plain_rows = route_and_stage(x, router, spec, None)
+    claims = torch.full((e,), -1, dtype=torch.int32, device=device)
+    claims[plain_ids[0, 0]] = 0  # the first token's best expert was prefetched; the second token's maybe too
+    weights, ids, rows = route_and_stage(x, router, spec, None, claims=claims)
+    assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_w)
+    assert rows.shape == (2, h + 3 * k) and torch.equal(rows[:, :h + 2 * k], plain_rows)
+    assert torch.equal(rows[:, h + 2 * k:], (claims[ids] >= 0).float())
+
+
+def check_predict_experts(size: Size, device: torch.device, name: str, invert: bool) -> None:
+    """predict_experts ranks the next layer's experts as its router would, leaves out those resident or read
+    over PCIe, and maps each picked expert to its staging slot (-1 elsewhere); invert picks the worst."""
+    from krasis.ops.router import route
+
+    spec = ROUTERS[name]
+    e, h, count = 40, size.hidden, 3
+    x = torch.randn(1, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    bias = torch.randn(e, device=device) * 0.1 if spec.correction_bias else None
+    # the ranking by the router's own choice: every expert's score (top_k = e), bias-corrected where it has one
+    full = replace(spec, top_k=e, norm_topk_prob=False, routed_scaling_factor=1.0)
+    weights, order = route(F.linear(x.float(), router.float()), full, torch.float32, bias)
+    key = weights[0].clone()
+    if bias is not None:
+        key += bias[order[0]]
+    ranked = order[0][key.argsort(descending=not invert)].tolist()
+    resident = torch.full((e,), -1, dtype=torch.int32, device=device)
+    pcie = torch.full((e,), -1, dtype=torch.int32, device=device)
+    resident[ranked[0]] = 5
+    pcie[ranked[2]] = 1
+    want = [i for i in ranked if i not in (ranked[0], ranked[2])][:count]
+    logits = torch.empty(1, e, device=device)
+    ids = torch.zeros(count, dtype=torch.int64, device=device)
+    slot = torch.zeros(e, dtype=torch.int32, device=device)
+    predict_experts(x, router, spec, bias, resident, pcie, logits, ids, slot, invert=invert)
+    assert ids.tolist() == want, (ids.tolist(), want)
+    expected = torch.full((e,), -1, dtype=torch.int32)
+    expected[want] = torch.arange(count, dtype=torch.int32)
+    assert torch.equal(slot.cpu(), expected)
+
+
+def check_predict_experts_with_few_candidates(size: Size, device: torch.device) -> None:
+    """With fewer candidates than slots, the rest of ids is -1."""
+    spec = ROUTERS["softmax-norm-bf16"]
+    e, h = 8, size.hidden
+    x = torch.randn(1, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    resident = torch.arange(e, dtype=torch.int32, device=device)
+    resident[[1, 6]] = -1  # only experts 1 and 6 are left to the CPU
+    pcie = torch.full((e,), -1, dtype=torch.int32, device=device)
+    ids = torch.zeros(4, dtype=torch.int64, device=device)
+    slot = torch.zeros(e, dtype=torch.int32, device=device)
+    predict_experts(x, router, spec, None, resident, pcie, torch.empty(1, e, device=device), ids, slot)
+    got = ids.tolist()
+    assert sorted(got[:2]) == [1, 6] and got[2:] == [-1, -1], got
+    assert sorted(slot[[1, 6]].tolist()) == [0, 1] and (slot[[0, 2, 3, 4, 5, 7]] == -1).all()
+
+
+def check_copy_predicted(size: Size, device: torch.device) -> None:
+    """copy_predicted copies expert ids[j] into staging slot j (from pinned host memory on a GPU); -1 copies
+    nothing."""
+    host = random_experts(size, 4, 32, torch.device("cpu"), count=6)
+    if device.type == "cuda":
+        host = GPUExperts(*(t.pin_memory() for t in (host.w13, host.s13, host.w2, host.s2)), bits=4, group=32)
+    staging = random_experts(size, 4, 32, device, count=3)
+    before = staging.to("cpu")
+    copy_predicted(host, torch.tensor([4, -1, 0], device=device), staging)
+    got = staging.to("cpu")
+    for p in ("w13", "s13", "w2", "s2"):
+        g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
+        assert torch.equal(g[0], h[4]) and torch.equal(g[2], h[0]), p
+        assert torch.equal(g[1], b[1]), f"{p}: slot 1 (no expert) was written"
+
+
 def _host_flags(device: torch.device) -> torch.Tensor:
     """The handshake flags in host memory the device can reach (pinned when it is a GPU)."""
     return torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
@@ -412,6 +493,13 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
         out[f"rotary[interleaved={interleaved}]"] = lambda d, i=interleaved: check_rotary(size, d, i)
     out["small_align_equals_torch_align"] = lambda d: check_small_align_equals_torch_align(size, d)
     out["gather_experts"] = lambda d: check_gather_experts(size, d)
+    out["route_and_stage_claims"] = lambda d: check_route_and_stage_claims(size, d)
+    for name in ("softmax-norm-bf16", "sigmoid-bias-norm"):
+        for invert in (False, True):
+            out[f"predict_experts[{name}-invert={invert}]"] = lambda d, n=name, i=invert: check_predict_experts(
+                size, d, n, i)
+    out["predict_experts_few_candidates"] = lambda d: check_predict_experts_with_few_candidates(size, d)
+    out["copy_predicted"] = lambda d: check_copy_predicted(size, d)
     out["host_handshake"] = check_host_handshake
     out["host_wait_gives_up"] = check_host_wait_gives_up
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)

@@ -212,11 +212,24 @@ def test_serve_decode_graph_answers_a_staged_layer_with_its_non_resident_experts
     staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
     flags[0] = 1  # the GPU has staged handshake 1
     resident[1, 7] = 0  # expert 7 of layer 1 is the GPU's
-    pairs, cpu_seconds, wait_seconds = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out)
-    assert (pairs, int(flags[1]), ids_out.tolist()) == (2, 1, [[5, 1, 7]])
+    pairs, claimed, cpu_seconds, wait_seconds = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out)
+    assert (pairs, claimed, int(flags[1]), ids_out.tolist()) == (2, 0, 1, [[5, 1, 7]])
     want = store.forward(1, x, np.array([[5, 1, -1]]), w)
     assert rel_err(out, want.astype(np.float64)) < 1e-6
     assert cpu_seconds > 0 and wait_seconds >= 0
+
+
+def test_serve_decode_graph_leaves_the_pairs_the_gpu_claimed_to_it():
+    store = store_for(4, 128)
+    staged, out, flags, resident, ids_out = _link_buffers(3)
+    x, ids, w = rand(1, H), np.array([[5, 1, 7]]), RNG.random((1, 3)).astype(np.float32)
+    staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
+    staged[0, H + 6:H + 9] = [0.0, 1.0, 0.0]  # the GPU prefetched expert 1
+    flags[0] = 1
+    pairs, claimed, _, _ = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out, claims=True)
+    assert (pairs, claimed, ids_out.tolist()) == (2, 1, [[5, 1, 7]])
+    want = store.forward(1, x, np.array([[5, -1, 7]]), w)
+    assert rel_err(out, want.astype(np.float64)) < 1e-6
 
 
 def test_serve_decode_graph_times_out_when_the_gpu_stages_nothing():
@@ -236,3 +249,5 @@ def test_serve_decode_graph_refuses_wrong_buffers():
         store.serve_decode_graph(staged, out, flags, [5], resident, ids_out)
     with pytest.raises(ValueError, match="staged needs"):
         store.serve_decode_graph(staged[:, :H], out, flags, [0], resident, ids_out)
+    with pytest.raises(ValueError, match="staged needs"):  # claims take k more values
+        store.serve_decode_graph(staged[:, :H + 4], out, flags, [0], resident, ids_out, claims=True)

@@ -172,6 +172,40 @@ def test_metrics_count_requests_and_tokens(client, llm):
     assert "krasis_queue_depth 0" in text
 
 
+class CountingLLM(ScriptedLLM):
+    """A scripted model with the GPU engine's counters: each request makes 10 routed-expert calls in decode, 4 from
+    the hot cache, and prefetches 6 experts, 3 of which its routing then picks."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.counters = dict.fromkeys(("routed_calls", "routed_calls_on_gpu", "routed_calls_streamed",
+                                       "prefetched_experts", "routed_calls_prefetched"), 0)
+
+    def engine_counters(self):
+        return dict(self.counters)
+
+    def stream(self, token_ids, max_new_tokens, reuse_prefix=False, **sampling):
+        for key, n in (("routed_calls", 10), ("routed_calls_on_gpu", 4), ("prefetched_experts", 6),
+                       ("routed_calls_prefetched", 3)):
+            self.counters[key] += n
+        yield from super().stream(token_ids, max_new_tokens, reuse_prefix, **sampling)
+
+
+def test_metrics_count_the_engines_routed_calls_and_prefetch_hits(tmp_path):
+    write_tokenizer(tmp_path, 320)
+    llm = CountingLLM(tmp_path)
+    llm.output = "ok"
+    with TestClient(create_app(llm, model_name=MODEL)) as c:
+        chat(c)
+        chat(c)
+        text = c.get("/metrics").text
+    assert "krasis_routed_expert_calls_total 20\n" in text
+    assert "krasis_routed_expert_calls_hot_cache_total 8\n" in text
+    assert "krasis_prefetched_experts_total 12\n" in text
+    assert "krasis_routed_expert_calls_prefetched_total 6\n" in text
+    assert "krasis_last_request_hot_cache_share 0.4\n" in text
+
+
 def test_null_sampling_fields_mean_their_defaults(client, llm):
     llm.output = "ok"
     r = chat(client, temperature=None, top_p=None, stop=None, max_tokens=None, seed=None)

@@ -151,13 +151,16 @@ class ExpertStore:
         ids_out: npt.NDArray[np.int64],
         timeout_s: float = 30.0,
         act_int8: bool = True,
-    ) -> tuple[int, float, float]:
+        claims: bool = False,
+    ) -> tuple[int, int, float, float]:
         """Answer one decode step's handshakes with a GPU step graph (ADVANCED.md "Decode CUDA graphs"): for each MoE
         layer in ``layers``, wait until flags[0] reaches the next handshake number, read the staged row (x | weights
         | ids as float32, hidden + 2k values), run the experts with resident[layer, id] < 0 on the CPU, write their
         sum to ``out`` (hidden values) and raise flags[1]; every routed id goes to ids_out[j] ([len(layers), k]).
-        GIL released. Returns (CPU pairs, seconds in the CPU kernels, seconds waiting for the GPU); RuntimeError
-        when the GPU does not stage a layer within ``timeout_s`` or stages an id out of range."""
+        With ``claims`` the row has k more values, nonzero for each pair the GPU computes itself (a prefetched
+        expert), which the host skips. GIL released. Returns (CPU pairs, claimed pairs, seconds in the CPU kernels,
+        seconds waiting for the GPU); RuntimeError when the GPU does not stage a layer within ``timeout_s`` or
+        stages an id out of range."""
     def buffers(self) -> list[tuple[int, int]]:
         """(address, nbytes) of each layer's buffer, layer order."""
     def layout(self) -> dict:
@@ -229,7 +232,8 @@ class GgufExpertStore:
         ids_out: npt.NDArray[np.int64],
         timeout_s: float = 30.0,
         act_int8: bool = True,
-    ) -> tuple[int, float, float]:
+        claims: bool = False,
+    ) -> tuple[int, int, float, float]:
         """As ExpertStore.serve_decode_graph (act_int8 as in forward)."""
     def dequantize_expert(self, layer: int, expert: int, which: int) -> npt.NDArray[np.float32]:
         """One expert's matrix as float32: which 0 = gate [I, H], 1 = up [I, H], 2 = down [H, I]."""

@@ -8,8 +8,8 @@ from .engine.decode_modes import DECODE_MODES
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
-    """--vram-budget-mb, --kv-dtype, --kv-cache-mb, --layer-group-size, --no-hcs, --hcs-experts,
-    --no-cuda-graphs."""
+    """--vram-budget-mb, --kv-dtype, --kv-cache-mb, --layer-group-size, --no-hcs, --hcs-experts, --hcs-calibrate,
+    --decode-mode, --prefetch-experts, --no-cuda-graphs."""
     g = p.add_argument_group("GPU engine (with --device cuda and --cpu-expert-bits 8 or 4: hybrid GPU/CPU experts)")
     g.add_argument("--vram-budget-mb", type=int, default=None,
                    help="VRAM the runtime may use, MiB (default: free memory less 1 GiB); enforced by the allocator")
@@ -31,6 +31,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="where decode runs the experts not in the hot cache: auto (default: tries shares of them "
                         "copied to the GPU over the first decode steps and keeps the fastest), cpu (the Rust "
                         "kernels), gpu (copied to VRAM each step) or hybrid (split by rates measured on first use)")
+    g.add_argument("--prefetch-experts", type=int, default=0, metavar="N",
+                   help="in decode, copy N likely experts of each next MoE layer to VRAM while the CPU computes a "
+                        "layer, predicted by that layer's router (default 0: off; at most the router's top-k)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")
@@ -46,4 +49,4 @@ def gpu_kwargs(args: argparse.Namespace) -> dict:
     """The krasis.LLM keyword arguments those options set."""
     return dict(vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype, kv_cache_mb=args.kv_cache_mb,
                 layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts,
-                cuda_graphs=args.cuda_graphs, decode_mode=args.decode_mode)
+                cuda_graphs=args.cuda_graphs, decode_mode=args.decode_mode, prefetch_experts=args.prefetch_experts)

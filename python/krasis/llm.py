@@ -70,8 +70,9 @@ class LLM:
     ``vram_budget_mb`` caps what it may use (default: free memory less 1 GiB); ``kv_dtype`` is "auto" (the
     compute dtype), "bf16" or "fp8" (the GPU default); ``kv_cache_mb``, ``layer_group_size``, ``hcs`` (hot-expert
     cache on/off) and ``hcs_experts`` (at most this many hot experts) override the VRAM plan's choices;
-    ``decode_mode`` ("auto", "cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache, and
-    ``cuda_graphs`` replays decode steps as CUDA graphs (default on).
+    ``decode_mode`` ("auto", "cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache,
+    ``cuda_graphs`` replays decode steps as CUDA graphs (default on), and ``prefetch_experts`` (default 0: off)
+    copies that many of each next MoE layer's likely experts to VRAM while the CPU computes a layer.
     ``hybrid`` (default: on for "cuda" with quantised experts) can also run that engine on "cpu", with its
     Triton kernels in the interpreter (TRITON_INTERPRET=1): a slow mode for testing without a GPU.
 
@@ -87,7 +88,7 @@ class LLM:
                  vram_budget_mb: int | None = None, kv_dtype: str | None = None, kv_cache_mb: int | None = None,
                  layer_group_size: int | None = None, hcs: bool = True, hcs_experts: int | None = None,
                  hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True,
-                 decode_mode: str = "auto"):
+                 decode_mode: str = "auto", prefetch_experts: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
@@ -166,6 +167,7 @@ class LLM:
         if self.runtime is not None:
             if self.device.type == "cuda":
                 self._start_decode_graphs(cuda_graphs)
+            self.set_prefetch(prefetch_experts)
             if self.runtime.hcs.slots and self._heat_path().is_file():
                 self._load_heat()
 
@@ -207,6 +209,27 @@ class LLM:
                      "shares from 0 to 1 and keep the fastest, rechecked every few hundred steps")
         log.info("decode (%s mode): experts not in the hot cache run %s", mode, where)
         self.load_report["decode_mode"] = {"mode": mode, "gpu_share": share, **rates}
+
+    def set_prefetch(self, experts: int) -> None:
+        """Prefetch this many of the next MoE layer's likely experts per MoE layer in decode (0: off): predicted by
+        that layer's router from the current hidden state and copied to VRAM while the CPU computes; the GPU then
+        runs those the router picks. Works in one-graph decode steps (CUDA graphs on, the default)."""
+        if self.runtime is None:
+            raise ValueError("prefetch belongs to the GPU engine (device='cuda' with quantised experts)")
+        k = self.spec.moe.router.top_k
+        if not isinstance(experts, int) or not 0 <= experts <= k:
+            raise ValueError(f"prefetch_experts must be a whole number from 0 to the router's top-k ({k}), not "
+                             f"{experts!r}")
+        self.runtime.set_prefetch(experts)
+        if not experts:
+            return
+        why_not = (self._graphs.prefetch_unsupported() if self._graphs is not None
+                   else "decode does not run as one-graph CUDA graph steps here (needs device='cuda', cuda_graphs on)")
+        if why_not is not None:
+            log.warning("decode: prefetch of %d experts a layer was asked for but is off: %s", experts, why_not)
+        else:
+            log.info("decode: %d likely experts of each next MoE layer are copied to VRAM while the CPU computes a "
+                     "layer (predicted by that layer's router)", experts)
 
     def _heat_path(self) -> Path:
         return self.cache_dir / HEAT_MAP

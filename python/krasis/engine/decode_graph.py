@@ -46,6 +46,7 @@ from .forward import MLA_NORM_EPS, Forward
 from .graph_link import HostLink
 from .hybrid_moe import HybridExperts
 from .kv_cache import KVCache
+from .prefetch import Prefetcher
 
 log = logging.getLogger("krasis")
 
@@ -115,9 +116,10 @@ class DecodeGraphs:
         # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers
         self._graphs: dict[int, list[tuple[_Replay, _Replay | None, _Replay | None]]] = {}
         self._final: dict[int, _Replay] = {}
-        # per (bucket, whether any expert is read over PCIe): the whole step as one graph, meeting the host
-        # through ``link``
-        self._steps: dict[tuple[int, bool], _Replay] = {}
+        # per (bucket, whether any expert is read over PCIe, the prefetch's (count, invert) or None): the whole
+        # step as one graph, meeting the host through ``link``
+        self._steps: dict[tuple[int, bool, tuple[int, bool] | None], _Replay] = {}
+        self._prefetchers: dict[tuple[int, bool], Prefetcher] = {}
         moe = [layer.experts.slot for layer in forward.w.layers if layer.experts is not None]
         self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
@@ -126,7 +128,29 @@ class DecodeGraphs:
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
 
     # -- the work captured -------------------------------------------------------------------------------------
-    def _attend(self, index: int, bucket: int) -> None:
+    def prefetch_unsupported(self) -> str | None:
+        """Why this model's decode steps cannot prefetch experts (None when they can)."""
+        if self.link is None:
+            return "the model has no MoE layer with experts outside VRAM"
+        router = self.f.spec.moe.router
+        if not all(fusable(router, layer.mlp["router"]) for layer in self.f.w.layers if layer.experts is not None):
+            return "group-limited routing is not predicted"
+        return None
+
+    def _prefetcher(self) -> Prefetcher | None:
+        """The prefetch the runtime asks for (``HybridExperts.prefetch``), or None when off or unsupported."""
+        rt = self.rt
+        if not rt.prefetch or self.prefetch_unsupported() is not None:
+            return None
+        key = rt.prefetch, rt.prefetch_invert
+        if key not in self._prefetchers:
+            routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
+                       if layer.experts is not None]
+            self._prefetchers[key] = Prefetcher(rt, rt.prefetch, routers, self.f.spec.moe.router,
+                                                invert=rt.prefetch_invert)
+        return self._prefetchers[key]
+
+    def _attend(self, index: int, bucket: int, claims: torch.Tensor | None = None) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         spec = f.spec
         eps, offset = spec.rms_norm_eps, spec.norm_weight_offset
@@ -152,7 +176,8 @@ class DecodeGraphs:
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
         router, m = spec.moe.router, layer.mlp
         if fusable(router, m["router"]):
-            rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids))[2]
+            rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids),
+                                   claims=claims)[2]
             self.rt.stage_rows(rows)
         else:
             weights, ids = f.route(layer, b.h)
@@ -198,13 +223,25 @@ class DecodeGraphs:
         b = self.buf
         self.rt.streamed_part(b.h, b.weights, b.ids, add_to=b.gpu)
 
-    def _whole_step(self, bucket: int, pcie: bool) -> None:
+    def _whole_step(self, bucket: int, pcie: bool, pf: Prefetcher | None = None) -> None:
+        b, j = self.buf, 0  # j: the MoE layer's index among the MoE layers
+        if pf is not None:
+            pf.start_step()
         for index, layer in enumerate(self.f.w.layers):
-            self._attend(index, bucket)
-            if layer.experts is not None:
-                self.link.hand_over()
-                self._experts(index, pcie)
-                self.link.take_back(self.buf.cpu)
+            if pf is not None:
+                pf.before_layer(j)
+            moe = layer.experts is not None
+            self._attend(index, bucket, claims=pf.claims(j) if pf is not None and moe else None)
+            if not moe:
+                continue
+            if pf is not None:
+                pf.predict(j, b.h)
+            self.link.hand_over()
+            self._experts(index, pcie)
+            if pf is not None:
+                pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
+            self.link.take_back(b.cpu)
+            j += 1
         self._final_norm()
 
     def _final_norm(self) -> None:
@@ -217,8 +254,9 @@ class DecodeGraphs:
         b.logits.copy_(logits)
 
     # -- capture and replay -------------------------------------------------------------------------------------
-    def _capture(self, work: Callable[[], None], linked: bool = False) -> _Replay:
-        """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``)."""
+    def _capture(self, work: Callable[[], None], linked: bool = False, prefetched: int = 0) -> _Replay:
+        """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``), whose
+        rows carry claims when the step ``prefetched`` experts."""
         if not self.capturing:
             return _Eager(work)
         # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS
@@ -226,7 +264,7 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if linked:  # the host answers from another thread: an eager run may wait for the GPU on the way
-                self.link.run(work, threaded=True, count=False)
+                self.link.run(work, threaded=True, count=False, prefetched=prefetched)
             else:
                 work()
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -249,10 +287,13 @@ class DecodeGraphs:
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
 
-    def _capture_step(self, bucket: int, pcie: bool) -> None:
-        self._steps[bucket, pcie] = self._capture(lambda: self._whole_step(bucket, pcie), linked=True)
+    def _capture_step(self, bucket: int, pcie: bool, pf: Prefetcher | None) -> None:
+        key = bucket, pcie, (pf.count, pf.invert) if pf is not None else None
+        self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf), linked=True,
+                                         prefetched=pf.per_step if pf is not None else 0)
         log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
-                 "through mapped memory%s)", bucket, ", some experts read over PCIe" if pcie else "")
+                 "through mapped memory%s%s)", bucket, ", some experts read over PCIe" if pcie else "",
+                 f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "")
 
     def _set_input(self, token: int) -> None:
         """The token's embedding as the residual stream, nothing pending from a previous layer."""
@@ -274,11 +315,14 @@ class DecodeGraphs:
         rt.begin_forward(1)  # may change the decode mode's split ("auto")
         if self.one_graph and self.link is not None:
             self.link.check()
-            key = bucket, rt.gpu_share > 0  # a step that reads no expert over PCIe leaves its kernels out
+            pf = self._prefetcher()
+            # a step that reads no expert over PCIe leaves its kernels out
+            key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None
             if key not in self._steps:
-                self._capture_step(*key)  # its warm-up run writes the buffers: the input is set after it
+                self._capture_step(bucket, key[1], pf)  # its warm-up run writes the buffers: the input is set after
             self._set_input(token)
-            self.link.run(self._steps[key].replay, threaded=not self.capturing)
+            self.link.run(self._steps[key].replay, threaded=not self.capturing,
+                          prefetched=pf.per_step if pf is not None else 0)
         else:
             if bucket not in self._graphs:
                 self._capture_bucket(bucket)

@@ -17,6 +17,9 @@ class _DoneEvent:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
 
 def new_event(device: torch.device):
     return torch.cuda.Event() if device.type == "cuda" else _DoneEvent()

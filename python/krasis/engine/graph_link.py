@@ -45,28 +45,29 @@ class HostLink:
         out.copy_(self.rt.cpu_out_row, non_blocking=True)
 
     # -- on the host ---------------------------------------------------------------------------------------------
-    def run(self, work: Callable[[], None], threaded: bool, count: bool = True) -> None:
+    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetched: int = 0) -> None:
         """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
         when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
-        the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed."""
+        the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed;
+        ``prefetched``: the experts the step prefetches (its staged rows then carry claims)."""
         try:
             if threaded:
-                self._serve_beside(work, count)
+                self._serve_beside(work, count, prefetched)
             else:
                 work()
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetched)
         except BaseException:
             self._abort()
             raise
         self.check()
 
-    def _serve_beside(self, work: Callable[[], None], count: bool) -> None:
+    def _serve_beside(self, work: Callable[[], None], count: bool, prefetched: int) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""
         errors: list[BaseException] = []
 
         def serve() -> None:
             try:
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count)
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetched)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
                 self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever

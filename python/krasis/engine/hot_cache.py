@@ -9,13 +9,15 @@ import numpy as np
 import torch
 
 from ..kernels import GPUExperts
+from .device_sync import current_stream, new_event, on_stream, side_stream
 from .expert_stream import copy_experts, empty_experts_like, slice_experts
 
 log = logging.getLogger("krasis")
 # A refill after a prompt happens when at least this share of the slots would change hands.
 REFILL_MIN_CHANGE = 0.05
 # During decode, every UPDATE_EVERY steps the counts so far are multiplied by UPDATE_DECAY (so recent routing
-# outweighs old) and at most UPDATE_SWAPS of the coldest resident experts are replaced by hotter ones.
+# outweighs old) and at most UPDATE_SWAPS of the coldest resident experts are replaced by hotter ones, copied in
+# the background (see ``update_between_steps``).
 UPDATE_EVERY = 64
 UPDATE_DECAY = 0.9
 UPDATE_SWAPS = 8
@@ -39,6 +41,10 @@ class HotExpertCache:
         self.decode_hits = 0
         self.updates = self.swaps = 0  # between-step updates since load, and the experts they swapped in
         self.version = 0  # bumped whenever the resident set changes
+        # a between-step update in flight: (slot, (layer, expert)) copied on ``_copy_stream`` until ``_copied``
+        self._copy_stream = side_stream(device)
+        self._copied = new_event(device)
+        self._incoming: list[tuple[int, tuple[int, int]]] = []
 
     def record_gpu(self, layer: int, ids: torch.Tensor) -> None:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
@@ -77,6 +83,29 @@ class HotExpertCache:
     def reset_coverage(self) -> None:
         self.decode_calls = self.decode_hits = 0
 
+    def _plan(self, counts: np.ndarray, max_swaps: int | None) -> list[tuple[int, tuple[int, int]]]:
+        """(slot, newcomer) pairs that make the most-used experts resident: free slots first, then the residents no
+        longer wanted, coldest first; with ``max_swaps`` at most that many, the hottest newcomers. Empty after a
+        prompt (no ``max_swaps``) when fewer than REFILL_MIN_CHANGE of the slots would change."""
+        flat = np.argsort(-counts, axis=None, kind="stable")[: self.slots]
+        wanted = [(int(i) // self.num_experts, int(i) % self.num_experts) for i in flat]  # hottest first
+        wanted_set = set(wanted)
+        current = {r for r in self.resident if r is not None}
+        incoming = [w for w in wanted if w not in current]
+        if max_swaps is None:
+            if len(incoming) < REFILL_MIN_CHANGE * self.slots and len(current) == self.slots:
+                return []
+        else:
+            incoming = incoming[:max_swaps]
+        free = sorted((s for s, r in enumerate(self.resident) if r is None or r not in wanted_set),
+                      key=lambda s: -1.0 if self.resident[s] is None else counts[self.resident[s]])
+        return list(zip(free, incoming, strict=False))
+
+    def _publish(self) -> None:
+        """Queue the host table's copy to the GPU's on the current stream; the resident set has changed."""
+        self.table.copy_(torch.from_numpy(self.table_host).to(torch.int32))
+        self.version += 1
+
     def refill(self, max_swaps: int | None = None) -> int:
         """Make the most-used experts resident; returns how many slots were (re)filled. With ``max_swaps``
         (between decode steps) at most that many of the coldest residents are replaced, by the hottest
@@ -88,44 +117,71 @@ class HotExpertCache:
         host's and the GPU's view of what is resident always agree at a step's start."""
         if self.slots == 0:
             return 0
+        self.install_copied(wait=True)
         counts = self.heat()
         if not counts.any():
             return 0
-        flat = np.argsort(-counts, axis=None, kind="stable")[: self.slots]
-        wanted = [(int(i) // self.num_experts, int(i) % self.num_experts) for i in flat]  # hottest first
-        wanted_set = set(wanted)
-        current = {r for r in self.resident if r is not None}
-        incoming = [w for w in wanted if w not in current]
-        if max_swaps is None:
-            if len(incoming) < REFILL_MIN_CHANGE * self.slots and len(current) == self.slots:
-                return 0
-        else:
-            incoming = incoming[:max_swaps]
-            if not incoming:
-                return 0
-        # free slots first, then the residents that are no longer wanted, coldest first
-        free = sorted((s for s, r in enumerate(self.resident) if r is None or r not in wanted_set),
-                      key=lambda s: -1.0 if self.resident[s] is None else counts[self.resident[s]])
-        for s, (layer, expert) in zip(free, incoming, strict=False):
+        plan = self._plan(counts, max_swaps)
+        if not plan:
+            return 0
+        for s, (layer, expert) in plan:
             old = self.resident[s]
             if old is not None:
                 self.table_host[old] = -1
             copy_experts(slice_experts(self.experts, s, s + 1), slice_experts(self.host[layer], expert, expert + 1))
             self.resident[s] = (layer, expert)
             self.table_host[layer, expert] = s
-        self.table.copy_(torch.from_numpy(self.table_host).to(torch.int32))
-        self.version += 1
+        self._publish()
         share = counts[self.table_host >= 0].sum() / counts.sum()
         log.log(logging.INFO if max_swaps is None else logging.DEBUG,
                 "hot-expert cache: %d of %d slots refilled; the resident experts took %.1f%% of the routed calls "
-                "seen so far%s", len(incoming), self.slots, 100 * share, "" if max_swaps is None else " (decayed)")
-        return len(incoming)
+                "seen so far%s", len(plan), self.slots, 100 * share, "" if max_swaps is None else " (decayed)")
+        return len(plan)
 
     def update_between_steps(self) -> int:
-        """During decode (every UPDATE_EVERY steps): decay the counts and swap in at most UPDATE_SWAPS hotter
-        experts; returns the swaps made."""
+        """During decode (every UPDATE_EVERY steps): decay the counts and start swapping in at most UPDATE_SWAPS
+        hotter experts; returns the swaps started (0 while an earlier update's copies are still in flight).
+
+        Nothing waits for the copies: the outgoing experts leave the tables at once (queued on the current stream,
+        so steps queued before still read them, and the host sends them to the CPU from the next step on), the
+        newcomers are copied on a side stream that waits for the work queued so far, and ``install_copied`` (at
+        the start of each decode step) adds them to the tables once the copies have landed."""
+        self.install_copied()
+        if self._incoming or self.slots == 0:
+            return 0
         self.decay(UPDATE_DECAY)
-        swaps = self.refill(max_swaps=UPDATE_SWAPS)
+        plan = self._plan(self.heat(), UPDATE_SWAPS)
         self.updates += 1
-        self.swaps += swaps
-        return swaps
+        if not plan:
+            return 0
+        for s, _ in plan:
+            if self.resident[s] is not None:
+                self.table_host[self.resident[s]] = -1
+            self.resident[s] = None
+        self._publish()
+        stream = self._copy_stream
+        if stream is not None:
+            stream.wait_stream(current_stream(self.device))
+        with on_stream(stream):
+            for s, (layer, expert) in plan:
+                copy_experts(slice_experts(self.experts, s, s + 1), slice_experts(self.host[layer], expert, expert + 1))
+            self._copied.record(stream)
+        self._incoming = plan
+        self.swaps += len(plan)
+        return len(plan)
+
+    def install_copied(self, wait: bool = False) -> int:
+        """Add the experts of a between-step update whose copies have landed to the tables (queued on the current
+        stream); with ``wait``, wait for the copies first. Returns how many were added."""
+        if not self._incoming:
+            return 0
+        if wait:
+            self._copied.synchronize()
+        elif not self._copied.query():
+            return 0
+        for s, (layer, expert) in self._incoming:
+            self.resident[s] = (layer, expert)
+            self.table_host[layer, expert] = s
+        added, self._incoming = len(self._incoming), []
+        self._publish()
+        return added

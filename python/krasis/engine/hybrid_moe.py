@@ -42,9 +42,9 @@ class HybridExperts:
         self.streamer = ExpertStreamer(host, group_size, self.device)
         self.hcs = HotExpertCache(host, hcs_slots, self.device)
         hidden, k_max = store.hidden, DECODE_MAX_TOKENS
-        # pinned staging: [x | routing weights | ids] of a decode step in, the CPU experts' output back
+        # pinned staging: [x | routing weights | ids (| claimed)] of a decode step in, the CPU experts' output back
         pin = pinned(self.device)
-        self._in = torch.empty(k_max, hidden + 2 * 64, dtype=torch.float32, pin_memory=pin)
+        self._in = torch.empty(k_max, hidden + 3 * 64, dtype=torch.float32, pin_memory=pin)
         self._y = torch.empty(k_max, hidden, dtype=torch.float32, pin_memory=pin)
         self._in_np, self._y_np = self._in.numpy(), self._y.numpy()  # host-side views, no torch ops per step
         self._staged = new_event(self.device)
@@ -52,6 +52,7 @@ class HybridExperts:
         # running totals since load (the server's /v1/timing reports a request's share)
         self.counters = {"decode_layer_steps": 0, "routed_calls": 0, "routed_calls_on_gpu": 0,
                          "routed_calls_streamed": 0, "decode_bytes_streamed": 0,
+                         "prefetched_experts": 0, "routed_calls_prefetched": 0,
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
@@ -74,6 +75,19 @@ class HybridExperts:
         self._pcie_rank = (np.arange(max(e, 1))[None, :] * 0.6180339887 + np.arange(layers)[:, None] * 0.4142135624) % 1
         self._split_key: tuple[int, float] | None = None
         self._pcie_slots: torch.Tensor | None = None  # which staging slot holds each routed pair's expert
+        # experts of the next MoE layer prefetched per layer in one-graph decode steps (engine.prefetch); invert:
+        # the least likely ones instead (a wrong prediction on purpose, for tests and benchmarks)
+        self.prefetch = 0
+        self.prefetch_invert = False
+
+    def set_prefetch(self, count: int, invert: bool = False) -> None:
+        """Prefetch ``count`` experts of the next MoE layer per layer in one-graph decode steps (0: off)."""
+        if count < 0:
+            raise ValueError(f"prefetch must be 0 (off) or a number of experts, not {count}")
+        slots = self.streamer.buffers[0].num_experts if self.host else 0
+        if 2 * count > slots:
+            raise ValueError(f"prefetch {count}: at most {slots // 2} experts a layer fit the staging slots")
+        self.prefetch, self.prefetch_invert = count, invert
 
     def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, stream_gbps: float | None = None) -> None:
         """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s: the CPU
@@ -101,7 +115,9 @@ class HybridExperts:
         if self.auto is not None:
             self._time_step(num_tokens)
         if num_tokens == 1 and self.hcs.slots:
-            # the hot cache follows decode's routing: a few swaps every UPDATE_EVERY steps, before this step's work
+            # the hot cache follows decode's routing: a few swaps every UPDATE_EVERY steps, copied in the background
+            # and added to the tables at the start of the first step after their copies landed
+            self.hcs.install_copied()
             self._decode_steps += 1
             if self._decode_steps % self.hcs_update_every == 0:
                 self.hcs.update_between_steps()
@@ -109,9 +125,12 @@ class HybridExperts:
             self._refresh_split()
             if self.gpu_share > 0:  # a one-graph step may stage experts in the second prefill buffer
                 self.streamer.loaded[1] = None
+            if self.prefetch:  # and prefetched ones in the first
+                self.streamer.loaded[0] = None
         if self.streaming:
-            # decode may have used the second buffer for streamed experts: its copies wait for that work
-            self.streamer.released[1].record(current_stream(self.device))
+            # decode may have used the buffers for streamed or prefetched experts: their copies wait for that work
+            for released in self.streamer.released:
+                released.record(current_stream(self.device))
             self.streamer.begin_pass()
 
     def _refresh_split(self) -> None:
@@ -254,24 +273,30 @@ class HybridExperts:
         """The pinned row the CPU experts' sum of a one-token step is written to, float32 [1, hidden]."""
         return self._y[:1]
 
-    def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True) -> None:
+    def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True,
+                         prefetched: int = 0) -> None:
         """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
-        each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident nor read over PCIe
-        on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with ``count``; not for a
-        warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the host view of the
-        graph's flags, ``ids_out`` int64 [layers, k] receives the routing."""
-        cpu_pairs, cpu_seconds, wait_seconds = self.store.serve_decode_graph(
-            self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT)
+        each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident, read over PCIe nor
+        claimed by a prefetch on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with
+        ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the
+        host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetched``: the
+        staging slots the step's prefetch fills (its rows then carry claims; 0: no prefetch)."""
+        cpu_pairs, claimed, cpu_seconds, wait_seconds = self.store.serve_decode_graph(
+            self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT,
+            claims=prefetched > 0)
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
         hits = self.hcs.record_step(slots, ids_out[: len(slots)])
+        streamed = calls - cpu_pairs - hits - claimed
         c = self.counters
         c["decode_layer_steps"] += len(slots)
         c["routed_calls"] += calls
         c["routed_calls_on_gpu"] += hits
-        c["routed_calls_streamed"] += calls - cpu_pairs - hits
-        c["decode_bytes_streamed"] += (calls - cpu_pairs - hits) * (self.host[0].nbytes // self.host[0].num_experts)
+        c["routed_calls_streamed"] += streamed
+        c["decode_bytes_streamed"] += streamed * (self.host[0].nbytes // self.host[0].num_experts)
+        c["prefetched_experts"] += prefetched
+        c["routed_calls_prefetched"] += claimed
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds
 

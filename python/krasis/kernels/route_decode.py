@@ -37,10 +37,11 @@ def _logits_kernel(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_out, 
 
 
 @triton.jit
-def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, E, H, scaling,
+def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, claims_ptr, E, H, scaling,
                    stride_l, stride_x, stride_w, stride_ids, stride_staged,
                    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                   ROUND: tl.constexpr, CLAIMS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_mask = e < E
@@ -81,6 +82,9 @@ def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr
         tl.store(row + h, tl.load(x_ptr + t * stride_x + h, mask=h < H, other=0.0).to(tl.float32), mask=h < H)
     tl.store(row + H + j, weights, mask=k_mask)
     tl.store(row + H + TOP_K + j, picked.to(tl.float32), mask=k_mask)
+    if CLAIMS:  # 1 where the GPU runs the pair from a staging slot (claims[id] >= 0), 0 where the host should
+        claimed = tl.load(claims_ptr + picked, mask=k_mask, other=-1) >= 0
+        tl.store(row + H + 2 * TOP_K + j, claimed.to(tl.float32), mask=k_mask)
 
 
 def fusable(spec: RouterSpec, router: object) -> bool:
@@ -89,12 +93,14 @@ def fusable(spec: RouterSpec, router: object) -> bool:
 
 
 def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None, claims: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing of x [T, H] by the router weight [E, H]: (weights float32 [T, k], ids int64 [T, k], the staging
     rows float32 [T, H + 2k] = [x | weights | ids]), as ``Forward.route`` (then ``.float()``) and
     ``HybridExperts.stage`` give them; the weights and ids are written to ``out`` when given (fixed buffers
-    that later CUDA graphs read). No host sync."""
+    that later CUDA graphs read). With ``claims`` (int32 [E]: >= 0 where the GPU has the expert from a
+    prefetch) the rows gain k columns, [x | weights | ids | claimed], claimed 1.0 or 0.0 per pair. No host
+    sync."""
     if not fusable(spec, router):
         raise ValueError("group-limited routing is not fused; use ops.router.route")
     if spec.correction_bias and correction_bias is None:
@@ -117,13 +123,16 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
         weights, ids = out
         if weights.shape != (t, k) or ids.shape != (t, k) or weights.dtype != torch.float32 or ids.dtype != torch.int64:
             raise ValueError(f"out must be float32 and int64 tensors of [{t}, {k}]")
-    staged = torch.empty((t, h + 2 * k), dtype=torch.float32, device=x.device)
+    if claims is not None and claims.shape != (e,):
+        raise ValueError(f"claims must be int32 [{e}], got {tuple(claims.shape)}")
+    staged = torch.empty((t, h + (2 if claims is None else 3) * k), dtype=torch.float32, device=x.device)
     bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
-    _select_kernel[(t,)](logits, bias, x, weights, ids, staged, e, h, float(spec.routed_scaling_factor),
+    claims_ptr = claims if claims is not None else ids  # unused pointer without claims
+    _select_kernel[(t,)](logits, bias, x, weights, ids, staged, claims_ptr, e, h, float(spec.routed_scaling_factor),
                          logits.stride(0), x.stride(0), weights.stride(0), ids.stride(0), staged.stride(0),
                          TOP_K=k, SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias,
                          NORM=spec.norm_topk_prob and (spec.correction_bias or k > 1),
-                         ROUND=in_compute_dtype,
+                         ROUND=in_compute_dtype, CLAIMS=claims is not None,
                          BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k), BLOCK_H=1024,
                          num_warps=4)
     return weights, ids, staged

@@ -186,6 +186,12 @@ def _prometheus(generator: Generator | None) -> str:
         ("krasis_routed_expert_calls_streamed_total", "counter",
          "GPU engine: routed-expert calls in decode copied to the GPU that step (the rest ran on the CPU)",
          stats.routed_calls_streamed if stats else 0),
+        ("krasis_prefetched_experts_total", "counter",
+         "GPU engine: experts copied to VRAM ahead of the MoE layer whose router was predicted to pick them",
+         stats.prefetched_experts if stats else 0),
+        ("krasis_routed_expert_calls_prefetched_total", "counter",
+         "GPU engine: routed-expert calls in decode served by a prefetched expert",
+         stats.routed_calls_prefetched if stats else 0),
     ]
     if stats is not None and stats.last_hot_cache_share is not None:
         rows.append(("krasis_last_request_hot_cache_share", "gauge",

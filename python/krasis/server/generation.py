@@ -54,6 +54,9 @@ class GenerationStats:
     routed_calls: int = 0
     routed_calls_hot_cache: int = 0
     routed_calls_streamed: int = 0
+    # experts prefetched for the next MoE layer, and the routed calls that found theirs prefetched
+    prefetched_experts: int = 0
+    routed_calls_prefetched: int = 0
     last_hot_cache_share: float | None = None  # of the last request that made routed calls
 
     def add_prefill(self, prompt_tokens: int, cached: int, seconds: float) -> None:
@@ -72,6 +75,8 @@ class GenerationStats:
         self.routed_calls += stages.get("routed_calls", 0)
         self.routed_calls_hot_cache += stages.get("routed_calls_on_gpu", 0)
         self.routed_calls_streamed += stages.get("routed_calls_streamed", 0)
+        self.prefetched_experts += stages.get("prefetched_experts", 0)
+        self.routed_calls_prefetched += stages.get("routed_calls_prefetched", 0)
         if stages.get("hot_cache_share") is not None:
             self.last_hot_cache_share = stages["hot_cache_share"]
 
@@ -194,6 +199,10 @@ class Generator:
                          "calls in decode (%d copied to the GPU, the rest on the CPU)", timing["prompt_tokens"],
                          timing["generated_tokens"], 100 * engine["hot_cache_share"], engine["routed_calls"],
                          engine.get("routed_calls_streamed", 0))
+                if engine.get("prefetched_experts"):
+                    log.info("request: %d experts prefetched, %d of them routed (%.1f%%)", engine["prefetched_experts"],
+                             engine["routed_calls_prefetched"],
+                             100 * engine["routed_calls_prefetched"] / engine["prefetched_experts"])
             if self.timing_enabled:  # recorded before "end", so a client that reads it next sees this request
                 decoded = timing["generated_tokens"] - 1
                 timing["decode_tokens_per_second"] = (decoded / timing["decode_seconds"]

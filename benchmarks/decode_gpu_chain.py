@@ -1,0 +1,141 @@
+"""The GPU's own chain of kernels in each MoE layer of a one-graph decode step, from a CUDA trace.
+
+In a one-graph decode step the host waits, in every MoE layer, from its answer to the previous layer (the graph's
+wait kernel sees it) until the graph has staged the next layer's inputs (its signal kernel). That stretch is GPU
+work alone: the copy of the CPU experts' sum, the residual and norms, attention, the router and the staging. This
+script traces a few decode steps with the torch profiler and prints what the stretch is made of: each kernel's
+mean time per layer, and the idle gaps between kernels (launch latency inside the graph).
+
+    python benchmarks/decode_gpu_chain.py /tmp/dsv2 --prompt-tokens 1000 --steps 8
+    python benchmarks/decode_gpu_chain.py /tmp/dsv2 --no-hcs --trace /tmp/decode.json   # keep the trace
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+sys.path.insert(0, str(HERE))
+from gpu_engine import random_prompt  # noqa: E402
+
+import krasis  # noqa: E402
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+WAIT, SIGNAL = "_wait_kernel", "_signal_kernel"
+
+
+def gpu_events(trace_path: Path) -> list[dict]:
+    """The trace's GPU activities (kernels, copies, memsets) in start order: dicts with name, ts, dur (µs)."""
+    with open(trace_path) as fh:
+        events = json.load(fh)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e]
+    return sorted(gpu, key=lambda e: float(e["ts"]))
+
+
+def short(name: str, width: int = 58) -> str:
+    """A kernel name without its template arguments, cut to ``width``."""
+    name = name.split("<", 1)[0].split("(", 1)[0]
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def chains(events: list[dict], moe_layers: int) -> tuple[list[list[dict]], list[float]]:
+    """The stretches from each wait kernel's end to the next signal kernel (included), one per MoE layer that
+    follows another in the same step (the trace starts at a step's start), and the wait kernels' ends."""
+    stretches, starts, current, waits = [], [], None, 0
+    for e in events:
+        name = e["name"]
+        if WAIT in name:
+            waits += 1
+            # the last wait of a step is followed by the step's end and the next step's first layers
+            current = [] if waits % moe_layers else None
+            start = float(e["ts"]) + float(e["dur"])
+            continue
+        if current is None:
+            continue
+        current.append(e)
+        if SIGNAL in name:
+            stretches.append(current)
+            starts.append(start)
+            current = None
+    return stretches, starts
+
+
+def summarize(stretches: list[list[dict]], wait_end: list[float]) -> None:
+    """Print the mean stretch and its kernels (µs per layer)."""
+    n = len(stretches)
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    total = kernels = gaps = 0.0
+    for stretch, start in zip(stretches, wait_end, strict=True):
+        prev_end = start
+        for e in stretch:
+            ts, dur = float(e["ts"]), float(e["dur"])
+            gaps += max(0.0, ts - prev_end)
+            prev_end = max(prev_end, ts + dur)
+            kernels += dur
+            entry = per_name[short(e["name"])]
+            entry[0] += 1
+            entry[1] += dur
+        total += float(stretch[-1]["ts"]) - start
+    print(f"{n} layer stretches (wait kernel's end to the next signal kernel's start): mean {total / n:.1f} µs = "
+          f"kernels and copies {kernels / n:.1f} µs + idle gaps {gaps / n:.1f} µs; "
+          f"{sum(len(s) for s in stretches) / n:.1f} activities per stretch")
+    print(f"  {'kernel':<60} {'per layer':>9} {'mean µs':>8} {'µs/layer':>9}")
+    for name, (count, dur) in sorted(per_name.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<60} {count / n:9.2f} {dur / count:8.2f} {dur / n:9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--vram-budget-mb", type=int, default=6144)
+    p.add_argument("--prompt-tokens", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=8, help="decode steps traced")
+    p.add_argument("--mode", default="cpu", help="decode mode (cpu, gpu, hybrid, auto)")
+    p.add_argument("--no-hcs", action="store_true", help="no hot-expert cache (every routed expert on the CPU)")
+    p.add_argument("--trace", type=Path, default=None, help="keep the Chrome trace here")
+    args = p.parse_args()
+
+    llm = krasis.LLM(args.model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
+                     vram_budget_mb=args.vram_budget_mb, hcs=not args.no_hcs)
+    llm.eos_token_ids = set()
+    os.sync()
+    llm.set_decode_mode(args.mode)
+    vocab = llm.spec.vocab_size
+    llm.generate(random_prompt(args.prompt_tokens, vocab, 7), max_new_tokens=16)  # graphs captured
+    stream = llm.stream(random_prompt(args.prompt_tokens, vocab, 8), max_new_tokens=args.steps + 4)
+    for _ in range(3):  # the prefill and two steps
+        next(stream)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            next(stream)
+        torch.cuda.synchronize()
+    for _ in stream:
+        pass
+    trace = args.trace or Path(tempfile.mkdtemp()) / "decode_trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = gpu_events(trace)
+    names = [e["name"] for e in events]
+    waits = [e for e in events if WAIT in e["name"]]
+    print(f"traced {args.steps} decode steps: {len(events)} GPU activities, {len(waits)} wait kernels, "
+          f"{sum(SIGNAL in n for n in names)} signal kernels (trace: {trace})")
+    if not waits:
+        print("no handshakes in the trace: is this a hybrid model decoding through one-graph steps?")
+        return
+    stretches, wait_end = chains(events, len(llm._graphs.link.slots))
+    summarize(stretches, wait_end)
+    wait_us = sum(float(e["dur"]) for e in waits) / len(waits)
+    print(f"wait kernels (the GPU waiting for the CPU experts): mean {wait_us:.1f} µs")
+
+
+if __name__ == "__main__":
+    main()

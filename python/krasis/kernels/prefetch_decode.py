@@ -1,0 +1,119 @@
+"""Prefetching the next MoE layer's likely experts during a one-token decode step, inside a CUDA graph.
+
+While the CPU computes layer L's experts, PCIe is idle. ``predict_experts`` applies layer L+1's router to layer
+L's normed hidden state (the residual stream changes little from one layer to the next, so its top experts are
+a good guess) and picks the ``count`` best that layer L+1 would otherwise send to the CPU (neither resident in
+the hot cache nor read over PCIe by the decode mode); ``copy_predicted`` copies them from pinned host memory into
+VRAM staging slots with a few programs (so the copy, on a side stream, leaves the multiprocessors to the
+step's own kernels). At layer L+1 the routed experts found in the staging slots run on the GPU and the host
+skips them; a wrong guess costs PCIe time and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..models.spec import RouterSpec
+from .gpu_layout import GPUExperts
+from .route_decode import _logits_kernel
+
+PARTS = ("w13", "s13", "w2", "s2")
+COPY_BLOCK = 4096  # int32 words a program moves per iteration (16 KiB)
+COPY_PROGRAMS = 16  # programs copying at once: enough reads in flight for PCIe, most SMs left free
+
+
+@triton.jit
+def _predict_kernel(logits_ptr, bias_ptr, resident_ptr, pcie_ptr, ids_ptr, map_ptr, E,
+                    COUNT: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, INVERT: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    logits = tl.load(logits_ptr + e, mask=e_mask, other=float("-inf"))
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        scores = p / tl.sum(p, axis=0)
+    if HAS_BIAS:
+        scores = scores + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    if INVERT:  # the least likely experts: a prediction that is wrong on purpose (tests, benchmarks)
+        scores = -scores
+    resident = tl.load(resident_ptr + e, mask=e_mask, other=-1)
+    taken = (resident >= 0) | (tl.load(pcie_ptr + e, mask=e_mask, other=-1) >= 0)
+    choice = tl.where(e_mask & ~taken, scores, float("-inf"))
+    j = tl.arange(0, BLOCK_P)
+    picked = tl.full((BLOCK_P,), -1, dtype=tl.int32)
+    slot = tl.full((BLOCK_E,), -1, dtype=tl.int32)
+    for k in tl.static_range(COUNT):  # the best remaining candidate, the lowest index among equals
+        best = tl.max(choice, axis=0)
+        idx = tl.min(tl.where(choice == best, e, BLOCK_E), axis=0)
+        idx = tl.where(best > float("-inf"), idx, -1)  # -1: no candidate left
+        picked = tl.where(j == k, idx, picked)
+        slot = tl.where(e == idx, k, slot)
+        choice = tl.where(e == idx, float("-inf"), choice)
+    tl.store(ids_ptr + j, picked.to(tl.int64), mask=j < COUNT)
+    tl.store(map_ptr + e, slot, mask=e_mask)
+
+
+@triton.jit
+def _copy_kernel(ids_ptr, src_ptr, dst_ptr, n, COUNT: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+    chunks = tl.cdiv(n, BLOCK)
+    for w in range(tl.program_id(0), COUNT * chunks, PROGRAMS):
+        j = w // chunks
+        e = tl.load(ids_ptr + j)
+        if e >= 0:
+            offs = (w % chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            v = tl.load(src_ptr + e * n + offs, mask=mask)
+            tl.store(dst_ptr + j.to(tl.int64) * n + offs, v, mask=mask)
+
+
+def predict_experts(h: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
+                    resident: torch.Tensor, pcie: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
+                    expert_slot: torch.Tensor, invert: bool = False) -> None:
+    """The experts to prefetch for the next MoE layer: its router (weight [E, H], the spec's scoring and
+    correction bias) applied to h [1, H]; the ``ids.numel()`` best-scored experts whose ``resident`` and ``pcie``
+    entries (int32 [E], the hot cache's slot and the decode mode's PCIe map of that layer) are both < 0 go to
+    ``ids`` (int64 [count], -1 where fewer are left), and ``expert_slot`` (int32 [E]) gets each one's staging slot
+    (its index in ``ids``), -1 elsewhere. ``logits`` is float32 [1, E] scratch. ``invert`` picks the worst
+    instead. No host sync: a CUDA graph may hold it."""
+    e, hidden = router.shape
+    count = ids.numel()
+    if h.shape != (1, hidden) or h.stride(1) != 1 or router.stride(1) != 1:
+        raise ValueError(f"h must be [1, {hidden}] and the router [E, {hidden}], with contiguous rows")
+    if logits.shape != (1, e) or expert_slot.shape != (e,) or resident.shape != (e,) or pcie.shape != (e,):
+        raise ValueError(f"logits [1, {e}], expert_slot, resident and pcie [{e}] expected")
+    if count < 1:
+        raise ValueError("ids must hold at least one expert")
+    if spec.correction_bias and correction_bias is None:
+        raise ValueError("this router adds a per-expert correction bias, but none was given")
+    block_e = min(64, triton.next_power_of_2(e))
+    _logits_kernel[(1, triton.cdiv(e, block_e))](h, router, logits, e, hidden, h.stride(0), router.stride(0),
+                                                 logits.stride(0), ROUND=False, BLOCK_E=block_e, BLOCK_H=128,
+                                                 num_warps=4)
+    bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
+    _predict_kernel[(1,)](logits, bias, resident, pcie, ids, expert_slot, e, COUNT=count,
+                          SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias, INVERT=invert,
+                          BLOCK_E=triton.next_power_of_2(e), BLOCK_P=triton.next_power_of_2(count), num_warps=4)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as int32 words (every expert part is a whole number of them)."""
+    return t.view(torch.uint8).view(-1).view(torch.int32)
+
+
+def copy_predicted(src: GPUExperts, ids: torch.Tensor, staging: GPUExperts) -> None:
+    """Copy expert ``ids[j]`` (int64 [count]; -1: none) of ``src`` (one layer's experts, in pinned host memory or
+    VRAM) into ``staging`` slot j. No host sync: a CUDA graph may hold it."""
+    count = ids.numel()
+    if staging.num_experts < count:
+        raise ValueError(f"staging holds {staging.num_experts} experts, {count} asked for")
+    for p in PARTS:
+        s, d = getattr(src, p), getattr(staging, p)
+        n = s[0].numel() * s.element_size() // 4
+        if not (s.is_contiguous() and d.is_contiguous()) or d[0].numel() * d.element_size() // 4 != n:
+            raise ValueError(f"expert part {p} must be contiguous and alike in src and staging")
+        _copy_kernel[(COPY_PROGRAMS,)](ids, _words(s), _words(d), n, COUNT=count, PROGRAMS=COPY_PROGRAMS,
+                                       BLOCK=COPY_BLOCK, num_warps=8)
