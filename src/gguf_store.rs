@@ -196,10 +196,28 @@ impl GgufExpertStore {
         weights: &[f32],
         act_int8: bool,
     ) -> Result<Vec<f32>, String> {
+        let mut y = vec![0f32; x.len()];
+        self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
+        Ok(y)
+    }
+
+    /// `forward` adding y to `out` ([M, H]) instead of returning it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add(
+        &self,
+        pool: &Pool,
+        path: SimdPath,
+        layer: usize,
+        x: &[f32],
+        ids: &[usize],
+        weights: &[f32],
+        act_int8: bool,
+        out: &mut [f32],
+    ) -> Result<(), String> {
         self.expert(layer, 0)?;
-        check_forward_args(self.hidden, self.num_experts, x, ids, weights)?;
+        check_forward_args(self.hidden, self.num_experts, x, ids, weights, out)?;
         let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
-        Ok(moe_forward(
+        moe_forward(
             pool,
             path,
             &get,
@@ -210,7 +228,9 @@ impl GgufExpertStore {
             weights,
             act_int8,
             false,
-        ))
+            out,
+        );
+        Ok(())
     }
 }
 

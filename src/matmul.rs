@@ -77,34 +77,41 @@ pub fn quantize_parallel(
 
 /// Quantise M tokens of activations (see `QuantActs`), tokens split over the workers unless tiny.
 pub fn quantize_acts(pool: &Pool, x: &[f32], k: usize, group: usize) -> QuantActs {
+    let mut acts = QuantActs::default();
+    quantize_acts_into(pool, x, k, group, &mut acts);
+    acts
+}
+
+/// `quantize_acts` into `acts`, reusing its buffers.
+pub fn quantize_acts_into(pool: &Pool, x: &[f32], k: usize, group: usize, acts: &mut QuantActs) {
     let m = x.len() / k;
+    acts.reshape(m, k, group);
     if m < 2 || m * k < 4096 {
-        return QuantActs::from_rows(x, k, group);
+        for t in 0..m {
+            acts.set_token(t, &x[t * k..(t + 1) * k]);
+        }
+        return;
     }
-    let mut acts = QuantActs::new(m, k, group);
     let gpr = k / group;
     let nt = pool.num_threads();
-    {
-        let hi = Disjoint::new(&mut acts.hi);
-        let lo = Disjoint::new(&mut acts.lo);
-        let s = Disjoint::new(&mut acts.scales);
-        let ss = Disjoint::new(&mut acts.scaled_sums);
-        pool.run(&|tid| {
-            for t in split_range(m, nt, tid) {
-                // SAFETY: token t belongs to this worker only (split_range is disjoint).
-                let out = unsafe {
-                    ActSlices {
-                        hi: hi.range(t * k..(t + 1) * k),
-                        lo: lo.range(t * k..(t + 1) * k),
-                        scales: s.range(t * gpr..(t + 1) * gpr),
-                        scaled_sums: ss.range(t * gpr..(t + 1) * gpr),
-                    }
-                };
-                quantize_act(&x[t * k..(t + 1) * k], group, out);
-            }
-        });
-    }
-    acts
+    let hi = Disjoint::new(&mut acts.hi);
+    let lo = Disjoint::new(&mut acts.lo);
+    let s = Disjoint::new(&mut acts.scales);
+    let ss = Disjoint::new(&mut acts.scaled_sums);
+    pool.run(&|tid| {
+        for t in split_range(m, nt, tid) {
+            // SAFETY: token t belongs to this worker only (split_range is disjoint).
+            let out = unsafe {
+                ActSlices {
+                    hi: hi.range(t * k..(t + 1) * k),
+                    lo: lo.range(t * k..(t + 1) * k),
+                    scales: s.range(t * gpr..(t + 1) * gpr),
+                    scaled_sums: ss.range(t * gpr..(t + 1) * gpr),
+                }
+            };
+            quantize_act(&x[t * k..(t + 1) * k], group, out);
+        }
+    });
 }
 
 /// Rows per unit of work in `matmul`.
@@ -162,7 +169,7 @@ pub fn matmul_weight(
             .collect();
         while let Some(c) = queue.take() {
             let rows = c * CHUNK_ROWS..((c + 1) * CHUNK_ROWS).min(n);
-            for tile in row_tiles(rows) {
+            for tile in row_tiles(rows, ROW_TILE) {
                 for (b, &t0) in starts.iter().enumerate() {
                     let tb = x_blocks[b].len();
                     let ar: &[ActRef] = if act_int8 { &act_blocks[b] } else { &[] };

@@ -9,13 +9,19 @@
 //! 2. down: the H output rows in chunks of 32, queued for each node's workers; a chunk loops over
 //!    that node's experts, summing weight * row . h into its rows of y. With several nodes each node
 //!    sums into its own partial y, added at the end.
+//!
+//! At M = 1 the weights take tens of microseconds to stream, so the fixed cost of a call matters:
+//! the buffers of a call are kept for the next on the calling thread (`Scratch`), and the workers
+//! find their work by arithmetic on small per-call tables instead of materialised lists.
 
 use crate::kernels::{row_tiles, weight_row_dot, WeightRef, MAX_TOKENS, ROW_TILE};
-use crate::matmul::quantize_acts;
-use crate::numa::{chunk_slot_rows, worker_groups};
+use crate::matmul::quantize_acts_into;
+use crate::numa::order_by_node;
 use crate::pool::{Disjoint, Pool, WorkQueue};
 use crate::quant::{quantize_act, ActRef, ActSlices, QuantActs};
 use crate::simd::SimdPath;
+use std::cell::Cell;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -28,10 +34,20 @@ pub struct ExpertRef<'a> {
     pub node: usize,
 }
 
-/// An expert in use in this call and the (token, routing weight, pair index) routed to it.
+/// A (token, expert) pair of this call: its token, routing weight and index in `ids`.
+#[derive(Clone, Copy, Default)]
+struct Pair {
+    t: usize,
+    w: f32,
+    p: usize,
+}
+
+/// An expert in use in this call, the node whose workers run it, and its pairs
+/// (`Scratch::pairs[pairs]`, in the order of `ids`).
 struct Slot<'a> {
     expert: ExpertRef<'a>,
-    pairs: Vec<(usize, f32, usize)>,
+    node: usize,
+    pairs: Range<usize>,
 }
 
 /// Nanoseconds spent in each step of `moe_forward` since the last `take_phase_times` (setup and
@@ -62,8 +78,21 @@ const CHUNK_ROWS: usize = 32;
 /// on DeepSeek-V2-Lite's (more units to share out at M = 1), 16 slower.
 const DOWN_CHUNK_ROWS: usize = 32;
 
-/// One block of up to MAX_TOKENS inputs as the kernels take them: quantised (INT8 mode) and f32.
-type TokenBlock<'a> = (Vec<ActRef<'a>>, Vec<&'a [f32]>);
+/// Rows per kernel call for an expert with `pairs` pairs: as many as fill the output buffer of
+/// MAX_TOKENS * ROW_TILE for its widest token block. With one pair (M = 1) a chunk of rows is one
+/// call (fewer calls, each a longer stream); from MAX_TOKENS pairs on, ROW_TILE rows stay in
+/// L1/L2 while every token block passes over them.
+fn tile_rows(pairs: usize) -> usize {
+    MAX_TOKENS * ROW_TILE / pairs.clamp(1, MAX_TOKENS)
+}
+
+/// Piece `c` of a run of items of `rows` rows each, cut into pieces of at most `size` rows:
+/// (item, its rows). Pieces 0..items * rows.div_ceil(size) cover every (item, row) once.
+fn piece(c: usize, rows: usize, size: usize) -> (usize, Range<usize>) {
+    let per_item = rows.div_ceil(size);
+    let start = (c % per_item) * size;
+    (c / per_item, start..(start + size).min(rows))
+}
 
 fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
@@ -72,8 +101,137 @@ fn silu(v: f32) -> f32 {
 /// Marks a (token, expert) pair that this call skips (computed elsewhere, e.g. on the GPU).
 pub const SKIP: usize = usize::MAX;
 
-/// The routed-expert forward. `x` is [M, H]; `ids` and `weights` are [M, k]; every id must be
-/// below the number of experts `expert(id)` accepts, or SKIP (the pair adds nothing).
+/// An expert id without a slot in `Scratch::slot_of`.
+const NO_SLOT: usize = usize::MAX;
+
+/// The buffers of a call, kept for the next call on the same thread: on a machine whose cores
+/// stream weights, each allocation and each first touch of memory is a cache miss, and zeroing
+/// is work no one needs. Their contents are stale between calls, except `slot_of` (all NO_SLOT).
+#[derive(Default)]
+struct Scratch {
+    /// The slot of each expert id in use (a table: a hash map costs more than the whole grouping
+    /// at these sizes).
+    slot_of: Vec<usize>,
+    /// The pairs, grouped by slot.
+    pairs: Vec<Pair>,
+    /// Slot indices grouped by node, node n's at `by_node[node_start[n]..node_start[n + 1]]`.
+    by_node: Vec<usize>,
+    node_start: Vec<usize>,
+    /// Each node's gate/up queue, then each node's down queue.
+    queues: Vec<WorkQueue>,
+    /// INT8 mode: per (slot, group of h), the rows still to compute (see `gate_up`).
+    pending: Vec<AtomicUsize>,
+    xacts: QuantActs,
+    /// [pairs, inter]: silu(gate x) * up x of each pair (a skipped pair's row is never read), and
+    /// its quantised form.
+    h: Vec<f32>,
+    hacts: QuantActs,
+    /// Several nodes: [nodes - 1, M, H], the sums of nodes 1.. (node 0 sums into the output).
+    partial: Vec<f32>,
+}
+
+/// Scratch larger than this (bytes: a prefill batch's) is freed after the call rather than
+/// kept: allocating it costs little next to such a call, and keeping it would hold the memory.
+const KEEP_SCRATCH_BYTES: usize = 4 << 20;
+
+impl Scratch {
+    /// Bytes held by the buffers that grow with M.
+    fn bytes(&self) -> usize {
+        let acts = |a: &QuantActs| {
+            a.hi.capacity() + a.lo.capacity() + 4 * (a.scales.capacity() + a.scaled_sums.capacity())
+        };
+        let f32s = self.h.capacity() + self.partial.capacity();
+        let pairs = self.pairs.capacity() * std::mem::size_of::<Pair>();
+        4 * f32s + acts(&self.xacts) + acts(&self.hacts) + pairs
+    }
+}
+
+thread_local! {
+    /// This thread's `Scratch`. A call takes it and puts it back, so one that panics leaves none
+    /// behind (nor a half-reset `slot_of`).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+/// One call's work as the workers see it.
+struct Plan<'s, 'a> {
+    path: SimdPath,
+    slots: &'s [Slot<'a>],
+    pairs: &'s [Pair],
+    by_node: &'s [usize],
+    node_start: &'s [usize],
+    numa: bool,
+    hidden: usize,
+    inter: usize,
+    act_int8: bool,
+}
+
+impl<'s> Plan<'s, '_> {
+    /// The node whose queues worker `tid` takes work from.
+    fn worker_node(&self, pool: &Pool, tid: usize) -> usize {
+        if self.numa {
+            pool.node_of(tid)
+        } else {
+            0
+        }
+    }
+    /// The slots node `n` runs, in order of first use.
+    fn node_slots(&self, n: usize) -> &'s [usize] {
+        &self.by_node[self.node_start[n]..self.node_start[n + 1]]
+    }
+    fn pairs_of(&self, slot: &Slot) -> &'s [Pair] {
+        &self.pairs[slot.pairs.clone()]
+    }
+}
+
+/// The kernels' token arguments for a block of up to MAX_TOKENS rows of a [_, k] activation
+/// matrix: the f32 rows and, quantised (INT8 mode), their tokens. Built on the stack where used.
+struct BlockArgs<'s> {
+    rows: [&'s [f32]; MAX_TOKENS],
+    acts: [ActRef<'s>; MAX_TOKENS],
+    n: usize,
+    quantised: bool,
+}
+
+const NO_ACTS: ActRef<'static> = ActRef {
+    hi: &[],
+    lo: &[],
+    scales: &[],
+    scaled_sums: &[],
+};
+
+impl<'s> BlockArgs<'s> {
+    fn new(
+        tokens: impl Iterator<Item = usize>,
+        vals: &'s [f32],
+        k: usize,
+        acts: Option<&'s QuantActs>,
+    ) -> Self {
+        let mut b = BlockArgs {
+            rows: [&[]; MAX_TOKENS],
+            acts: [NO_ACTS; MAX_TOKENS],
+            n: 0,
+            quantised: acts.is_some(),
+        };
+        for i in tokens {
+            b.rows[b.n] = &vals[i * k..(i + 1) * k];
+            if let Some(a) = acts {
+                b.acts[b.n] = a.token(i);
+            }
+            b.n += 1;
+        }
+        b
+    }
+    fn rows(&self) -> &[&'s [f32]] {
+        &self.rows[..self.n]
+    }
+    fn acts(&self) -> &[ActRef<'s>] {
+        &self.acts[..if self.quantised { self.n } else { 0 }]
+    }
+}
+
+/// The routed-expert forward, adding y to `out` ([M, H]; zeros to get y itself). `x` is [M, H];
+/// `ids` and `weights` are [M, k]; every id must be below the number of experts `expert(id)`
+/// accepts, or SKIP (the pair adds nothing).
 /// With `numa`, work follows `ExpertRef::node`. With `act_int8` the activations are quantised per
 /// group (the weights' `int_group`: a Krasis matrix's group, 32 for GGUF blocks) for integer dots;
 /// a GGUF type without an integer kernel (Q2_K, Q3_K) still takes them in f32.
@@ -89,121 +247,42 @@ pub fn moe_forward<'a>(
     weights: &[f32],
     act_int8: bool,
     numa: bool,
-) -> Vec<f32> {
-    let _pin = pool.pin_caller();
-    let start = Instant::now();
-    let mut t = start;
+    out: &mut [f32],
+) {
     assert_eq!(x.len() % hidden, 0, "x must be [M, hidden]");
     let m = x.len() / hidden;
     assert!(
         m > 0 && ids.len().is_multiple_of(m) && ids.len() == weights.len(),
         "ids and weights must be [M, k]"
     );
-    let topk = ids.len() / m;
-
-    // Group the (token, expert) pairs by expert, in order of first use (a table indexed by id: a
-    // hash map costs more than the whole grouping at these sizes).
-    let mut slots: Vec<Slot> = Vec::new();
-    let max_id = ids
-        .iter()
-        .filter(|&&e| e != SKIP)
-        .max()
-        .copied()
-        .unwrap_or(0);
-    let mut slot_of = vec![usize::MAX; max_id + 1];
-    for t in 0..m {
-        for j in 0..topk {
-            let e = ids[t * topk + j];
-            if e == SKIP {
-                continue;
-            }
-            if slot_of[e] == usize::MAX {
-                slot_of[e] = slots.len();
-                slots.push(Slot {
-                    expert: expert(e),
-                    pairs: Vec::new(),
-                });
-            }
-            let p = t * topk + j;
-            slots[slot_of[e]].pairs.push((t, weights[p], p));
+    assert_eq!(out.len(), x.len(), "out must be [M, hidden] like x");
+    if ids.iter().all(|&e| e == SKIP) {
+        return; // nothing to add (nor to pin the caller for)
+    }
+    let _pin = pool.pin_caller();
+    let start = Instant::now();
+    let mut t = start;
+    let mut s = SCRATCH.take();
+    let mut slots = group_pairs(&mut s, expert, ids, weights, ids.len() / m);
+    let nodes = if numa { pool.num_nodes() } else { 1 };
+    for slot in &mut slots {
+        if numa {
+            slot.node = pool.serving_node(slot.expert.node % nodes);
         }
     }
-    if slots.is_empty() {
-        return vec![0f32; m * hidden];
-    }
-    let npairs = m * topk;
-    let nt = pool.num_threads();
-    let groups = if numa {
-        worker_groups(
-            &(0..nt).map(|t| pool.node_of(t)).collect::<Vec<_>>(),
-            pool.num_nodes(),
-        )
-    } else {
-        vec![(0..nt).collect()]
-    };
-    let slot_nodes: Vec<usize> = slots
-        .iter()
-        .map(|s| {
-            if numa {
-                s.expert.node % groups.len()
-            } else {
-                0
-            }
-        })
-        .map(|n| {
-            if groups[n].is_empty() {
-                groups.iter().position(|g| !g.is_empty()).unwrap()
-            } else {
-                n
-            }
-        })
-        .collect();
-    // Per node: chunks of gate/up rows, and chunks of down (output) rows, each taken from a queue
-    // by that node's workers.
-    let gate_chunks = chunk_slot_rows(&slot_nodes, inter, &groups, CHUNK_ROWS);
-    let gate_queues: Vec<WorkQueue> = gate_chunks
-        .iter()
-        .map(|c| WorkQueue::new(c.len()))
-        .collect();
-    let down_chunks = hidden.div_ceil(DOWN_CHUNK_ROWS);
-    let down_queues: Vec<WorkQueue> = groups.iter().map(|_| WorkQueue::new(down_chunks)).collect();
-    let node_of_worker: Vec<usize> = (0..nt)
-        .map(|tid| groups.iter().position(|g| g.contains(&tid)).unwrap_or(0))
-        .collect();
-
+    order_by_node(
+        slots.iter().map(|s| s.node),
+        nodes,
+        &mut s.by_node,
+        &mut s.node_start,
+    );
     let act_int8 = act_int8
         && slots.iter().all(|s| {
             [s.expert.gate, s.expert.up, s.expert.down]
                 .iter()
                 .all(|w| w.int_group().is_some())
         });
-    let xacts = if act_int8 {
-        let group = slots[0].expert.gate.int_group().expect("checked above");
-        Some(quantize_acts(pool, x, hidden, group))
-    } else {
-        None
-    };
-    let xrow = |t: usize| &x[t * hidden..(t + 1) * hidden];
-    // Per slot, per block of up to MAX_TOKENS pairs: the kernels' token arguments.
-    let x_chunks: Vec<Vec<TokenBlock>> = slots
-        .iter()
-        .map(|s| {
-            s.pairs
-                .chunks(MAX_TOKENS)
-                .map(|c| {
-                    let ar = match &xacts {
-                        Some(a) => c.iter().map(|&(t, _, _)| a.token(t)).collect(),
-                        None => Vec::new(),
-                    };
-                    (ar, c.iter().map(|&(t, _, _)| xrow(t)).collect())
-                })
-                .collect()
-        })
-        .collect();
-
-    // INT8 mode quantises h per (pair, group of `hgroup` rows) as soon as the gate/up chunks that cover
-    // the group are done (the worker finishing the last of them does it), so no pass of its own and
-    // no barrier: `pending[slot * hgroups + g]` counts the group's rows still to compute.
+    // INT8 mode quantises h per (pair, group of `hgroup` rows) as soon as it is complete.
     let hgroup = if act_int8 {
         slots[0].expert.down.int_group().expect("checked above")
     } else {
@@ -213,155 +292,286 @@ pub fn moe_forward<'a>(
         inter.is_multiple_of(hgroup),
         "expert intermediate size {inter} is not a multiple of the activation group {hgroup}"
     );
-    let hgroups = inter / hgroup;
-    let pending: Vec<AtomicUsize> = (0..if act_int8 { slots.len() * hgroups } else { 0 })
-        .map(|_| AtomicUsize::new(hgroup))
-        .collect();
-    let mut hacts = if act_int8 {
-        Some(QuantActs::new(npairs, inter, hgroup))
-    } else {
-        None
-    };
-
-    lap(0, &mut t);
-    // 1. h[p] = silu(gate x) * up x for every pair p (and, INT8 mode, its quantised form).
-    let mut h = vec![0f32; npairs * inter];
-    {
-        let hd = Disjoint::new(&mut h);
-        let hqd = hacts.as_mut().map(|q| {
-            (
-                Disjoint::new(&mut q.hi),
-                Disjoint::new(&mut q.lo),
-                Disjoint::new(&mut q.scales),
-                Disjoint::new(&mut q.scaled_sums),
-            )
-        });
-        pool.run(&|tid| {
-            let (mut og, mut ou) = ([0f32; MAX_TOKENS * ROW_TILE], [0f32; MAX_TOKENS * ROW_TILE]);
-            let node = node_of_worker[tid];
-            while let Some(c) = gate_queues[node].take() {
-                let (si, rows) = &gate_chunks[node][c];
-                let slot = &slots[*si];
-                for tile in row_tiles(rows.clone()) {
-                    for (ci, chunk) in slot.pairs.chunks(MAX_TOKENS).enumerate() {
-                        let (ar, xs) = &x_chunks[*si][ci];
-                        let e = &slot.expert;
-                        weight_row_dot(path, &e.gate, tile.clone(), ar, xs, act_int8, &mut og);
-                        weight_row_dot(path, &e.up, tile.clone(), ar, xs, act_int8, &mut ou);
-                        let tb = chunk.len();
-                        for (i, r) in tile.clone().enumerate() {
-                            for (j, &(_, _, p)) in chunk.iter().enumerate() {
-                                let (g, u) = (og[i * tb + j], ou[i * tb + j]);
-                                // SAFETY: (pair p, row r) belongs to one chunk, and each chunk
-                                // is taken by one worker: chunk_slot_rows covers every (slot,
-                                // row) once and WorkQueue hands out each chunk once.
-                                unsafe { *hd.at(p * inter + r) = silu(g) * u };
-                            }
-                        }
-                    }
-                }
-                let Some((hi, lo, sc, ss)) = &hqd else {
-                    continue;
-                };
-                for g in rows.start / hgroup..rows.end.div_ceil(hgroup) {
-                    let span = g * hgroup..(g + 1) * hgroup;
-                    let done = rows.end.min(span.end) - rows.start.max(span.start);
-                    // AcqRel: the worker that takes the count to zero sees every other worker's
-                    // rows of the group (they released them with their own decrement).
-                    if pending[*si * hgroups + g].fetch_sub(done, Ordering::AcqRel) != done {
-                        continue;
-                    }
-                    for &(_, _, p) in &slot.pairs {
-                        let (v, q) = (p * inter + span.start, p * hgroups + g);
-                        // SAFETY: group g of pair p is complete (its count reached zero here, once)
-                        // and no other worker touches it or its quantised form in this phase.
-                        unsafe {
-                            quantize_act(
-                                hd.range(v..v + hgroup),
-                                hgroup,
-                                ActSlices {
-                                    hi: hi.range(v..v + hgroup),
-                                    lo: lo.range(v..v + hgroup),
-                                    scales: sc.range(q..q + 1),
-                                    scaled_sums: ss.range(q..q + 1),
-                                },
-                            )
-                        };
-                    }
-                }
-            }
-        });
+    if act_int8 {
+        let group = slots[0].expert.gate.int_group().expect("checked above");
+        quantize_acts_into(pool, x, hidden, group, &mut s.xacts);
+        s.hacts.reshape(ids.len(), inter, hgroup);
+        let n = slots.len() * (inter / hgroup);
+        s.pending
+            .resize_with(n.max(s.pending.len()), AtomicUsize::default);
+        for rows_left in &mut s.pending[..n] {
+            *rows_left.get_mut() = hgroup;
+        }
     }
-
-    lap(1, &mut t);
-    // 2. y[t] += w * down h, per node.
-    let ngroups = groups.len();
-    let mut partial = vec![0f32; ngroups * m * hidden];
-    let h_chunks: Vec<Vec<TokenBlock>> = slots
-        .iter()
-        .map(|s| {
-            s.pairs
-                .chunks(MAX_TOKENS)
-                .map(|c| {
-                    let ar = match &hacts {
-                        Some(a) => c.iter().map(|&(_, _, p)| a.token(p)).collect(),
-                        None => Vec::new(),
-                    };
-                    (
-                        ar,
-                        c.iter()
-                            .map(|&(_, _, p)| &h[p * inter..(p + 1) * inter])
-                            .collect(),
-                    )
-                })
-                .collect()
-        })
-        .collect();
-    {
-        let yd = Disjoint::new(&mut partial);
-        pool.run(&|tid| {
-            let node = node_of_worker[tid];
-            let base = node * m * hidden;
-            let mut o = [0f32; MAX_TOKENS * ROW_TILE];
-            while let Some(c) = down_queues[node].take() {
-                let rows = c * DOWN_CHUNK_ROWS..((c + 1) * DOWN_CHUNK_ROWS).min(hidden);
-                for (si, slot) in slots.iter().enumerate() {
-                    if slot_nodes[si] != node {
-                        continue;
-                    }
-                    for tile in row_tiles(rows.clone()) {
-                        for (ci, chunk) in slot.pairs.chunks(MAX_TOKENS).enumerate() {
-                            let (ar, hs) = &h_chunks[si][ci];
-                            let d = &slot.expert.down;
-                            weight_row_dot(path, d, tile.clone(), ar, hs, act_int8, &mut o);
-                            let tb = chunk.len();
-                            for (i, r) in tile.clone().enumerate() {
-                                for (j, &(t, w, _)) in chunk.iter().enumerate() {
-                                    // SAFETY: rows `rows` of this node's partial output belong to
-                                    // the one worker that took chunk c from the node's queue.
-                                    unsafe { *yd.at(base + t * hidden + r) += w * o[i * tb + j] };
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        });
+    s.h.resize(ids.len() * inter, 0.0);
+    if nodes > 1 {
+        s.partial.clear();
+        s.partial.resize((nodes - 1) * m * hidden, 0.0);
     }
-    lap(2, &mut t);
+    {
+        let plan = Plan {
+            path,
+            slots: &slots,
+            pairs: &s.pairs,
+            by_node: &s.by_node,
+            node_start: &s.node_start,
+            numa,
+            hidden,
+            inter,
+            act_int8,
+        };
+        // Each node's queues: its slots' gate/up rows in chunks (`piece`), and, if it runs any
+        // slot, the output rows in chunks.
+        s.queues.clear();
+        let chunks_per_slot = inter.div_ceil(CHUNK_ROWS);
+        s.queues
+            .extend((0..nodes).map(|n| WorkQueue::new(plan.node_slots(n).len() * chunks_per_slot)));
+        s.queues.extend((0..nodes).map(|n| {
+            let runs_any = !plan.node_slots(n).is_empty();
+            WorkQueue::new(if runs_any {
+                hidden.div_ceil(DOWN_CHUNK_ROWS)
+            } else {
+                0
+            })
+        }));
+        let (gate_queues, down_queues) = s.queues.split_at(nodes);
+        let xacts = act_int8.then_some(&s.xacts);
+        let hacts = act_int8.then_some(&mut s.hacts);
+
+        lap(0, &mut t);
+        gate_up(
+            pool,
+            &plan,
+            gate_queues,
+            x,
+            xacts,
+            &mut s.h,
+            hacts,
+            &s.pending,
+        );
+        lap(1, &mut t);
+        let hacts = act_int8.then_some(&s.hacts);
+        down(pool, &plan, down_queues, &s.h, hacts, out, &mut s.partial);
+        lap(2, &mut t);
+    }
     PHASE_NS[3].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     CALLS.fetch_add(1, Ordering::Relaxed);
-    if ngroups == 1 {
-        return partial;
-    }
-    let mut y = partial[..m * hidden].to_vec();
-    for g in 1..ngroups {
-        for (a, b) in y
-            .iter_mut()
-            .zip(&partial[g * m * hidden..(g + 1) * m * hidden])
-        {
+    for part in s.partial[..(nodes - 1) * m * hidden].chunks_exact(m * hidden) {
+        for (a, b) in out.iter_mut().zip(part) {
             *a += b;
         }
     }
-    y
+    if s.bytes() <= KEEP_SCRATCH_BYTES {
+        SCRATCH.set(s);
+    }
+}
+
+/// Groups the (token, expert) pairs by expert into `s.pairs`: one slot per expert in use, in order
+/// of first use, its pairs in the order of `ids` (`topk` per token).
+fn group_pairs<'a>(
+    s: &mut Scratch,
+    expert: &dyn Fn(usize) -> ExpertRef<'a>,
+    ids: &[usize],
+    weights: &[f32],
+    topk: usize,
+) -> Vec<Slot<'a>> {
+    // At most one slot per pair, and rarely more than a few hundred experts in all.
+    let mut slots: Vec<Slot> = Vec::with_capacity(ids.len().min(256));
+    // Count each slot's pairs (in `pairs.end` for now).
+    for &e in ids.iter().filter(|&&e| e != SKIP) {
+        if e >= s.slot_of.len() {
+            s.slot_of.resize(e + 1, NO_SLOT);
+        }
+        if s.slot_of[e] == NO_SLOT {
+            s.slot_of[e] = slots.len();
+            slots.push(Slot {
+                expert: expert(e),
+                node: 0,
+                pairs: 0..0,
+            });
+        }
+        slots[s.slot_of[e]].pairs.end += 1;
+    }
+    // Give each slot its range of `s.pairs`, empty until filled below.
+    let mut at = 0;
+    for slot in &mut slots {
+        let n = slot.pairs.end;
+        slot.pairs = at..at;
+        at += n;
+    }
+    s.pairs.clear();
+    s.pairs.resize(at, Pair::default());
+    for (p, &e) in ids.iter().enumerate().filter(|&(_, &e)| e != SKIP) {
+        let slot = &mut slots[s.slot_of[e]];
+        s.pairs[slot.pairs.end] = Pair {
+            t: p / topk,
+            w: weights[p],
+            p,
+        };
+        slot.pairs.end += 1;
+    }
+    for &e in ids.iter().filter(|&&e| e != SKIP) {
+        s.slot_of[e] = NO_SLOT;
+    }
+    slots
+}
+
+/// Step 1: h[p] = silu(gate x) * up x for every pair p and, with `hacts` (INT8 mode), its
+/// quantised form. `pending[slot * hgroups + g]` counts the rows of group g of h still to compute
+/// for the slot's pairs; the worker that completes a group quantises it, so h needs no pass (and
+/// no barrier) of its own.
+#[allow(clippy::too_many_arguments)]
+fn gate_up(
+    pool: &Pool,
+    plan: &Plan,
+    queues: &[WorkQueue],
+    x: &[f32],
+    xacts: Option<&QuantActs>,
+    h: &mut [f32],
+    hacts: Option<&mut QuantActs>,
+    pending: &[AtomicUsize],
+) {
+    let (path, inter, act_int8) = (plan.path, plan.inter, plan.act_int8);
+    let hgroup = hacts.as_ref().map_or(inter, |q| q.group);
+    let hgroups = inter / hgroup;
+    let hd = Disjoint::new(h);
+    let hqd = hacts.map(|q| {
+        (
+            Disjoint::new(&mut q.hi),
+            Disjoint::new(&mut q.lo),
+            Disjoint::new(&mut q.scales),
+            Disjoint::new(&mut q.scaled_sums),
+        )
+    });
+    pool.run(&|tid| {
+        let (mut og, mut ou) = ([0f32; MAX_TOKENS * ROW_TILE], [0f32; MAX_TOKENS * ROW_TILE]);
+        let node = plan.worker_node(pool, tid);
+        let node_slots = plan.node_slots(node);
+        while let Some(c) = queues[node].take() {
+            let (i, rows) = piece(c, inter, CHUNK_ROWS);
+            let si = node_slots[i];
+            let slot = &plan.slots[si];
+            let (e, pairs) = (&slot.expert, plan.pairs_of(slot));
+            for tile in row_tiles(rows.clone(), tile_rows(pairs.len())) {
+                for block in pairs.chunks(MAX_TOKENS) {
+                    let args = BlockArgs::new(block.iter().map(|q| q.t), x, plan.hidden, xacts);
+                    let (ar, xs) = (args.acts(), args.rows());
+                    weight_row_dot(path, &e.gate, tile.clone(), ar, xs, act_int8, &mut og);
+                    weight_row_dot(path, &e.up, tile.clone(), ar, xs, act_int8, &mut ou);
+                    let tb = block.len();
+                    for (j, q) in block.iter().enumerate() {
+                        let at = q.p * inter;
+                        // SAFETY: rows `rows` of pair q.p belong to chunk c alone (a pair is in one
+                        // slot, `piece` cuts the slot's rows into disjoint chunks), and the queue
+                        // hands chunk c to one worker.
+                        let hrow = unsafe { hd.range(at + tile.start..at + tile.end) };
+                        // Token j's outputs: og[i * tb + j] for row i of the tile.
+                        let (gs, us) = (og[j..].iter().step_by(tb), ou[j..].iter().step_by(tb));
+                        for ((v, &g), &u) in hrow.iter_mut().zip(gs).zip(us) {
+                            *v = silu(g) * u;
+                        }
+                    }
+                }
+            }
+            let Some((hi, lo, sc, ss)) = &hqd else {
+                continue;
+            };
+            for g in rows.start / hgroup..rows.end.div_ceil(hgroup) {
+                let span = g * hgroup..(g + 1) * hgroup;
+                let done = rows.end.min(span.end) - rows.start.max(span.start);
+                // AcqRel: the worker that takes the count to zero sees every other worker's
+                // rows of the group (they released them with their own decrement).
+                if pending[si * hgroups + g].fetch_sub(done, Ordering::AcqRel) != done {
+                    continue;
+                }
+                for q in pairs {
+                    let (v, qi) = (q.p * inter + span.start, q.p * hgroups + g);
+                    // SAFETY: group g of pair q.p is complete (its count reached zero here, once)
+                    // and no other worker touches it or its quantised form in this phase.
+                    unsafe {
+                        quantize_act(
+                            hd.range(v..v + hgroup),
+                            hgroup,
+                            ActSlices {
+                                hi: hi.range(v..v + hgroup),
+                                lo: lo.range(v..v + hgroup),
+                                scales: sc.range(qi..qi + 1),
+                                scaled_sums: ss.range(qi..qi + 1),
+                            },
+                        )
+                    };
+                }
+            }
+        }
+    });
+}
+
+/// Step 2: y[t] += w * down h[p] for every pair p of token t and weight w, each node summing its
+/// experts: node 0 into `out`, node n into part n - 1 of `partial`.
+fn down(
+    pool: &Pool,
+    plan: &Plan,
+    queues: &[WorkQueue],
+    h: &[f32],
+    hacts: Option<&QuantActs>,
+    out: &mut [f32],
+    partial: &mut [f32],
+) {
+    let (path, hidden, inter) = (plan.path, plan.hidden, plan.inter);
+    let m = out.len() / hidden;
+    let (out_d, partial_d) = (Disjoint::new(out), Disjoint::new(partial));
+    pool.run(&|tid| {
+        let node = plan.worker_node(pool, tid);
+        let (y, base) = match node {
+            0 => (&out_d, 0),
+            n => (&partial_d, (n - 1) * m * hidden),
+        };
+        let mut o = [0f32; MAX_TOKENS * ROW_TILE];
+        while let Some(c) = queues[node].take() {
+            let rows = piece(c, hidden, DOWN_CHUNK_ROWS).1;
+            for &si in plan.node_slots(node) {
+                let (d, pairs) = (&plan.slots[si].expert.down, plan.pairs_of(&plan.slots[si]));
+                for tile in row_tiles(rows.clone(), tile_rows(pairs.len())) {
+                    for block in pairs.chunks(MAX_TOKENS) {
+                        let args = BlockArgs::new(block.iter().map(|q| q.p), h, inter, hacts);
+                        let (ar, hs) = (args.acts(), args.rows());
+                        weight_row_dot(path, d, tile.clone(), ar, hs, plan.act_int8, &mut o);
+                        let tb = block.len();
+                        for (j, q) in block.iter().enumerate() {
+                            let at = base + q.t * hidden;
+                            // SAFETY: rows `rows` of this node's sum belong to the one worker that
+                            // took chunk c from the node's queue.
+                            let yrow = unsafe { y.range(at + tile.start..at + tile.end) };
+                            let add = |(v, &ov): (&mut f32, &f32)| *v += q.w * ov;
+                            if tb == 1 {
+                                yrow.iter_mut().zip(&o).for_each(add); // M = 1: vectorised
+                            } else {
+                                yrow.iter_mut().zip(o[j..].iter().step_by(tb)).for_each(add);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_every_row_of_every_item_once() {
+        for (items, rows, size) in [(3, 100, 32), (2, 64, 32), (5, 7, 2), (1, 5, 8)] {
+            let mut hits = vec![0; items * rows];
+            for c in 0..items * rows.div_ceil(size) {
+                let (item, r) = piece(c, rows, size);
+                assert!(r.len() <= size && !r.is_empty());
+                for row in r {
+                    hits[item * rows + row] += 1;
+                }
+            }
+            assert!(hits.iter().all(|&h| h == 1), "{items} x {rows} by {size}");
+        }
+    }
 }

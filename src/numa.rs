@@ -2,8 +2,6 @@
 //! that give each worker the rows of the experts on its own node. On a one-node machine every
 //! plan degenerates to an even split over all workers.
 
-use std::ops::Range;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NumaPolicy {
     /// Each expert lives on one node (expert % nodes) and runs on that node's workers.
@@ -80,92 +78,56 @@ pub fn expert_node(expert: usize, num_nodes: usize) -> usize {
     expert % num_nodes.max(1)
 }
 
-/// Workers of each node: `groups[n]` lists the worker ids on node n.
-pub fn worker_groups(worker_nodes: &[usize], num_nodes: usize) -> Vec<Vec<usize>> {
-    let mut g = vec![Vec::new(); num_nodes.max(1)];
-    for (tid, &n) in worker_nodes.iter().enumerate() {
-        g[n.min(num_nodes.max(1) - 1)].push(tid);
+/// Orders work items by the node that runs them, keeping their order within a node: `order` gets
+/// the item indices, node n's at `order[start[n]..start[n + 1]]`.
+pub fn order_by_node(
+    item_nodes: impl Iterator<Item = usize> + Clone,
+    num_nodes: usize,
+    order: &mut Vec<usize>,
+    start: &mut Vec<usize>,
+) {
+    start.clear();
+    start.resize(num_nodes + 1, 0);
+    for n in item_nodes.clone() {
+        start[n + 1] += 1;
     }
-    g
-}
-
-/// The work of one phase as chunks per node: the rows of every slot (expert in use) on node n,
-/// cut into pieces of at most `chunk` rows, go to `chunks[n]`; node n's workers take them from a
-/// queue. Slots of a node without workers go to the first node that has some.
-pub fn chunk_slot_rows(
-    slot_nodes: &[usize],
-    rows: usize,
-    groups: &[Vec<usize>],
-    chunk: usize,
-) -> Vec<Vec<(usize, Range<usize>)>> {
-    let fallback = groups.iter().position(|g| !g.is_empty()).unwrap_or(0);
-    let mut chunks = vec![Vec::new(); groups.len().max(1)];
-    for (slot, &n) in slot_nodes.iter().enumerate() {
-        let n = if n < groups.len() && !groups[n].is_empty() {
-            n
-        } else {
-            fallback
-        };
-        let mut r = 0;
-        while r < rows {
-            let end = (r + chunk).min(rows);
-            chunks[n].push((slot, r..end));
-            r = end;
-        }
+    for n in 0..num_nodes {
+        start[n + 1] += start[n];
     }
-    chunks
+    order.clear();
+    order.resize(start[num_nodes], 0);
+    // Place each item at its node's cursor (start[n], advanced past it: it ends at the next
+    // node's start), then shift the starts back into place.
+    for (i, n) in item_nodes.enumerate() {
+        order[start[n]] = i;
+        start[n] += 1;
+    }
+    start.copy_within(..num_nodes, 1);
+    start[0] = 0;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn coverage(chunks: &[Vec<(usize, Range<usize>)>], slots: usize, rows: usize) -> Vec<usize> {
-        let mut hits = vec![0usize; slots * rows];
-        for node in chunks {
-            for (s, r) in node {
-                for i in r.clone() {
-                    hits[s * rows + i] += 1;
-                }
-            }
-        }
-        hits
+    fn ordered(nodes: &[usize], num_nodes: usize) -> (Vec<usize>, Vec<usize>) {
+        let (mut order, mut start) = (vec![7; 3], vec![7; 9]); // stale contents are overwritten
+        order_by_node(nodes.iter().copied(), num_nodes, &mut order, &mut start);
+        (order, start)
     }
 
     #[test]
-    fn one_node_gets_every_row_once() {
-        let groups = worker_groups(&[0, 0, 0, 0], 1);
-        let chunks = chunk_slot_rows(&[0, 0, 0], 100, &groups, 32);
-        assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].len(), 3 * 4);
-        assert!(coverage(&chunks, 3, 100).iter().all(|&h| h == 1));
+    fn one_node_keeps_the_order() {
+        assert_eq!(ordered(&[0, 0, 0, 0], 1), (vec![0, 1, 2, 3], vec![0, 4]));
+        assert_eq!(ordered(&[], 1), (vec![], vec![0, 0]));
     }
 
     #[test]
-    fn two_nodes_keep_experts_on_their_node() {
-        // Workers 0, 2 on node 0; 1, 3 on node 1. Slots alternate nodes.
-        let groups = worker_groups(&[0, 1, 0, 1], 2);
-        assert_eq!(groups, vec![vec![0, 2], vec![1, 3]]);
-        let slot_nodes: Vec<usize> = (0..5).map(|e| expert_node(e, 2)).collect();
-        let chunks = chunk_slot_rows(&slot_nodes, 40, &groups, 16);
-        assert!(coverage(&chunks, 5, 40).iter().all(|&h| h == 1));
-        for (n, node) in chunks.iter().enumerate() {
-            for (s, _) in node {
-                assert_eq!(
-                    slot_nodes[*s], n,
-                    "slot {s} of node {} queued on node {n}",
-                    slot_nodes[*s]
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn slots_of_a_node_without_workers_go_elsewhere() {
-        let groups = worker_groups(&[0, 0], 2); // node 1 has no workers
-        let chunks = chunk_slot_rows(&[0, 1, 1], 4, &groups, 2);
-        assert!(chunks[1].is_empty());
-        assert!(coverage(&chunks, 3, 4).iter().all(|&h| h == 1));
+    fn items_are_grouped_by_node_in_their_order() {
+        let nodes: Vec<usize> = (0..5).map(|e| expert_node(e, 2)).collect();
+        assert_eq!(ordered(&nodes, 2), (vec![0, 2, 4, 1, 3], vec![0, 3, 5]));
+        // A node without items gets an empty range.
+        assert_eq!(ordered(&[2, 0, 2], 3), (vec![1, 0, 2], vec![0, 1, 1, 3]));
     }
 
     #[test]

@@ -30,6 +30,9 @@ struct Shared {
     wake: Condvar,
     done_lock: Mutex<()>,
     done: Condvar,
+    /// Whether `run`'s caller has stopped spinning and waits on `done`: only then does the last
+    /// worker to finish notify it (a notify is a futex syscall even when no one waits).
+    caller_waits: AtomicBool,
     spin: Duration,
 }
 
@@ -48,6 +51,8 @@ pub struct Pool {
     /// (cpu, numa node index) of each worker.
     placement: Vec<(usize, usize)>,
     num_nodes: usize,
+    /// `serving_node` of each node index.
+    serving: Vec<usize>,
     pinned: bool,
 }
 
@@ -170,7 +175,11 @@ fn worker(shared: Arc<Shared>, tid: usize, cpu: Option<usize>) {
         if catch_unwind(AssertUnwindSafe(|| f(tid))).is_err() {
             shared.panicked.store(true, Ordering::Relaxed);
         }
-        if shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst with the caller's `caller_waits` store and `remaining` load: either it sees this
+        // decrement and does not wait, or this sees it waiting and wakes it.
+        if shared.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+            && shared.caller_waits.load(Ordering::SeqCst)
+        {
             let _g = shared.done_lock.lock().unwrap();
             shared.done.notify_one();
         }
@@ -202,6 +211,7 @@ impl Pool {
             wake: Condvar::new(),
             done_lock: Mutex::new(()),
             done: Condvar::new(),
+            caller_waits: AtomicBool::new(false),
             spin,
         });
         let placement: Vec<(usize, usize)> =
@@ -219,12 +229,18 @@ impl Pool {
             })
             .collect();
         let used_nodes = placement.iter().map(|p| p.1).max().unwrap_or(0) + 1;
+        let has_workers = |n: usize| placement.iter().any(|p| p.1 == n);
+        let first = (0..used_nodes).find(|&n| has_workers(n)).unwrap_or(0);
+        let serving = (0..used_nodes)
+            .map(|n| if has_workers(n) { n } else { first })
+            .collect();
         Pool {
             shared,
             handles,
             dispatch: Mutex::new(()),
             placement,
             num_nodes: used_nodes,
+            serving,
             pinned: pin,
         }
     }
@@ -239,6 +255,11 @@ impl Pool {
     /// NUMA node index of worker `tid`.
     pub fn node_of(&self, tid: usize) -> usize {
         self.placement[tid].1
+    }
+    /// The node whose workers run work placed on `node` (below `num_nodes`): `node` itself if it
+    /// has workers, else the first node that has some.
+    pub fn serving_node(&self, node: usize) -> usize {
+        self.serving[node]
     }
     pub fn placement(&self) -> &[(usize, usize)] {
         &self.placement
@@ -303,9 +324,11 @@ impl Pool {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(256) && start.elapsed() > s.spin {
                 let mut g = s.done_lock.lock().unwrap();
-                while s.remaining.load(Ordering::Acquire) != 0 {
+                s.caller_waits.store(true, Ordering::SeqCst);
+                while s.remaining.load(Ordering::SeqCst) != 0 {
                     g = s.done.wait(g).unwrap();
                 }
+                s.caller_waits.store(false, Ordering::Relaxed);
                 break;
             }
             std::hint::spin_loop();
@@ -541,6 +564,22 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_that_stops_spinning_is_woken() {
+        // No spin time: the caller waits on the condition variable for the slow worker.
+        let pool = Pool::with_spin(3, &Topology::detect(), false, Duration::ZERO);
+        let n = AtomicUsize::new(0);
+        for i in 0..50 {
+            pool.run(&|tid| {
+                if tid == 1 + i % 2 {
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(n.load(Ordering::Relaxed), 150);
+    }
+
+    #[test]
     fn worker_panic_reaches_caller_and_pool_survives() {
         let pool = Pool::new(2, &Topology::detect(), false);
         let r = catch_unwind(AssertUnwindSafe(|| {
@@ -565,6 +604,18 @@ mod tests {
             }
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn work_of_a_node_without_workers_goes_to_the_first_node_with_some() {
+        let topo = Topology {
+            cores: vec![(0, 1), (1, 2)],
+            num_nodes: 3,
+        };
+        let pool = Pool::new(2, &topo, false);
+        assert_eq!(pool.num_nodes(), 3);
+        let serving: Vec<usize> = (0..3).map(|n| pool.serving_node(n)).collect();
+        assert_eq!(serving, vec![1, 1, 2]);
     }
 
     #[test]

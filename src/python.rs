@@ -620,42 +620,45 @@ impl<'py> DecodeLinkArgs<'py> {
 }
 
 fn ids_2d(obj: &Bound<'_, PyAny>, m: usize, num_experts: usize) -> PyResult<(Vec<usize>, usize)> {
-    let (vals, shape): (Vec<i64>, Vec<usize>) = if let Ok(a) = obj.cast::<PyArray2<i64>>() {
+    if let Ok(a) = obj.cast::<PyArray2<i64>>() {
         let r = a.readonly();
-        (contiguous(&r, "expert_ids")?.to_vec(), r.shape().to_vec())
+        checked_ids(contiguous(&r, "expert_ids")?, r.shape(), m, num_experts)
     } else if let Ok(a) = obj.cast::<PyArray2<i32>>() {
         let r = a.readonly();
-        (
-            contiguous(&r, "expert_ids")?
-                .iter()
-                .map(|&v| v as i64)
-                .collect(),
-            r.shape().to_vec(),
-        )
+        checked_ids(contiguous(&r, "expert_ids")?, r.shape(), m, num_experts)
     } else {
-        return Err(PyTypeError::new_err(
+        Err(PyTypeError::new_err(
             "expert_ids must be a 2-D numpy int64 or int32 array [M, k]",
-        ));
-    };
+        ))
+    }
+}
+
+/// The ids of an [M, k] array (`shape`) as expert indices (-1: SKIP), with k, checked.
+fn checked_ids<T: Copy + Into<i64>>(
+    vals: &[T],
+    shape: &[usize],
+    m: usize,
+    num_experts: usize,
+) -> PyResult<(Vec<usize>, usize)> {
     if shape[0] != m || shape[1] == 0 {
         return Err(PyValueError::new_err(format!(
             "expert_ids must have shape [M={m}, k >= 1], got {shape:?}"
         )));
     }
-    let mut out = Vec::with_capacity(vals.len());
-    for v in vals {
-        if v == -1 {
-            out.push(SKIP);
-            continue;
-        }
-        if v < 0 || v as usize >= num_experts {
-            return Err(PyValueError::new_err(format!(
-                "expert id {v} out of range [0, {num_experts}) (-1 skips a pair)"
-            )));
-        }
-        out.push(v as usize);
+    let mut ids = Vec::with_capacity(vals.len());
+    for &v in vals {
+        let v: i64 = v.into();
+        ids.push(match v {
+            -1 => SKIP,
+            0.. if (v as usize) < num_experts => v as usize,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "expert id {v} out of range [0, {num_experts}) (-1 skips a pair)"
+                )))
+            }
+        });
     }
-    Ok((out, shape[1]))
+    Ok((ids, shape[1]))
 }
 
 #[pymethods]
@@ -822,10 +825,13 @@ impl PyExpertStore {
         let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
         let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
         let (p, sp) = (pool::global(), path()?);
-        let y = py
-            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws, act_int8))
+        let y = PyArray2::<f32>::zeros(py, [inp.m, h], false);
+        // SAFETY: `y` was created just above, C-contiguous, and nothing else refers to its data
+        // until it is returned.
+        let out = unsafe { y.as_slice_mut() }.expect("a new array is contiguous");
+        py.detach(|| s.forward_add(&p, sp, layer, xs, &inp.ids, ws, act_int8, out))
             .map_err(verr)?;
-        to_2d(py, y, inp.m, h)
+        Ok(y)
     }
 
     /// Answer one decode step's handshakes with a GPU step graph (see `decode_link`): for each MoE layer
@@ -984,10 +990,13 @@ impl PyGgufExpertStore {
         let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
         let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
         let (p, sp) = (pool::global(), path()?);
-        let y = py
-            .detach(|| s.forward(&p, sp, layer, xs, &inp.ids, ws, act_int8))
+        let y = PyArray2::<f32>::zeros(py, [inp.m, h], false);
+        // SAFETY: `y` was created just above, C-contiguous, and nothing else refers to its data
+        // until it is returned.
+        let out = unsafe { y.as_slice_mut() }.expect("a new array is contiguous");
+        py.detach(|| s.forward_add(&p, sp, layer, xs, &inp.ids, ws, act_int8, out))
             .map_err(verr)?;
-        to_2d(py, y, inp.m, h)
+        Ok(y)
     }
 
     /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).

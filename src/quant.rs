@@ -231,6 +231,7 @@ pub fn dequantize(m: &MatRef) -> Vec<f32> {
 /// per-group INT8 quantisation (unit * 254 = max|x| / 127); `lo` quantises its rounding error, so
 /// the pair carries ~16 bits and the kernels' error stays ~1e-5 of the output instead of ~1e-2.
 /// Kernels do one integer dot product per term and combine them as 254 * dot(hi) + dot(lo).
+#[derive(Default)]
 pub struct QuantActs {
     pub k: usize,
     pub group: usize,
@@ -259,15 +260,20 @@ pub const HI_WEIGHT: i32 = 254;
 
 impl QuantActs {
     pub fn new(tokens: usize, k: usize, group: usize) -> QuantActs {
+        let mut a = QuantActs::default();
+        a.reshape(tokens, k, group);
+        a
+    }
+    /// Make room for `tokens` tokens of `k` values in groups of `group`, keeping the buffers (no
+    /// allocation once they are large enough, no zeroing but of new room): a token not set since
+    /// holds stale values.
+    pub fn reshape(&mut self, tokens: usize, k: usize, group: usize) {
         let g = k / group;
-        QuantActs {
-            k,
-            group,
-            hi: vec![0; tokens * k],
-            lo: vec![0; tokens * k],
-            scales: vec![0.0; tokens * g],
-            scaled_sums: vec![0.0; tokens * g],
-        }
+        (self.k, self.group) = (k, group);
+        self.hi.resize(tokens * k, 0);
+        self.lo.resize(tokens * k, 0);
+        self.scales.resize(tokens * g, 0.0);
+        self.scaled_sums.resize(tokens * g, 0.0);
     }
     pub fn tokens(&self) -> usize {
         self.hi.len() / self.k

@@ -336,12 +336,30 @@ impl ExpertStore {
         weights: &[f32],
         act_int8: bool,
     ) -> Result<Vec<f32>, String> {
+        let mut y = vec![0f32; x.len()];
+        self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
+        Ok(y)
+    }
+
+    /// `forward` adding y to `out` ([M, H]) instead of returning it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add(
+        &self,
+        pool: &Pool,
+        path: SimdPath,
+        layer: usize,
+        x: &[f32],
+        ids: &[usize],
+        weights: &[f32],
+        act_int8: bool,
+        out: &mut [f32],
+    ) -> Result<(), String> {
         self.check(layer, 0)?;
         let h = self.layout.hidden;
-        check_forward_args(h, self.num_experts, x, ids, weights)?;
+        check_forward_args(h, self.num_experts, x, ids, weights, out)?;
         let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
         let numa = self.policy == NumaPolicy::Auto && self.num_nodes > 1;
-        Ok(moe_forward(
+        moe_forward(
             pool,
             path,
             &get,
@@ -352,18 +370,21 @@ impl ExpertStore {
             weights,
             act_int8,
             numa,
-        ))
+            out,
+        );
+        Ok(())
     }
 }
 
 /// The argument checks every expert store's `forward` makes: x [M, h] with M >= 1, ids and
-/// weights [M, k], every id below `num_experts` or SKIP.
+/// weights [M, k], every id below `num_experts` or SKIP, the output as long as x.
 pub fn check_forward_args(
     h: usize,
     num_experts: usize,
     x: &[f32],
     ids: &[usize],
     weights: &[f32],
+    out: &[f32],
 ) -> Result<(), String> {
     if let Some(bad) = ids.iter().find(|&&e| e >= num_experts && e != SKIP) {
         return Err(format!(
@@ -376,6 +397,9 @@ pub fn check_forward_args(
     let m = x.len() / h;
     if ids.len() != weights.len() || ids.is_empty() || !ids.len().is_multiple_of(m) {
         return Err(format!("expert_ids and weights must both be [M={m}, k]"));
+    }
+    if out.len() != x.len() {
+        return Err(format!("the output must be [M={m}, {h}] like x"));
     }
     Ok(())
 }

@@ -32,11 +32,12 @@ pub const PREFETCH_BYTES: usize = 4096;
 /// every token block passes over it, large enough to amortise the call.
 pub const ROW_TILE: usize = 16;
 
-/// `rows` cut into consecutive tiles of at most `ROW_TILE` rows.
-pub fn row_tiles(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+/// `rows` cut into consecutive tiles of at most `tile` rows (`ROW_TILE` but where the token blocks
+/// are narrower than MAX_TOKENS).
+pub fn row_tiles(rows: Range<usize>, tile: usize) -> impl Iterator<Item = Range<usize>> {
     rows.clone()
-        .step_by(ROW_TILE)
-        .map(move |s| s..(s + ROW_TILE).min(rows.end))
+        .step_by(tile)
+        .map(move |s| s..(s + tile).min(rows.end))
 }
 
 fn check_int(m: &MatRef, r: &Range<usize>, acts: &[ActRef], out: &[f32]) {
