@@ -167,8 +167,9 @@ def test_decode_with_any_hot_cache_size_matches_the_cpu_path(hybrid, tiny_checkp
 @pytest.mark.parametrize("mode", ["gpu", "hybrid", "auto"])
 def test_experts_streamed_to_the_gpu_in_decode_give_what_the_cpu_path_scores_best(hybrid, tiny_checkpoint, cpu_logits,
                                                                                   name, mode, monkeypatch):
-    # auto counts only one-token forwards less than MAX_STEP_SECONDS apart as steps; interpreted steps on a busy
-    # machine can take longer
+    # auto's trials are judged by wall time, which a busy machine makes noisy: here every share is tried (a share
+    # is not given up for being slower) and every step counts (interpreted steps can take over MAX_STEP_SECONDS)
+    monkeypatch.setattr("krasis.engine.decode_modes.GIVE_UP", float("inf"))
     monkeypatch.setattr("krasis.engine.hybrid_moe.MAX_STEP_SECONDS", 60.0)
     ids = random_prompt(20, seed=3)
     llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3, decode_mode=mode)
