@@ -436,7 +436,9 @@ def test_prefetched_experts_run_on_the_gpu_and_leave_the_logits_as_they_were(hyb
     tokens, k = random_prompt(8, seed=24), llm.spec.moe.router.top_k
     plain, _ = _graph_steps_with_prefetch(llm, tokens, 0)
     got, counted = _graph_steps_with_prefetch(llm, tokens, k)
-    assert counted["prefetched_experts"] == k * (len(llm.runtime.host) - 1) * len(tokens)
+    # every MoE layer after the first fills min(k, its experts left to the CPU) staging slots
+    left = (llm.runtime._not_cpu[1:] < 0).sum(axis=1)
+    assert counted["prefetched_experts"] == np.minimum(k, left).sum() * len(tokens) > 0
     assert counted["routed_calls_prefetched"] > 0  # the next layer's router on this layer's state often guesses right
     if mode == "cpu":  # every routed call was resident, prefetched or the CPU's: none left unaccounted for
         assert counted["routed_calls_streamed"] == 0

@@ -164,6 +164,9 @@ class LLM:
         self._kv: KVCache | None = None  # the one fixed cache that decode graphs captured (see new_cache)
         self._graphs = None
         self.last_cached_tokens = 0
+        if self.runtime is None and prefetch_experts:
+            log.warning("prefetch_experts=%d is ignored: prefetch belongs to the GPU engine (device='cuda' with "
+                        "quantised experts)", prefetch_experts)
         if self.runtime is not None:
             if self.device.type == "cuda":
                 self._start_decode_graphs(cuda_graphs)

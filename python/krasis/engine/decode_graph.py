@@ -132,6 +132,8 @@ class DecodeGraphs:
         """Why this model's decode steps cannot prefetch experts (None when they can)."""
         if self.link is None:
             return "the model has no MoE layer with experts outside VRAM"
+        if not self.one_graph:
+            return "decode steps replay each layer's graphs (one_graph off)"
         router = self.f.spec.moe.router
         if not all(fusable(router, layer.mlp["router"]) for layer in self.f.w.layers if layer.experts is not None):
             return "group-limited routing is not predicted"
@@ -140,13 +142,14 @@ class DecodeGraphs:
     def _prefetcher(self) -> Prefetcher | None:
         """The prefetch the runtime asks for (``HybridExperts.prefetch``), or None when off or unsupported."""
         rt = self.rt
-        if not rt.prefetch or self.prefetch_unsupported() is not None:
+        # with every non-resident expert read over PCIe (gpu_share 1) nothing is left to predict
+        if not rt.prefetch or rt.gpu_share >= 1 or self.prefetch_unsupported() is not None:
             return None
         key = rt.prefetch, rt.prefetch_invert
         if key not in self._prefetchers:
             routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
                        if layer.experts is not None]
-            self._prefetchers[key] = Prefetcher(rt, rt.prefetch, routers, self.f.spec.moe.router,
+            self._prefetchers[key] = Prefetcher(rt, rt.prefetch, self.link.slots, routers, self.f.spec.moe.router,
                                                 invert=rt.prefetch_invert)
         return self._prefetchers[key]
 
@@ -234,9 +237,9 @@ class DecodeGraphs:
             self._attend(index, bucket, claims=pf.claims(j) if pf is not None and moe else None)
             if not moe:
                 continue
-            if pf is not None:
-                pf.predict(j, b.h)
             self.link.hand_over()
+            if pf is not None:  # after the host's signal, so nothing on the side competes with its start
+                pf.predict(j, b.h)
             self._experts(index, pcie)
             if pf is not None:
                 pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
@@ -254,9 +257,9 @@ class DecodeGraphs:
         b.logits.copy_(logits)
 
     # -- capture and replay -------------------------------------------------------------------------------------
-    def _capture(self, work: Callable[[], None], linked: bool = False, prefetched: int = 0) -> _Replay:
+    def _capture(self, work: Callable[[], None], linked: bool = False, prefetch: int = 0) -> _Replay:
         """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``), whose
-        rows carry claims when the step ``prefetched`` experts."""
+        rows carry claims when the step prefetches (``prefetch`` experts a layer)."""
         if not self.capturing:
             return _Eager(work)
         # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS
@@ -264,7 +267,7 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if linked:  # the host answers from another thread: an eager run may wait for the GPU on the way
-                self.link.run(work, threaded=True, count=False, prefetched=prefetched)
+                self.link.run(work, threaded=True, count=False, prefetch=prefetch)
             else:
                 work()
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -290,7 +293,7 @@ class DecodeGraphs:
     def _capture_step(self, bucket: int, pcie: bool, pf: Prefetcher | None) -> None:
         key = bucket, pcie, (pf.count, pf.invert) if pf is not None else None
         self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf), linked=True,
-                                         prefetched=pf.per_step if pf is not None else 0)
+                                         prefetch=pf.count if pf is not None else 0)
         log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
                  "through mapped memory%s%s)", bucket, ", some experts read over PCIe" if pcie else "",
                  f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "")
@@ -318,11 +321,13 @@ class DecodeGraphs:
             pf = self._prefetcher()
             # a step that reads no expert over PCIe leaves its kernels out
             key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None
+            if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
+                rt.streamer.loaded[0] = None
             if key not in self._steps:
                 self._capture_step(bucket, key[1], pf)  # its warm-up run writes the buffers: the input is set after
             self._set_input(token)
             self.link.run(self._steps[key].replay, threaded=not self.capturing,
-                          prefetched=pf.per_step if pf is not None else 0)
+                          prefetch=pf.count if pf is not None else 0)
         else:
             if bucket not in self._graphs:
                 self._capture_bucket(bucket)

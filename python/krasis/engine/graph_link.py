@@ -45,29 +45,29 @@ class HostLink:
         out.copy_(self.rt.cpu_out_row, non_blocking=True)
 
     # -- on the host ---------------------------------------------------------------------------------------------
-    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetched: int = 0) -> None:
+    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0) -> None:
         """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
         when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
         the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed;
-        ``prefetched``: the experts the step prefetches (its staged rows then carry claims)."""
+        ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry claims)."""
         try:
             if threaded:
-                self._serve_beside(work, count, prefetched)
+                self._serve_beside(work, count, prefetch)
             else:
                 work()
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetched)
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
         except BaseException:
             self._abort()
             raise
         self.check()
 
-    def _serve_beside(self, work: Callable[[], None], count: bool, prefetched: int) -> None:
+    def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""
         errors: list[BaseException] = []
 
         def serve() -> None:
             try:
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetched)
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
                 self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever

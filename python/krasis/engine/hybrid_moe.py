@@ -125,8 +125,6 @@ class HybridExperts:
             self._refresh_split()
             if self.gpu_share > 0:  # a one-graph step may stage experts in the second prefill buffer
                 self.streamer.loaded[1] = None
-            if self.prefetch:  # and prefetched ones in the first
-                self.streamer.loaded[0] = None
         if self.streaming:
             # decode may have used the buffers for streamed or prefetched experts: their copies wait for that work
             for released in self.streamer.released:
@@ -274,16 +272,16 @@ class HybridExperts:
         return self._y[:1]
 
     def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True,
-                         prefetched: int = 0) -> None:
+                         prefetch: int = 0) -> None:
         """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
         each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident, read over PCIe nor
         claimed by a prefetch on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with
         ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the
-        host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetched``: the
-        staging slots the step's prefetch fills (its rows then carry claims; 0: no prefetch)."""
+        host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetch``: the
+        experts a layer the step prefetches for the next (its rows then carry claims; 0: no prefetch)."""
         cpu_pairs, claimed, cpu_seconds, wait_seconds = self.store.serve_decode_graph(
             self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT,
-            claims=prefetched > 0)
+            claims=prefetch > 0)
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
@@ -295,7 +293,8 @@ class HybridExperts:
         c["routed_calls_on_gpu"] += hits
         c["routed_calls_streamed"] += streamed
         c["decode_bytes_streamed"] += streamed * (self.host[0].nbytes // self.host[0].num_experts)
-        c["prefetched_experts"] += prefetched
+        # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
+        c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
         c["routed_calls_prefetched"] += claimed
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds

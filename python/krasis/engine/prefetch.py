@@ -7,10 +7,12 @@ j's CPU experts and PCIe would otherwise idle. Layer j+1's routing marks its pai
 the hot cache's experts. Two sets of slots and maps alternate between layers, so layer j+1's copy never
 overwrites what layer j reads.
 
-Stream order inside the graph: the side stream forks from the main stream after layer j's routing; the main
-stream waits for the prediction (``predicted``) before layer j+1 overwrites the hidden state it reads and stages
-the claims, and for the copy (``copied``) only where layer j+1's claimed experts run, after the host has its
-inputs: a late copy delays the GPU's expert work, never the host's.
+Stream order inside the graph: the side stream forks from the main stream once layer j's inputs are handed to the
+host; the main stream waits for the prediction (``predicted``) before layer j+1 overwrites the hidden state it
+reads and stages the claims, and for the copy (``copied``) where layer j+1's claimed experts run, after the host
+has its inputs. A copy that outlasts the host's work on layer j+1 delays the GPU's answer-wait of that layer and
+so the next layer: N must be small enough for N experts to cross PCIe within a layer. The copy reads host DRAM,
+which the CPU experts read at the same time: a wrong guess costs PCIe time and some of the CPU's bandwidth.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from .hybrid_moe import HybridExperts
 
 class Prefetcher:
     """The staging slots, maps, side stream and events of prefetching ``count`` experts per MoE layer.
-    ``routers`` holds each MoE layer's (router weight [E, H], correction bias or None), in slot order."""
+    ``slots`` are the MoE layers' slots in the runtime and ``routers`` their (router weight [E, H], correction
+    bias or None), both in layer order."""
 
-    def __init__(self, runtime: HybridExperts, count: int, routers: list[tuple[torch.Tensor, torch.Tensor | None]],
-                 spec: RouterSpec, invert: bool = False):
-        self.rt, self.count, self.routers, self.spec, self.invert = runtime, count, routers, spec, invert
+    def __init__(self, runtime: HybridExperts, count: int, slots: list[int],
+                 routers: list[tuple[torch.Tensor, torch.Tensor | None]], spec: RouterSpec, invert: bool = False):
+        self.rt, self.count, self.slots, self.routers = runtime, count, slots, routers
+        self.spec, self.invert = spec, invert
         device = runtime.device
         experts = runtime.host[0].num_experts
         # the first prefill buffer, idle in decode (HybridExperts.begin_forward marks it reloaded)
@@ -47,11 +51,6 @@ class Prefetcher:
         self.predicted = [new_event(device), new_event(device)]
         self.copied = [new_event(device), new_event(device)]
 
-    @property
-    def per_step(self) -> int:
-        """Staging slots filled per decode step (every MoE layer after the first)."""
-        return self.count * (len(self.routers) - 1)
-
     def claims(self, j: int) -> torch.Tensor:
         """Expert -> staging slot (int32 [E], -1 where none) of MoE layer ``j``."""
         return self.maps[j % 2]
@@ -63,7 +62,7 @@ class Prefetcher:
     def before_layer(self, j: int) -> None:
         """Before the work that leads to MoE layer ``j``'s routing: its prediction must be done (it reads the
         hidden state that work overwrites, and writes the claims the routing stages)."""
-        if j > 0:
+        if 0 < j < len(self.routers):  # (dense layers after the last MoE layer have nothing to wait for)
             wait_event(current_stream(self.rt.device), self.predicted[j % 2])
 
     def predict(self, j: int, h: torch.Tensor) -> None:
@@ -72,15 +71,15 @@ class Prefetcher:
         nxt = j + 1
         if nxt >= len(self.routers):
             return
-        rt, p = self.rt, nxt % 2
+        rt, p, slot = self.rt, nxt % 2, self.slots[nxt]
         if self.stream is not None:
             self.stream.wait_stream(current_stream(rt.device))
         router, bias = self.routers[nxt]
         with on_stream(self.stream):
-            predict_experts(h, router, self.spec, bias, rt.hcs.table[nxt], rt.pcie_map[nxt], self.logits,
+            predict_experts(h, router, self.spec, bias, rt.hcs.table[slot], rt.pcie_map[slot], self.logits,
                             self.ids[p], self.maps[p], invert=self.invert)
             self.predicted[p].record(self.stream)
-            copy_predicted(rt.host[nxt], self.ids[p], self.staging[p])
+            copy_predicted(rt.host[slot], self.ids[p], self.staging[p])
             self.copied[p].record(self.stream)
 
     def run_claimed(self, j: int, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

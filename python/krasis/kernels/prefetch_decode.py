@@ -4,9 +4,9 @@ While the CPU computes layer L's experts, PCIe is idle. ``predict_experts`` appl
 L's normed hidden state (the residual stream changes little from one layer to the next, so its top experts are
 a good guess) and picks the ``count`` best that layer L+1 would otherwise send to the CPU (neither resident in
 the hot cache nor read over PCIe by the decode mode); ``copy_predicted`` copies them from pinned host memory into
-VRAM staging slots with a few programs (so the copy, on a side stream, leaves the multiprocessors to the
-step's own kernels). At layer L+1 the routed experts found in the staging slots run on the GPU and the host
-skips them; a wrong guess costs PCIe time and nothing else.
+VRAM staging slots with a bounded number of programs (COPY_PROGRAMS), on a side stream beside the step's own
+kernels. At layer L+1 the routed experts found in the staging slots run on the GPU and the host
+skips them; a wrong guess changes no result and costs the copy's PCIe time and host DRAM reads.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from .route_decode import _logits_kernel
 
 PARTS = ("w13", "s13", "w2", "s2")
 COPY_BLOCK = 4096  # int32 words a program moves per iteration (16 KiB)
-COPY_PROGRAMS = 16  # programs copying at once: enough reads in flight for PCIe, most SMs left free
+# Programs copying at once. Loads from pinned host memory are slow (the gather kernel's measured ~21 GB/s, against
+# the copy engine's ~55): many in flight are needed, while the step's own small kernels need SMs too; each
+# program shares its SM with them. Not yet tuned on a GPU.
+COPY_PROGRAMS = 64
 
 
 @triton.jit
