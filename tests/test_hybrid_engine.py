@@ -292,6 +292,20 @@ def test_hot_cache_decay_lets_recent_routing_outweigh_old():
     assert torch.equal(cache.experts.w13[0], cache.host[0].w13[3])
 
 
+def test_hot_cache_keeps_a_recency_tail_for_experts_just_routed():
+    from krasis.engine.hot_cache import RECENT_SHARE, HotExpertCache
+
+    cache = HotExpertCache(_random_host_experts(layers=2, experts=16), 16, torch.device("cpu"))
+    assert int(16 * RECENT_SHARE) == 1  # one slot of the tail
+    cache.record_step([0], np.array([list(range(16)) * 4]))  # layer 0's experts: 4 calls each
+    cache.refill()
+    assert sorted(e for _, e in cache.resident) == list(range(16))
+    cache.record_step([1], np.array([[3]]))  # one call of (1, 3), more recent than any other
+    cache.update_between_steps()  # (the decay leaves layer 0's experts far ahead by count)
+    cache.install_copied()
+    assert (1, 3) in cache.resident and sum(r[0] == 0 for r in cache.resident) == 15
+
+
 def test_hot_cache_updates_between_decode_steps_change_no_token(hybrid, tiny_checkpoint, cpu_logits):
     name = "deepseek_v2_lite_like"
     llm = hybrid(tiny_checkpoint(name)[1], hcs_experts=3)

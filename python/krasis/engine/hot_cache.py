@@ -21,6 +21,9 @@ REFILL_MIN_CHANGE = 0.05
 UPDATE_EVERY = 64
 UPDATE_DECAY = 0.9
 UPDATE_SWAPS = 8
+# The recency tail: this share of the slots goes to the most recently routed experts outside the hottest
+# (routing follows the text, so an expert just used is likely again soon, before its count shows it).
+RECENT_SHARE = 1 / 16
 
 
 class HotExpertCache:
@@ -36,6 +39,8 @@ class HotExpertCache:
         self.table = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=device)
         self.resident: list[tuple[int, int] | None] = [None] * self.slots
         self.counts = np.zeros((self.num_layers, self.num_experts), dtype=np.float64)
+        # the decode call count (``decode_calls``) at each (layer, expert)'s last routing; -1: never in decode
+        self.last_used = np.full((self.num_layers, self.num_experts), -1, dtype=np.int64)
         self._gpu_counts = torch.zeros((self.num_layers, self.num_experts), dtype=torch.float64, device=device)
         self.decode_calls = 0
         self.decode_hits = 0
@@ -57,6 +62,7 @@ class HotExpertCache:
         np.add.at(self.counts, (rows, ids.ravel()), 1.0)
         hits = int((self.table_host[rows, ids.ravel()] >= 0).sum())
         self.decode_calls += ids.size
+        self.last_used[rows, ids.ravel()] = self.decode_calls
         self.decode_hits += hits
         return hits
 
@@ -83,12 +89,24 @@ class HotExpertCache:
     def reset_coverage(self) -> None:
         self.decode_calls = self.decode_hits = 0
 
+    def wanted(self, counts: np.ndarray) -> np.ndarray:
+        """The flat (layer * E + expert) indices that should be resident: the most used by ``counts``, hottest
+        first, then the recency tail (RECENT_SHARE of the slots): the most recently routed in decode of the rest,
+        the more used first among equals."""
+        order = np.argsort(-counts, axis=None, kind="stable")
+        tail = int(self.slots * RECENT_SHARE)
+        head = order[: self.slots - tail]
+        if not tail:
+            return head
+        rest = order[self.slots - tail:]
+        recent = rest[np.argsort(-self.last_used.ravel()[rest], kind="stable")[:tail]]
+        return np.concatenate([head, recent])
+
     def _plan(self, counts: np.ndarray, max_swaps: int | None) -> list[tuple[int, tuple[int, int]]]:
-        """(slot, newcomer) pairs that make the most-used experts resident: free slots first, then the residents no
-        longer wanted, coldest first; with ``max_swaps`` at most that many, the hottest newcomers. Empty after a
-        prompt (no ``max_swaps``) when fewer than REFILL_MIN_CHANGE of the slots would change."""
-        flat = np.argsort(-counts, axis=None, kind="stable")[: self.slots]
-        wanted = [(int(i) // self.num_experts, int(i) % self.num_experts) for i in flat]  # hottest first
+        """(slot, newcomer) pairs that make the wanted experts resident: free slots first, then the residents no
+        longer wanted, coldest first; with ``max_swaps`` at most that many newcomers, in ``wanted``'s order. Empty
+        after a prompt (no ``max_swaps``) when fewer than REFILL_MIN_CHANGE of the slots would change."""
+        wanted = [(int(i) // self.num_experts, int(i) % self.num_experts) for i in self.wanted(counts)]
         wanted_set = set(wanted)
         current = {r for r in self.resident if r is not None}
         incoming = [w for w in wanted if w not in current]
