@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="decode steps traced")
     p.add_argument("--mode", default="cpu", help="decode mode (cpu, gpu, hybrid, auto)")
     p.add_argument("--no-hcs", action="store_true", help="no hot-expert cache (every routed expert on the CPU)")
+    p.add_argument("--prefetch", type=int, default=0, help="experts of each next MoE layer prefetched (0: off)")
     p.add_argument("--trace", type=Path, default=None, help="keep the Chrome trace here")
     args = p.parse_args()
 
@@ -109,6 +110,7 @@ def main() -> None:
     llm.eos_token_ids = set()
     os.sync()
     llm.set_decode_mode(args.mode)
+    llm.set_prefetch(args.prefetch)
     vocab = llm.spec.vocab_size
     llm.generate(random_prompt(args.prompt_tokens, vocab, 7), max_new_tokens=16)  # graphs captured
     stream = llm.stream(random_prompt(args.prompt_tokens, vocab, 8), max_new_tokens=args.steps + 4)
@@ -124,8 +126,16 @@ def main() -> None:
     trace = args.trace or Path(tempfile.mkdtemp()) / "decode_trace.json"
     prof.export_chrome_trace(str(trace))
     events = gpu_events(trace)
-    names = [e["name"] for e in events]
     waits = [e for e in events if WAIT in e["name"]]
+    if waits and "stream" in waits[0].get("args", {}):
+        # the step's own stream (a prefetch's side stream runs beside it and is not what the host waits for)
+        main = waits[0]["args"]["stream"]
+        side = [e for e in events if e.get("args", {}).get("stream") != main]
+        events = [e for e in events if e.get("args", {}).get("stream") == main]
+        if side:
+            print(f"{len(side)} GPU activities on other streams (prefetch copies, ...) left out of the stretches: "
+                  f"{sum(float(e['dur']) for e in side) / len(side):.1f} µs each on average")
+    names = [e["name"] for e in events]
     print(f"traced {args.steps} decode steps: {len(events)} GPU activities, {len(waits)} wait kernels, "
           f"{sum(SIGNAL in n for n in names)} signal kernels (trace: {trace})")
     if not waits:
