@@ -7,7 +7,7 @@
 
 use crate::ggml_quants::{GgmlType, GgufMatRef};
 use crate::kernels::WeightRef;
-use crate::moe::{moe_forward, ExpertRef};
+use crate::moe::{moe_forward, ExpertRef, RoutedExperts};
 use crate::pool::Pool;
 use crate::simd::SimdPath;
 use crate::store::{check_expert_index, check_forward_args};
@@ -180,30 +180,13 @@ impl GgufExpertStore {
             })
             .sum()
     }
+}
 
-    /// Routed-expert forward for one layer: x [M, H], ids/weights [M, k] -> y [M, H] (the blocks
-    /// are read as stored). `act_int8`: activations quantised per token to INT8 in groups of 32
-    /// and integer dot products for the types that have them (`GgmlType::has_int_kernel`); else
-    /// f32 activations throughout.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        pool: &Pool,
-        path: SimdPath,
-        layer: usize,
-        x: &[f32],
-        ids: &[usize],
-        weights: &[f32],
-        act_int8: bool,
-    ) -> Result<Vec<f32>, String> {
-        let mut y = vec![0f32; x.len()];
-        self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
-        Ok(y)
-    }
-
-    /// `forward` adding y to `out` ([M, H]) instead of returning it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_add(
+impl RoutedExperts for GgufExpertStore {
+    /// The blocks are read as stored. `act_int8`: activations quantised per token to INT8 in groups
+    /// of 32 and integer dot products for the types that have them (`GgmlType::has_int_kernel`);
+    /// else f32 activations throughout.
+    fn forward_add(
         &self,
         pool: &Pool,
         path: SimdPath,

@@ -101,6 +101,41 @@ fn silu(v: f32) -> f32 {
 /// Marks a (token, expert) pair that this call skips (computed elsewhere, e.g. on the GPU).
 pub const SKIP: usize = usize::MAX;
 
+/// A store of routed experts whose layers `moe_forward` runs (Krasis INT4/INT8, GGUF blocks).
+pub trait RoutedExperts {
+    /// The routed-expert forward of `layer`, adding y to `out` ([M, H]): x [M, H], ids and
+    /// weights [M, k] (ids SKIP where a pair is skipped).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_add(
+        &self,
+        pool: &Pool,
+        path: SimdPath,
+        layer: usize,
+        x: &[f32],
+        ids: &[usize],
+        weights: &[f32],
+        act_int8: bool,
+        out: &mut [f32],
+    ) -> Result<(), String>;
+
+    /// The routed-expert forward of `layer`: x [M, H], ids/weights [M, k] -> y [M, H].
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        pool: &Pool,
+        path: SimdPath,
+        layer: usize,
+        x: &[f32],
+        ids: &[usize],
+        weights: &[f32],
+        act_int8: bool,
+    ) -> Result<Vec<f32>, String> {
+        let mut y = vec![0f32; x.len()];
+        self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
+        Ok(y)
+    }
+}
+
 /// An expert id without a slot in `Scratch::slot_of`.
 const NO_SLOT: usize = usize::MAX;
 

@@ -4,7 +4,7 @@ use crate::ggml_quants::{dequantize as dequantize_gguf_mat, GgmlType, GgufMatRef
 use crate::gguf_store::{GgufExpertStore, GgufTensor};
 use crate::kernels::WeightRef;
 use crate::matmul::{matmul, matmul_weight, QuantMatrix, WeightSrc};
-use crate::moe::SKIP;
+use crate::moe::{RoutedExperts, SKIP};
 use crate::numa::NumaPolicy;
 use crate::pool;
 use crate::quant::{dequantize as dequantize_mat, MatLayout, MatRef};

@@ -8,7 +8,7 @@
 
 use crate::kernels::WeightRef;
 use crate::matmul::{quantize_parallel, WeightSrc};
-use crate::moe::{moe_forward, ExpertRef, SKIP};
+use crate::moe::{moe_forward, ExpertRef, RoutedExperts, SKIP};
 use crate::numa::{expert_node, mbind, NumaPolicy};
 use crate::pool::Pool;
 use crate::quant::{align_up, MatLayout, MatRef};
@@ -323,27 +323,10 @@ impl ExpertStore {
             .map(|b| (b.as_ptr() as usize, b.len()))
             .collect()
     }
+}
 
-    /// Routed-expert forward for one layer: x [M, H], ids/weights [M, k] -> y [M, H].
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        pool: &Pool,
-        path: SimdPath,
-        layer: usize,
-        x: &[f32],
-        ids: &[usize],
-        weights: &[f32],
-        act_int8: bool,
-    ) -> Result<Vec<f32>, String> {
-        let mut y = vec![0f32; x.len()];
-        self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
-        Ok(y)
-    }
-
-    /// `forward` adding y to `out` ([M, H]) instead of returning it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_add(
+impl RoutedExperts for ExpertStore {
+    fn forward_add(
         &self,
         pool: &Pool,
         path: SimdPath,
