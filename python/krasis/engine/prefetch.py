@@ -38,7 +38,7 @@ class Prefetcher:
         self.spec, self.invert = spec, invert
         device = runtime.device
         experts = runtime.host[0].num_experts
-        # the first prefill buffer, idle in decode (HybridExperts.begin_forward marks it reloaded)
+        # the first prefill buffer, idle in decode (DecodeGraphs.step marks it for a later prefill to reload)
         buffer = runtime.streamer.buffers[0]
         if buffer.num_experts < 2 * count:
             raise ValueError(f"prefetching {count} experts a layer needs {2 * count} staging slots; the prefill "
@@ -66,8 +66,8 @@ class Prefetcher:
             wait_event(current_stream(self.rt.device), self.predicted[j % 2])
 
     def predict(self, j: int, h: torch.Tensor) -> None:
-        """After MoE layer ``j``'s routing (``h`` its normed input [1, H]): on the side stream, predict and copy
-        layer j+1's experts."""
+        """Once MoE layer ``j``'s inputs are handed to the host (``h`` its normed input [1, H]): on the side
+        stream, predict and copy layer j+1's experts."""
         nxt = j + 1
         if nxt >= len(self.routers):
             return
