@@ -48,6 +48,19 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8).view(-1).view(torch.int32)
 
 
+def part_words(src: GPUExperts, dst: GPUExperts) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """For each expert part (PARTS): its words in ``src`` and in ``dst`` and the words of one expert, checked to be
+    contiguous and of the same size per expert in both; for copy kernels that move experts between them."""
+    out = []
+    for p in PARTS:
+        s, d = getattr(src, p), getattr(dst, p)
+        n = s[0].numel() * s.element_size() // 4
+        if not (s.is_contiguous() and d.is_contiguous()) or d[0].numel() * d.element_size() // 4 != n:
+            raise ValueError(f"expert part {p} must be contiguous and alike in src and staging")
+        out.append((_words(s), _words(d), n))
+    return out
+
+
 def gather_experts(src: GPUExperts, expert_map: torch.Tensor, ids: torch.Tensor, staging: GPUExperts,
                    slots: torch.Tensor) -> None:
     """Copy the experts of routed pairs ``ids`` (int [k], one token) that ``expert_map`` (int32 [E]: index in
@@ -56,13 +69,8 @@ def gather_experts(src: GPUExperts, expert_map: torch.Tensor, ids: torch.Tensor,
     k = ids.numel()
     if staging.num_experts < k or slots.numel() != k:
         raise ValueError(f"staging needs >= {k} slots and slots {k} entries")
-    args, longest = [], 0
-    for p in PARTS:
-        s, d = getattr(src, p), getattr(staging, p)
-        n = s[0].numel() * s.element_size() // 4
-        if not (s.is_contiguous() and d.is_contiguous()) or d[0].numel() * d.element_size() // 4 != n:
-            raise ValueError(f"expert part {p} must be contiguous and alike in src and staging")
-        args += [_words(s), _words(d), n]
-        longest = max(longest, n)
+    parts = part_words(src, staging)
+    args = [a for part in parts for a in part]
+    longest = max(n for _, _, n in parts)
     _gather_kernel[(triton.cdiv(longest, BLOCK), k, len(PARTS))](ids.reshape(-1), expert_map, slots, *args,
                                                                   BLOCK=BLOCK, num_warps=8)

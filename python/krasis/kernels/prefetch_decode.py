@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from ..models.spec import RouterSpec
+from .expert_gather import part_words
 from .gpu_layout import GPUExperts
-from .route_decode import _logits_kernel
+from .route_decode import _logits_kernel, scores_and_choice
 
-PARTS = ("w13", "s13", "w2", "s2")
 COPY_BLOCK = 4096  # int32 words a program moves per iteration (16 KiB)
 # Programs copying at once. Loads from pinned host memory are slow (the gather kernel's measured ~21 GB/s, against
 # the copy engine's ~55): many in flight are needed, while the step's own small kernels need SMs too; each
@@ -34,18 +34,12 @@ def _predict_kernel(logits_ptr, bias_ptr, resident_ptr, pcie_ptr, ids_ptr, map_p
     e = tl.arange(0, BLOCK_E)
     e_mask = e < E
     logits = tl.load(logits_ptr + e, mask=e_mask, other=float("-inf"))
-    if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
-    else:
-        p = tl.exp(logits - tl.max(logits, axis=0))
-        scores = p / tl.sum(p, axis=0)
-    if HAS_BIAS:
-        scores = scores + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
+    _, rank = scores_and_choice(logits, bias_ptr, e, e_mask, SIGMOID, HAS_BIAS)  # as the router ranks them
     if INVERT:  # the least likely experts: a prediction that is wrong on purpose (tests, benchmarks)
-        scores = -scores
+        rank = -rank
     resident = tl.load(resident_ptr + e, mask=e_mask, other=-1)
     taken = (resident >= 0) | (tl.load(pcie_ptr + e, mask=e_mask, other=-1) >= 0)
-    choice = tl.where(e_mask & ~taken, scores, float("-inf"))
+    choice = tl.where(e_mask & ~taken, rank, float("-inf"))
     j = tl.arange(0, BLOCK_P)
     picked = tl.full((BLOCK_P,), -1, dtype=tl.int32)
     slot = tl.full((BLOCK_E,), -1, dtype=tl.int32)
@@ -102,21 +96,12 @@ def predict_experts(h: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
                           BLOCK_E=triton.next_power_of_2(e), BLOCK_P=triton.next_power_of_2(count), num_warps=4)
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as int32 words (every expert part is a whole number of them)."""
-    return t.view(torch.uint8).view(-1).view(torch.int32)
-
-
 def copy_predicted(src: GPUExperts, ids: torch.Tensor, staging: GPUExperts) -> None:
     """Copy expert ``ids[j]`` (int64 [count]; -1: none) of ``src`` (one layer's experts, in pinned host memory or
     VRAM) into ``staging`` slot j. No host sync: a CUDA graph may hold it."""
     count = ids.numel()
     if staging.num_experts < count:
         raise ValueError(f"staging holds {staging.num_experts} experts, {count} asked for")
-    for p in PARTS:
-        s, d = getattr(src, p), getattr(staging, p)
-        n = s[0].numel() * s.element_size() // 4
-        if not (s.is_contiguous() and d.is_contiguous()) or d[0].numel() * d.element_size() // 4 != n:
-            raise ValueError(f"expert part {p} must be contiguous and alike in src and staging")
-        _copy_kernel[(COPY_PROGRAMS,)](ids, _words(s), _words(d), n, COUNT=count, PROGRAMS=COPY_PROGRAMS,
-                                       BLOCK=COPY_BLOCK, num_warps=8)
+    for s, d, n in part_words(src, staging):
+        _copy_kernel[(COPY_PROGRAMS,)](ids, s, d, n, COUNT=count, PROGRAMS=COPY_PROGRAMS, BLOCK=COPY_BLOCK,
+                                       num_warps=8)

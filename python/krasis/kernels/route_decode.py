@@ -37,15 +37,10 @@ def _logits_kernel(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_out, 
 
 
 @triton.jit
-def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, claims_ptr, E, H, scaling,
-                   stride_l, stride_x, stride_w, stride_ids, stride_staged,
-                   TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   ROUND: tl.constexpr, CLAIMS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    e_mask = e < E
-    logits = tl.load(logits_ptr + t * stride_l + e, mask=e_mask, other=float("-inf"))
+def scores_and_choice(logits, bias_ptr, e, e_mask, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A router's scores of experts ``e`` from their logits (sigmoid, or softmax over the unmasked ones; 0 where
+    masked) and what it picks its top k by (the scores plus the per-expert correction bias at ``bias_ptr`` where
+    it has one; -inf where masked)."""
     if SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-logits))
     else:
@@ -55,7 +50,20 @@ def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
-    choice = tl.where(e_mask, choice, float("-inf"))
+    return scores, tl.where(e_mask, choice, float("-inf"))
+
+
+@triton.jit
+def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, claims_ptr, E, H, scaling,
+                   stride_l, stride_x, stride_w, stride_ids, stride_staged,
+                   TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   ROUND: tl.constexpr, CLAIMS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    logits = tl.load(logits_ptr + t * stride_l + e, mask=e_mask, other=float("-inf"))
+    scores, choice = scores_and_choice(logits, bias_ptr, e, e_mask, SIGMOID, HAS_BIAS)
     j = tl.arange(0, BLOCK_K)
     picked = tl.zeros((BLOCK_K,), dtype=tl.int32)
     weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
