@@ -119,6 +119,25 @@ class HotExpertCache:
                       key=lambda s: -1.0 if self.resident[s] is None else counts[self.resident[s]])
         return list(zip(free, incoming, strict=False))
 
+    def _evict(self, plan: list[tuple[int, tuple[int, int]]]) -> None:
+        """Take the current residents of the plan's slots out of the host table."""
+        for s, _ in plan:
+            if self.resident[s] is not None:
+                self.table_host[self.resident[s]] = -1
+            self.resident[s] = None
+
+    def _copy_in(self, plan: list[tuple[int, tuple[int, int]]]) -> None:
+        """Queue the copies of the plan's newcomers into their slots on the current stream."""
+        for s, (layer, expert) in plan:
+            copy_experts(slice_experts(self.experts, s, s + 1), slice_experts(self.host[layer], expert, expert + 1))
+
+    def _install(self, plan: list[tuple[int, tuple[int, int]]]) -> None:
+        """Make the plan's newcomers resident in both tables (the GPU's queued on the current stream)."""
+        for s, (layer, expert) in plan:
+            self.resident[s] = (layer, expert)
+            self.table_host[layer, expert] = s
+        self._publish()
+
     def _publish(self) -> None:
         """Queue the host table's copy to the GPU's on the current stream; the resident set has changed."""
         self.table.copy_(torch.from_numpy(self.table_host).to(torch.int32))
@@ -142,14 +161,9 @@ class HotExpertCache:
         plan = self._plan(counts, max_swaps)
         if not plan:
             return 0
-        for s, (layer, expert) in plan:
-            old = self.resident[s]
-            if old is not None:
-                self.table_host[old] = -1
-            copy_experts(slice_experts(self.experts, s, s + 1), slice_experts(self.host[layer], expert, expert + 1))
-            self.resident[s] = (layer, expert)
-            self.table_host[layer, expert] = s
-        self._publish()
+        self._evict(plan)
+        self._copy_in(plan)
+        self._install(plan)
         share = counts[self.table_host >= 0].sum() / counts.sum()
         log.log(logging.INFO if max_swaps is None else logging.DEBUG,
                 "hot-expert cache: %d of %d slots refilled; the resident experts took %.1f%% of the routed calls "
@@ -172,17 +186,13 @@ class HotExpertCache:
         self.updates += 1
         if not plan:
             return 0
-        for s, _ in plan:
-            if self.resident[s] is not None:
-                self.table_host[self.resident[s]] = -1
-            self.resident[s] = None
+        self._evict(plan)
         self._publish()
         stream = self._copy_stream
         if stream is not None:
             stream.wait_stream(current_stream(self.device))
         with on_stream(stream):
-            for s, (layer, expert) in plan:
-                copy_experts(slice_experts(self.experts, s, s + 1), slice_experts(self.host[layer], expert, expert + 1))
+            self._copy_in(plan)
             self._copied.record(stream)
         self._incoming = plan
         self.swaps += len(plan)
@@ -197,9 +207,6 @@ class HotExpertCache:
             self._copied.synchronize()
         elif not self._copied.query():
             return 0
-        for s, (layer, expert) in self._incoming:
-            self.resident[s] = (layer, expert)
-            self.table_host[layer, expert] = s
-        added, self._incoming = len(self._incoming), []
-        self._publish()
-        return added
+        added, self._incoming = self._incoming, []
+        self._install(added)
+        return len(added)

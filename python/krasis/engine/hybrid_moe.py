@@ -293,9 +293,9 @@ class HybridExperts:
         c["routed_calls_on_gpu"] += hits
         c["routed_calls_streamed"] += streamed
         c["decode_bytes_streamed"] += streamed * (self.host[0].nbytes // self.host[0].num_experts)
-        # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
-        c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
-        c["routed_calls_prefetched"] += claimed
+        if prefetch:  # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
+            c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
+            c["routed_calls_prefetched"] += claimed
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds
 
