@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections import defaultdict
@@ -25,9 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
-from gpu_engine import random_prompt  # noqa: E402
-
-import krasis  # noqa: E402
+from gpu_engine import load_decode_bench, random_prompt  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 WAIT, SIGNAL = "_wait_kernel", "_signal_kernel"
@@ -105,10 +102,7 @@ def main() -> None:
     p.add_argument("--trace", type=Path, default=None, help="keep the Chrome trace here")
     args = p.parse_args()
 
-    llm = krasis.LLM(args.model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
-                     vram_budget_mb=args.vram_budget_mb, hcs=not args.no_hcs)
-    llm.eos_token_ids = set()
-    os.sync()
+    llm = load_decode_bench(args.model_dir, args.vram_budget_mb, hcs=not args.no_hcs)
     llm.set_decode_mode(args.mode)
     llm.set_prefetch(args.prefetch)
     vocab = llm.spec.vocab_size

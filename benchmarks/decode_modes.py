@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
 import bounds  # noqa: E402
-from gpu_engine import random_prompt  # noqa: E402
+from gpu_engine import load_decode_bench, random_prompt  # noqa: E402
 
 from krasis import _core  # noqa: E402
 from krasis.engine.decode_modes import DECODE_MODES  # noqa: E402
@@ -131,7 +130,6 @@ def main() -> None:
     p.add_argument("--probe-cpu-store", type=int, default=0, metavar="K",
                    help="also time the CPU store alone with K experts per call, back to back and with gaps")
     args = p.parse_args()
-    import krasis
 
     dram = bounds.dram_read_bandwidth(1 << 30)
     h2d = bounds.h2d_bandwidth(True, 1 << 30)
@@ -140,16 +138,12 @@ def main() -> None:
     dispatch_us = 1e6 * _core.pool_dispatch_overhead(20000)
     print(f"measured: DRAM read {dram:.1f} GB/s, pinned host-to-device {h2d:.1f} GB/s, CPU pool dispatch "
           f"{dispatch_us:.1f} us", flush=True)
-    t0 = time.perf_counter()
-    llm = krasis.LLM(args.model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
-                     vram_budget_mb=args.vram_budget_mb)
-    llm.eos_token_ids = set()
-    print(f"loaded in {time.perf_counter() - t0:.1f} s; hot cache {llm.runtime.hcs.slots} experts", flush=True)
     # A weight cache built by this load (or a model just written) leaves GBs of dirty pages whose write-back
-    # competes for the CPUs and DRAM for a minute or more: let it finish before anything is timed.
+    # competes for the CPUs and DRAM for a minute or more: the load lets it finish before anything is timed.
     t0 = time.perf_counter()
-    os.sync()
-    print(f"page cache written back in {time.perf_counter() - t0:.1f} s", flush=True)
+    llm = load_decode_bench(args.model_dir, args.vram_budget_mb)
+    print(f"loaded, page cache written back, in {time.perf_counter() - t0:.1f} s; hot cache "
+          f"{llm.runtime.hcs.slots} experts", flush=True)
     moe_layers = sum(1 for layer in llm._forward.w.layers if layer.experts is not None)
     if args.probe_cpu_store:
         probe_cpu_store(llm.runtime.store, args.probe_cpu_store, [0, 100, 200, 400])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import sys
 import time
@@ -20,9 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 sys.path.insert(0, str(HERE))
-from gpu_engine import random_prompt  # noqa: E402
+from gpu_engine import load_decode_bench, random_prompt  # noqa: E402
 
-import krasis  # noqa: E402
 import krasis.llm as llm_module  # noqa: E402
 
 
@@ -47,10 +45,7 @@ def main() -> None:
     p.add_argument("--mode", default="cpu", help="decode mode (cpu, gpu, hybrid, auto)")
     args = p.parse_args()
 
-    llm = krasis.LLM(args.model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
-                     vram_budget_mb=args.vram_budget_mb)
-    llm.eos_token_ids = set()
-    os.sync()  # no write-back of a just-built cache while timing
+    llm = load_decode_bench(args.model_dir, args.vram_budget_mb)
     llm.set_decode_mode(args.mode)
     vocab, rt = llm.spec.vocab_size, llm.runtime
     llm.generate(random_prompt(args.prompt_tokens, vocab, 7), max_new_tokens=16)  # graphs captured, cache settled

@@ -164,6 +164,19 @@ def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, max(vocab - 8, 1), (n,), generator=gen).tolist()
 
 
+def load_decode_bench(model_dir: Path, vram_budget_mb: int, **kwargs):
+    """The bench model as the decode benchmarks run it: GPU engine, INT4 experts, BF16 compute, FP8 KV, within
+    ``vram_budget_mb`` (``kwargs`` go to krasis.LLM); EOS never ends a generation (random weights), and the page
+    cache is written back first, so no write-back of a just-built weight cache runs while anything is timed."""
+    import krasis
+
+    llm = krasis.LLM(model_dir, device="cuda", dtype="bfloat16", expert_bits=4, kv_dtype="fp8",
+                     vram_budget_mb=vram_budget_mb, **kwargs)
+    llm.eos_token_ids = set()
+    os.sync()
+    return llm
+
+
 def time_prefill(llm, ids: list[int], device: str, repeats: int) -> dict:
     """Time to first token of ``generate(ids, max_new_tokens=1)``, best of ``repeats``; "OOM" / "too long" on
     failure. With an engine report, also the expert bytes streamed during the best run."""
