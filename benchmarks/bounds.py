@@ -34,7 +34,7 @@ def _need_cuda() -> None:
                     f"torch {torch.__version__}, built with CUDA {torch.version.cuda})")
 
 
-def _median_event_seconds(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+def median_event_seconds(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
     """Median seconds of ``fn`` on the current stream, timed with CUDA events."""
     for _ in range(warmup):
         fn()
@@ -56,7 +56,7 @@ def h2d_bandwidth(pinned: bool = True, nbytes: int = 1 << 30, repeats: int = 7) 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     host.fill_(1)  # touch every page so the first copy does not pay for faulting them in
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    seconds = _median_event_seconds(lambda: dev.copy_(host, non_blocking=pinned), repeats)
+    seconds = median_event_seconds(lambda: dev.copy_(host, non_blocking=pinned), repeats)
     return nbytes / seconds / GB
 
 
@@ -66,7 +66,7 @@ def d2h_bandwidth(pinned: bool = True, nbytes: int = 1 << 30, repeats: int = 7) 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     host.fill_(1)
     dev = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
-    seconds = _median_event_seconds(lambda: host.copy_(dev, non_blocking=pinned), repeats)
+    seconds = median_event_seconds(lambda: host.copy_(dev, non_blocking=pinned), repeats)
     return nbytes / seconds / GB
 
 
@@ -76,7 +76,7 @@ def device_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     _need_cuda()
     src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = _median_event_seconds(lambda: dst.copy_(src), repeats)
+    seconds = median_event_seconds(lambda: dst.copy_(src), repeats)
     return 2 * nbytes / seconds / GB
 
 
@@ -99,7 +99,7 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: i
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     out = torch.empty(n, n, device="cuda", dtype=dtype)
-    seconds = _median_event_seconds(lambda: torch.matmul(a, b, out=out), repeats, warmup=3)
+    seconds = median_event_seconds(lambda: torch.matmul(a, b, out=out), repeats, warmup=3)
     return 2 * n ** 3 / seconds / 1e12
 
 

@@ -4,7 +4,8 @@ In a one-graph decode step the host waits, in every MoE layer, from its answer t
 wait kernel sees it) until the graph has staged the next layer's inputs (its signal kernel). That stretch is GPU
 work alone: the copy of the CPU experts' sum, the residual and norms, attention, the router and the staging. This
 script traces a few decode steps with the torch profiler and prints what the stretch is made of: each kernel's
-mean time per layer, and the idle gaps between kernels (launch latency inside the graph).
+mean time per layer, and the idle gaps between kernels (launch latency inside the graph). It prints the same for
+the GPU's work while the host runs its experts (signal to wait: shared, resident and streamed experts).
 
     python benchmarks/decode_gpu_chain.py /tmp/dsv2 --prompt-tokens 1000 --steps 8
     python benchmarks/decode_gpu_chain.py /tmp/dsv2 --no-hcs --trace /tmp/decode.json   # keep the trace
@@ -44,34 +45,39 @@ def short(name: str, width: int = 58) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
-def chains(events: list[dict], moe_layers: int) -> tuple[list[list[dict]], list[float]]:
-    """The stretches from each wait kernel's end to the next signal kernel (included), one per MoE layer that
-    follows another in the same step (the trace starts at a step's start), and the wait kernels' ends."""
-    stretches, starts, current, waits = [], [], None, 0
+def chains(events: list[dict], opener: str, closer: str, moe_layers: int = 0) -> tuple[list[list[dict]], list[float]]:
+    """The stretches from each ``opener`` kernel's end to the next ``closer`` kernel (the signal kernel is kept
+    in its stretch, a wait kernel is not: its time is the wait), and each stretch's start. With ``moe_layers``,
+    every ``moe_layers``-th opener starts none: a step's last wait is followed by the step's end and the next
+    step's first layers (the trace starts at a step's start)."""
+    stretches, starts, current, seen = [], [], None, 0
     for e in events:
         name = e["name"]
-        if WAIT in name:
-            waits += 1
-            # the last wait of a step is followed by the step's end and the next step's first layers
-            current = [] if waits % moe_layers else None
+        if opener in name:
+            seen += 1
+            current = [] if not moe_layers or seen % moe_layers else None
             start = float(e["ts"]) + float(e["dur"])
             continue
         if current is None:
             continue
-        current.append(e)
-        if SIGNAL in name:
-            stretches.append(current)
-            starts.append(start)
+        if closer in name:
+            if closer == SIGNAL:
+                current.append(e)
+            if current:
+                stretches.append(current)
+                starts.append(start)
             current = None
+            continue
+        current.append(e)
     return stretches, starts
 
 
-def summarize(stretches: list[list[dict]], wait_end: list[float]) -> None:
-    """Print the mean stretch and its kernels (µs per layer)."""
+def summarize(title: str, stretches: list[list[dict]], starts: list[float], ends: list[float]) -> None:
+    """Print the mean stretch (from its start to its end) and its kernels (µs per layer)."""
     n = len(stretches)
     per_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     total = kernels = gaps = 0.0
-    for stretch, start in zip(stretches, wait_end, strict=True):
+    for stretch, start, end in zip(stretches, starts, ends, strict=True):
         prev_end = start
         for e in stretch:
             ts, dur = float(e["ts"]), float(e["dur"])
@@ -81,10 +87,9 @@ def summarize(stretches: list[list[dict]], wait_end: list[float]) -> None:
             entry = per_name[short(e["name"])]
             entry[0] += 1
             entry[1] += dur
-        total += float(stretch[-1]["ts"]) - start
-    print(f"{n} layer stretches (wait kernel's end to the next signal kernel's start): mean {total / n:.1f} µs = "
-          f"kernels and copies {kernels / n:.1f} µs + idle gaps {gaps / n:.1f} µs; "
-          f"{sum(len(s) for s in stretches) / n:.1f} activities per stretch")
+        total += end - start
+    print(f"{n} {title}: mean {total / n:.1f} µs = kernels and copies {kernels / n:.1f} µs + idle gaps "
+          f"{gaps / n:.1f} µs; {sum(len(s) for s in stretches) / n:.1f} activities per stretch")
     print(f"  {'kernel':<60} {'per layer':>9} {'mean µs':>8} {'µs/layer':>9}")
     for name, (count, dur) in sorted(per_name.items(), key=lambda kv: -kv[1][1]):
         print(f"  {name:<60} {count / n:9.2f} {dur / count:8.2f} {dur / n:9.2f}")
@@ -125,7 +130,15 @@ def main() -> None:
         # the step's own stream (a prefetch's side stream runs beside it and is not what the host waits for)
         main = waits[0]["args"]["stream"]
         side = [e for e in events if e.get("args", {}).get("stream") != main]
-        events = [e for e in events if e.get("args", {}).get("stream") == main]
+        on_main = [e for e in events if e.get("args", {}).get("stream") == main]
+        if sum(SIGNAL in e["name"] for e in on_main) != len(waits):
+            # a graph with parallel branches (the streamed share's gather beside the shared experts) is replayed
+            # on streams of the driver's choosing: a kernel's stream says nothing about its branch
+            print("the step's kernels are spread over several streams (a graph with parallel branches): every "
+                  "stream is counted, so overlapping kernels add up to more than the stretch")
+            side = []
+        else:
+            events = on_main
         if side:
             print(f"{len(side)} GPU activities on other streams (prefetch copies, ...) left out of the stretches: "
                   f"{sum(float(e['dur']) for e in side) / len(side):.1f} µs each on average")
@@ -135,8 +148,14 @@ def main() -> None:
     if not waits:
         print("no handshakes in the trace: is this a hybrid model decoding through one-graph steps?")
         return
-    stretches, wait_end = chains(events, len(llm._graphs.link.slots))
-    summarize(stretches, wait_end)
+    stretches, starts = chains(events, WAIT, SIGNAL, len(llm._graphs.link.slots))
+    summarize("layer stretches (wait kernel's end to the next signal kernel's start)", stretches, starts,
+              [float(s[-1]["ts"]) for s in stretches])
+    # what the GPU does while the host runs its experts: the shared and resident (and streamed) experts
+    stretches, starts = chains(events, SIGNAL, WAIT)
+    following = [e for e in events if WAIT in e["name"]]
+    ends = [min(float(w["ts"]) for w in following if float(w["ts"]) >= s) for s in starts]
+    summarize("expert stretches (signal kernel's end to the wait kernel's start)", stretches, starts, ends)
     wait_us = sum(float(e["dur"]) for e in waits) / len(waits)
     print(f"wait kernels (the GPU waiting for the CPU experts): mean {wait_us:.1f} µs")
 

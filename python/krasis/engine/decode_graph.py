@@ -3,8 +3,9 @@
 A step is one graph: every layer, with each MoE layer handing the experts that are neither resident in VRAM nor
 read over PCIe to the host through mapped pinned memory and waiting for their sum (``graph_link``). The host
 replays it and then answers the layers' handshakes in turn from the Rust extension, so Python does nothing per
-layer. Experts the decode mode streams are read by the GPU's expert kernel straight from pinned host memory
-(``HybridExperts.pcie_part``): no copies to queue, so nothing for the host to decide between layers.
+layer. Experts the decode mode streams are copied by a kernel straight from pinned host memory into staging slots
+(``HybridExperts.pcie_gather``, on a side stream beside the shared and resident experts: it reads PCIe, they read
+VRAM), then run from there: no copies to queue, so nothing for the host to decide between layers.
 
 ``one_graph = False`` keeps the earlier design, measured as a baseline: each MoE layer's GPU work is captured into
 three graphs, "attend" (the previous layer's sums, attention, the router, and the copy of the CPU experts' inputs
@@ -41,7 +42,7 @@ from ..kernels.route_decode import fusable, route_and_stage
 from ..models.spec import MLASpec
 from ..ops.linear import linear
 from ..ops.mlp import swiglu
-from .device_sync import new_event
+from .device_sync import fork, join, new_event, on_stream, side_stream
 from .forward import MLA_NORM_EPS, Forward
 from .graph_link import HostLink
 from .hybrid_moe import HybridExperts
@@ -124,6 +125,7 @@ class DecodeGraphs:
         self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
         self._event = new_event(self.device)
+        self._gather_stream = side_stream(self.device)  # the PCIe share's copies, beside the VRAM-bound work
         self._embed_row = torch.empty(spec.hidden_size, dtype=forward.w.embed.dtype,
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
 
@@ -213,6 +215,10 @@ class DecodeGraphs:
 
     def _experts(self, index: int, pcie: bool = False) -> None:
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
+        if pcie:  # the gather reads PCIe, the shared and resident experts VRAM: side by side, on two streams
+            fork(self._gather_stream, self.device)
+            with on_stream(self._gather_stream):
+                self.rt.pcie_gather(layer.experts.slot, b.ids)
         shared = f.shared_expert(layer, b.h)
         if shared is None:
             b.extra.zero_()
@@ -220,7 +226,8 @@ class DecodeGraphs:
             b.extra.copy_(shared)
         self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu)
         if pcie:
-            self.rt.pcie_part(layer.experts.slot, b.h, b.weights, b.ids, add_to=b.gpu)
+            join(self._gather_stream, self.device)
+            self.rt.pcie_run(b.h, b.weights, b.ids, add_to=b.gpu)
 
     def _streamed(self, index: int) -> None:
         b = self.buf

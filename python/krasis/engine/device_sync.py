@@ -39,6 +39,18 @@ def current_stream(device: torch.device):
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def fork(stream, device: torch.device) -> None:
+    """Order ``stream``'s later work after what ``device``'s current stream has queued (nothing for None)."""
+    if stream is not None:
+        stream.wait_stream(current_stream(device))
+
+
+def join(stream, device: torch.device) -> None:
+    """Order the current stream's later work after what ``stream`` has queued (nothing for None)."""
+    if stream is not None:
+        current_stream(device).wait_stream(stream)
+
+
 def wait_event(stream, event) -> None:
     """Make ``stream``'s later work wait for ``event`` (nothing to wait for on a synchronous device)."""
     if stream is not None:

@@ -65,8 +65,8 @@ class HybridExperts:
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
         # The one-graph step (decode_graph) streams the experts ``pcie_map`` names (its own index, -1 elsewhere)
-        # with a copy kernel inside the graph (``pcie_part``). Which ones: the non-resident experts whose fixed
-        # pseudo-random rank is below gpu_share, so about that share of the non-resident calls.
+        # with a copy kernel inside the graph (``pcie_gather``, then ``pcie_run``). Which ones: the non-resident
+        # experts whose fixed pseudo-random rank is below gpu_share, so about that share of the non-resident calls.
         # ``_not_cpu`` tells the host which experts are not the CPU's (>= 0): resident or streamed.
         layers = len(host)
         self.pcie_map = torch.full((layers, max(e, 1)), -1, dtype=torch.int32, device=self.device)
@@ -299,17 +299,24 @@ class HybridExperts:
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds
 
-    def pcie_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                  add_to: torch.Tensor) -> torch.Tensor:
-        """The experts of a one-token step that ``pcie_map`` streams: copied from pinned host memory into staging
-        slots by a kernel (``gather_experts``), then run from there, added into ``add_to`` (float32 [1, H]).
-        No host sync, fixed addresses: a CUDA graph may hold it."""
+    def pcie_gather(self, slot: int, ids: torch.Tensor) -> None:
+        """Copy the experts of a one-token step's pairs ``ids`` (int [1, k]) that ``pcie_map`` streams from pinned
+        host memory into staging slots (``gather_experts``), for ``pcie_run``. The copy reads PCIe and little
+        else, so it may run on a side stream beside the step's VRAM-bound work. No host sync, fixed addresses:
+        a CUDA graph may hold it."""
         k = ids.numel()
         if self._pcie_slots is None or self._pcie_slots.numel() != k:
             self._pcie_slots = torch.full((k,), -1, dtype=torch.int32, device=self.device)
-        staging = slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer, idle in decode
-        gather_experts(self.host[slot], self.pcie_map[slot], ids, staging, self._pcie_slots)
-        return moe_gemv(x, staging, weights, self._pcie_slots.view(1, k), out=add_to, accumulate=True)
+        gather_experts(self.host[slot], self.pcie_map[slot], ids, self._pcie_staging(k), self._pcie_slots)
+
+    def pcie_run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, add_to: torch.Tensor) -> torch.Tensor:
+        """The pairs that ``pcie_gather`` copied, run from their staging slots and added into ``add_to`` (float32
+        [1, H]); queued on a stream that the gather's work is ordered before. No host sync."""
+        k = ids.numel()
+        return moe_gemv(x, self._pcie_staging(k), weights, self._pcie_slots.view(1, k), out=add_to, accumulate=True)
+
+    def _pcie_staging(self, k: int) -> GPUExperts:
+        return slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer, idle in decode
 
     @property
     def cpu_expert_nbytes(self) -> int:

@@ -22,7 +22,7 @@ import torch
 from ..kernels.moe_decode import moe_gemv
 from ..kernels.prefetch_decode import copy_predicted, predict_experts
 from ..models.spec import RouterSpec
-from .device_sync import current_stream, new_event, on_stream, side_stream, wait_event
+from .device_sync import current_stream, fork, new_event, on_stream, side_stream, wait_event
 from .expert_stream import slice_experts
 from .hybrid_moe import HybridExperts
 
@@ -72,8 +72,7 @@ class Prefetcher:
         if nxt >= len(self.routers):
             return
         rt, p, slot = self.rt, nxt % 2, self.slots[nxt]
-        if self.stream is not None:
-            self.stream.wait_stream(current_stream(rt.device))
+        fork(self.stream, rt.device)
         router, bias = self.routers[nxt]
         with on_stream(self.stream):
             predict_experts(h, router, self.spec, bias, rt.hcs.table[slot], rt.pcie_map[slot], self.logits,

@@ -1,7 +1,7 @@
 """Weight-only INT4 / INT8 matrix-vector products in the GPU layout (``gpu_layout``), for a few rows.
 
 The grouped GEMM of ``quant_moe`` pads rows to a 16-row tensor-core tile; for one token (decode) a plain
-dot per column block reads the same bytes without the padding. ``dequant_gemv`` is one K step of it, shared
+dot per column block reads the same bytes without the padding. ``dequant_tile`` is one K step of it, shared
 with the routed-expert kernels of ``moe_decode``; ``linear_gemv`` is the dense layer (shared experts, dense
 MLPs, lm_head). Dequantisation is the grouped kernel's: integers exact in float32, scale per (group, column).
 """
@@ -21,53 +21,66 @@ GEMV_MAX_TOKENS = 4
 
 
 @triton.jit
-def dequant_gemv(x_ptr, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS: tl.constexpr, BLOCK_KP: tl.constexpr,
+def dequant_tile(x_ptr, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS: tl.constexpr, BLOCK_KP: tl.constexpr,
                  SPLIT_SCALE: tl.constexpr):
-    """One K step of x @ W for one column block: float32 [BLOCK_N]. w_ptrs [BLOCK_KP, BLOCK_N] address the
-    step's packed rows, s_ptrs [BLOCK_N] its scale row."""
+    """One K step of x @ W for one column block, not yet summed over its rows: float32 [BLOCK_KP, BLOCK_N]
+    (the caller adds the steps up elementwise and sums over axis 0 once, after its K loop: a reduction across
+    threads per step was most of the kernels' time). w_ptrs [BLOCK_KP, BLOCK_N] address the step's packed
+    rows, s_ptrs [BLOCK_N] its scale row."""
     r = tl.arange(0, BLOCK_KP)
     w = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
     s0 = tl.load(s_ptrs, mask=n_mask, other=0.0)
     if BITS == 8:
         a = tl.load(x_ptr + k0 + r).to(tl.float32)
-        return tl.sum((w.to(tl.float32) - 128.0) * a[:, None], axis=0) * s0
+        return (w.to(tl.float32) - 128.0) * (a[:, None] * s0[None, :])
     # packed row r of a 64-block holds k = 64b + j (low nibble) and 64b + 32 + j (high nibble), j = r % 32
     cols = k0 + (r // 32) * 64 + (r % 32)
     a_lo = tl.load(x_ptr + cols).to(tl.float32)
     a_hi = tl.load(x_ptr + cols + 32).to(tl.float32)
-    lo = tl.sum(((w & 0xF).to(tl.float32) - 8.0) * a_lo[:, None], axis=0)
-    hi = tl.sum(((w >> 4).to(tl.float32) - 8.0) * a_hi[:, None], axis=0)
+    lo = ((w & 0xF).to(tl.float32) - 8.0) * a_lo[:, None]
+    hi = ((w >> 4).to(tl.float32) - 8.0) * a_hi[:, None]
     if SPLIT_SCALE:  # group 32: low nibbles are group 2b, high nibbles group 2b + 1
-        return lo * s0 + hi * tl.load(s_ptrs + stride_sk, mask=n_mask, other=0.0)
-    return (lo + hi) * s0
+        return lo * s0[None, :] + hi * tl.load(s_ptrs + stride_sk, mask=n_mask, other=0.0)[None, :]
+    return (lo + hi) * s0[None, :]
 
 
 @triton.jit
 def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, stride_sk, stride_y,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr):
+                        BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc += dequant_gemv(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
-                            s_ptr + offs_n + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS, BLOCK_KP,
-                            SPLIT_SCALE)
-    tl.store(y_ptr + row * stride_y + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    for k1 in range(0, K, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
+            k0 = k1 + u * BLOCK_K
+            acc += dequant_tile(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
+                                s_ptr + offs_n + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS, BLOCK_KP,
+                                SPLIT_SCALE)
+    tl.store(y_ptr + row * stride_y + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv_consts(bits: int, group: int) -> dict:
-    """The kernels' K-step constants for a format (``gpu_layout.k_step``)."""
+def gemv_consts(bits: int, group: int, k: int) -> dict:
+    """The kernels' K-step constants for a format (``gpu_layout.k_step``) and a K of ``k`` values: UNROLL, the
+    steps a loop iteration takes, divides k's steps (at most 2 for INT8, whose steps are twice the rows)."""
     bk, bkp, split = k_step(bits, group)
-    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split)
+    steps = k // bk
+    unroll = next(u for u in ((4, 2, 1) if bits == 4 else (2, 1)) if steps % u == 0)
+    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split, UNROLL=unroll)
 
 
 def gemv_block_n(rows: int, n: int, device: torch.device) -> int:
     """The widest column block (128 down to 32 bytes per weight row) that still gives every SM a program."""
     sms = num_sms(device)
     return next((b for b in (128, 64) if rows * triton.cdiv(n, b) >= sms), 32)
+
+
+def gemv_warps(consts: dict, block_n: int) -> int:
+    """Warps for a program's [BLOCK_KP, block_n] float32 tile: 8 above 2048 elements (the tile stays in
+    registers), else 4 (measured on an H100: a [64, 32] INT4 tile ran slower on 8)."""
+    return 8 if consts["BLOCK_KP"] * block_n > 2048 else 4
 
 
 def linear_gemv(x: torch.Tensor, m: GPUQuantMatrix) -> torch.Tensor:
@@ -78,8 +91,8 @@ def linear_gemv(x: torch.Tensor, m: GPUQuantMatrix) -> torch.Tensor:
     y = torch.empty((t, m.n), dtype=torch.bfloat16, device=x.device)
     if t:
         x = x.to(torch.bfloat16).contiguous()
-        bn = gemv_block_n(t, m.n, x.device)
+        bn, consts = gemv_block_n(t, m.n, x.device), gemv_consts(m.bits, m.group, m.k)
         _linear_gemv_kernel[(t, triton.cdiv(m.n, bn))](x, m.qweight, m.scales, y, m.k, m.n, x.stride(0),
                                                       m.qweight.stride(0), m.scales.stride(0), y.stride(0),
-                                                      BLOCK_N=bn, **gemv_consts(m.bits, m.group), num_warps=4)
+                                                      BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
     return y

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import dequant_gemv, gemv_block_n, gemv_consts
+from .gemv import dequant_tile, gemv_block_n, gemv_consts, gemv_warps
 from .gpu_layout import GPUExperts
 
 
@@ -25,7 +25,8 @@ from .gpu_layout import GPUExperts
 def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
                     stride_x, stride_we, stride_wk, stride_se, stride_sk, stride_act,
                     TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
+                    UNROLL: tl.constexpr):
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair).to(tl.int64)
     if (e < 0) | (e >= E):  # not this device's expert: the down kernel skips the pair too
@@ -35,14 +36,17 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
     w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
     s_base = s_ptr + e * stride_se + offs_n
-    gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
-        s_ptrs = s_base + (k0 // GROUP) * stride_sk
-        gate += dequant_gemv(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
-        up += dequant_gemv(x_row, k0, w_ptrs + I, s_ptrs + I, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
-    act = gate / (1.0 + tl.exp(-gate)) * up
+    gate = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    for k1 in range(0, K, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
+            k0 = k1 + u * BLOCK_K
+            w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
+            s_ptrs = s_base + (k0 // GROUP) * stride_sk
+            gate += dequant_tile(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+            up += dequant_tile(x_row, k0, w_ptrs + I, s_ptrs + I, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+    gate_sum = tl.sum(gate, axis=0)
+    act = gate_sum / (1.0 + tl.exp(-gate_sum)) * tl.sum(up, axis=0)
     # rounded to bf16 as the grouped kernel's activations are
     tl.store(act_ptr + pair * stride_act + offs_n, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
@@ -51,7 +55,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
 def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, out_ptr, K, H, E,
                  stride_act, stride_we, stride_wk, stride_se, stride_sk, stride_out,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr):
+                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
@@ -61,11 +65,14 @@ def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, out_ptr, K, H, E,
         a_row = act_ptr + pair * stride_act
         w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
         s_base = s_ptr + e * stride_se + offs_n
-        for k0 in range(0, K, BLOCK_K):
-            w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
-            acc += dequant_gemv(a_row, k0, w_ptrs, s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
-                                 BLOCK_KP, SPLIT_SCALE)
-        acc = acc * tl.load(rw_ptr + pair)
+        tile = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        for k1 in range(0, K, BLOCK_K * UNROLL):
+            for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
+                k0 = k1 + u * BLOCK_K
+                w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
+                tile += dequant_tile(a_row, k0, w_ptrs, s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask,
+                                     BITS, BLOCK_KP, SPLIT_SCALE)
+        acc = tl.sum(tile, axis=0) * tl.load(rw_ptr + pair)
     tl.store(out_ptr + pair * stride_out + offs_n, acc, mask=n_mask)
 
 
@@ -102,22 +109,21 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     if out.shape != (t, h) or out.stride(1) != 1:
         raise ValueError(f"out must be [{t}, {h}] with contiguous rows, got {tuple(out.shape)}")
     pairs = t * k
-    consts = gemv_consts(bits, group)
     x = x.to(torch.bfloat16).contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     act = torch.empty((pairs, i), dtype=torch.bfloat16, device=x.device)
-    bn = gemv_block_n(pairs, i, x.device)
+    bn, consts = gemv_block_n(pairs, i, x.device), gemv_consts(bits, group, h)
     _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
         x, ids, experts.w13, experts.s13, act, h, i, e,
         x.stride(0), experts.w13.stride(0), experts.w13.stride(1), experts.s13.stride(0), experts.s13.stride(1),
-        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, num_warps=4)
+        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
     per_pair = torch.empty((pairs, h), dtype=torch.float32, device=x.device)
     routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    bn = gemv_block_n(pairs, h, x.device)
+    bn, consts = gemv_block_n(pairs, h, x.device), gemv_consts(bits, group, i)
     _down_kernel[(pairs, triton.cdiv(h, bn))](
         act, ids, routing, experts.w2, experts.s2, per_pair, i, h, e,
         act.stride(0), experts.w2.stride(0), experts.w2.stride(1), experts.s2.stride(0), experts.s2.stride(1),
-        per_pair.stride(0), BLOCK_N=bn, **consts, num_warps=4)
+        per_pair.stride(0), BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
     block = 1024
     _sum_pairs_kernel[(t, triton.cdiv(h, block))](per_pair, out, h, per_pair.stride(0), out.stride(0), TOP_K=k,
                                                   ACCUMULATE=accumulate, BLOCK=block, num_warps=4)

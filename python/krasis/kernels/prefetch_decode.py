@@ -18,12 +18,11 @@ import triton.language as tl
 from ..models.spec import RouterSpec
 from .expert_gather import part_words
 from .gpu_layout import GPUExperts
-from .route_decode import _logits_kernel, scores_and_choice
+from .route_decode import router_logits, scores_and_choice
 
 COPY_BLOCK = 4096  # int32 words a program moves per iteration (16 KiB)
-# Programs copying at once. Loads from pinned host memory are slow (the gather kernel's measured ~21 GB/s, against
-# the copy engine's ~55): many in flight are needed, while the step's own small kernels need SMs too; each
-# program shares its SM with them. Not yet tuned on a GPU.
+# Programs copying at once: on an H100, 64 programs' loads read pinned host memory at ~49 GB/s, as many as 2112
+# do (benchmarks/pinned_read.py; the copy engine: ~52-55), and fewer leave more SMs to the step's own kernels.
 COPY_PROGRAMS = 64
 
 
@@ -86,10 +85,7 @@ def predict_experts(h: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
         raise ValueError("ids must hold at least one expert")
     if spec.correction_bias and correction_bias is None:
         raise ValueError("this router adds a per-expert correction bias, but none was given")
-    block_e = min(64, triton.next_power_of_2(e))
-    _logits_kernel[(1, triton.cdiv(e, block_e))](h, router, logits, e, hidden, h.stride(0), router.stride(0),
-                                                 logits.stride(0), ROUND=False, BLOCK_E=block_e, BLOCK_H=128,
-                                                 num_warps=4)
+    router_logits(h, router, logits, rounded=False)
     bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
     _predict_kernel[(1,)](logits, bias, resident, pcie, ids, expert_slot, e, COUNT=count,
                           SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias, INVERT=invert,
