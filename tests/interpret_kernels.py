@@ -295,7 +295,7 @@ def check_route_and_stage(size: Size, device: torch.device, name: str) -> None:
     from krasis.ops.router import route
 
     spec = ROUTERS[name]
-    e, h = 40, size.hidden  # not a power of two: masked experts must never be picked
+    e, h = 42, size.hidden  # not a power of two nor of whole logits blocks: masked experts must never be picked
     x = torch.randn(3, h, device=device).to(torch.bfloat16)
     router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
     bias = torch.randn(e, device=device) * 0.1 if spec.correction_bias else None
@@ -482,6 +482,10 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     for name, cfg in configs.items():
         out[f"fused_moe_config[{name}]"] = lambda d, c=cfg: check_fused_moe(size, d, 4, 32, tokens, c)
     out["quant_linear_swap_ab[int8-g64]"] = lambda d: check_quant_linear(size, d, 8, 64, replace(DECODE, swap_ab=True))
+    # K of 4 INT4 steps: the matrix-vector kernels take 4 steps per loop iteration (fewer where K has fewer)
+    wide = replace(size, hidden=4 * size.hidden)
+    out["quant_linear[int4-g64-4-steps]"] = lambda d: check_quant_linear(wide, d, 4, 64)
+    out["moe_gemv[int4-g64-4-steps]"] = lambda d: check_moe_gemv(wide, d, 4, 64)
     out["skipped_pairs"] = lambda d: check_skipped_pairs(size, d)
     for offset in (0.0, 1.0):
         out[f"add_rms_norm[offset={offset:g}]"] = lambda d, o=offset: check_add_rms_norm(size, d, o)
