@@ -78,8 +78,8 @@ def gemv_block_n(rows: int, n: int, device: torch.device) -> int:
 
 
 def gemv_warps(consts: dict, block_n: int) -> int:
-    """Warps for a program's [BLOCK_KP, block_n] float32 tile: 8 above 2048 elements (the tile stays in
-    registers), else 4 (measured on an H100: a [64, 32] INT4 tile ran slower on 8)."""
+    """Warps for a program's [BLOCK_KP, block_n] float32 tile: 8 above 2048 elements (so the tile stays in
+    registers), else the 4 these kernels had before the tile (not tuned)."""
     return 8 if consts["BLOCK_KP"] * block_n > 2048 else 4
 
 
