@@ -244,16 +244,14 @@ mod tests {
             out: vec![0.0; h],
             flags: [0, 0],
         });
-        let mb = unsafe {
-            Mailbox::new(
-                shared.staged.as_ptr(),
-                shared.out.as_mut_ptr(),
-                shared.flags.as_mut_ptr(),
-                h,
-                k,
-                false,
-            )
-        };
+        let mb = mailbox(
+            &shared.staged,
+            &mut shared.out,
+            &mut shared.flags,
+            h,
+            k,
+            false,
+        );
         // layer 0: expert 2 resident; layer 1: none
         let resident = vec![-1, -1, 0, -1, -1, -1];
         let addr = Arc::new((

@@ -120,7 +120,7 @@ class DecodeGraphs:
         # per (bucket, whether any expert is read over PCIe, the prefetch's (count, invert) or None): the whole
         # step as one graph, meeting the host through ``link``
         self._steps: dict[tuple[int, bool, tuple[int, bool] | None], _Replay] = {}
-        self._prefetchers: dict[tuple[int, bool], Prefetcher] = {}
+        self._prefetchers: dict[tuple[int, bool], Prefetcher | None] = {}
         moe = [layer.experts.slot for layer in forward.w.layers if layer.experts is not None]
         self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
@@ -145,14 +145,18 @@ class DecodeGraphs:
         """The prefetch the runtime asks for (``HybridExperts.prefetch``), or None when off or unsupported."""
         rt = self.rt
         # with every non-resident expert read over PCIe (gpu_share 1) nothing is left to predict
-        if not rt.prefetch or rt.gpu_share >= 1 or self.prefetch_unsupported() is not None:
+        if not rt.prefetch or rt.gpu_share >= 1:
             return None
         key = rt.prefetch, rt.prefetch_invert
         if key not in self._prefetchers:
-            routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
-                       if layer.experts is not None]
-            self._prefetchers[key] = Prefetcher(rt, rt.prefetch, self.link.slots, routers, self.f.spec.moe.router,
-                                                invert=rt.prefetch_invert)
+            # decided once: steps reach here only as one graph, and the model's routers do not change
+            pf = None
+            if self.prefetch_unsupported() is None:
+                routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
+                           if layer.experts is not None]
+                pf = Prefetcher(rt, rt.prefetch, self.link.slots, routers, self.f.spec.moe.router,
+                                invert=rt.prefetch_invert)
+            self._prefetchers[key] = pf
         return self._prefetchers[key]
 
     def _attend(self, index: int, bucket: int, claims: torch.Tensor | None = None) -> None:
@@ -297,8 +301,9 @@ class DecodeGraphs:
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
 
-    def _capture_step(self, bucket: int, pcie: bool, pf: Prefetcher | None) -> None:
-        key = bucket, pcie, (pf.count, pf.invert) if pf is not None else None
+    def _capture_step(self, key: tuple[int, bool, tuple[int, bool] | None], pf: Prefetcher | None) -> None:
+        """The whole step of ``_steps``' ``key`` (bucket, PCIe reads, prefetch) captured, with prefetch ``pf``."""
+        bucket, pcie, _ = key
         self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf), linked=True,
                                          prefetch=pf.count if pf is not None else 0)
         log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
@@ -331,7 +336,7 @@ class DecodeGraphs:
             if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
                 rt.streamer.loaded[0] = None
             if key not in self._steps:
-                self._capture_step(bucket, key[1], pf)  # its warm-up run writes the buffers: the input is set after
+                self._capture_step(key, pf)  # its warm-up run writes the buffers: the input is set after
             self._set_input(token)
             self.link.run(self._steps[key].replay, threaded=not self.capturing,
                           prefetch=pf.count if pf is not None else 0)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..kernels import GPUExperts
-from .device_sync import current_stream, new_event, on_stream, side_stream
+from .device_sync import fork, new_event, on_stream, side_stream
 from .expert_stream import copy_experts, empty_experts_like, slice_experts
 
 log = logging.getLogger("krasis")
@@ -189,8 +189,7 @@ class HotExpertCache:
         self._evict(plan)
         self._publish()
         stream = self._copy_stream
-        if stream is not None:
-            stream.wait_stream(current_stream(self.device))
+        fork(stream, self.device)
         with on_stream(stream):
             self._copy_in(plan)
             self._copied.record(stream)
