@@ -29,6 +29,7 @@ from krasis.kernels import (
     GPUExperts,
     align_by_expert,
     dequantize_gpu,
+    expert_gather,
     fused_moe,
     quant_linear,
     quantize_cpu_layout,
@@ -319,19 +320,26 @@ def check_gather_experts(size: Size, device: torch.device) -> None:
     if device.type == "cuda":
         host = GPUExperts(*(t.pin_memory() for t in (host.w13, host.s13, host.w2, host.s2)), bits=4, group=32)
     e = host.num_experts
-    staging = random_experts(size, 4, 32, device, count=4)
-    before = staging.to("cpu")
     expert_map = torch.full((e,), -1, dtype=torch.int32, device=device)
     expert_map[[e - 1, 0, 2]] = torch.tensor([e - 1, 0, 2], dtype=torch.int32, device=device)
     ids = torch.tensor([[2, 1, e - 1, 0]], device=device)  # expert 1 is not mapped
-    slots = torch.zeros(4, dtype=torch.int32, device=device)
-    gather_experts(host, expert_map, ids, staging, slots)
-    assert slots.tolist() == [0, -1, 2, 3], slots.tolist()
-    got = staging.to("cpu")
-    for p in ("w13", "s13", "w2", "s2"):
-        g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
-        assert torch.equal(g[0], h[2]) and torch.equal(g[2], h[e - 1]) and torch.equal(g[3], h[0]), p
-        assert torch.equal(g[1], b[1]), f"{p}: an unmapped pair's slot was written"
+    # the default blocks and programs, then blocks of 32 words over 3 programs: many blocks per part and per program
+    for block, programs in ((expert_gather.BLOCK, expert_gather.GATHER_PROGRAMS), (32, 3)):
+        staging = random_experts(size, 4, 32, device, count=4)
+        before = staging.to("cpu")
+        slots = torch.zeros(4, dtype=torch.int32, device=device)
+        saved = expert_gather.BLOCK, expert_gather.GATHER_PROGRAMS
+        expert_gather.BLOCK, expert_gather.GATHER_PROGRAMS = block, programs
+        try:
+            gather_experts(host, expert_map, ids, staging, slots)
+        finally:
+            expert_gather.BLOCK, expert_gather.GATHER_PROGRAMS = saved
+        assert slots.tolist() == [0, -1, 2, 3], slots.tolist()
+        got = staging.to("cpu")
+        for p in ("w13", "s13", "w2", "s2"):
+            g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
+            assert torch.equal(g[0], h[2]) and torch.equal(g[2], h[e - 1]) and torch.equal(g[3], h[0]), (p, block)
+            assert torch.equal(g[1], b[1]), f"{p}: an unmapped pair's slot was written (blocks of {block} words)"
 
 
 def check_route_and_stage_claims(size: Size, device: torch.device) -> None:
