@@ -43,7 +43,7 @@ from krasis.kernels.moe_align import small_align_fits
 from krasis.kernels.moe_decode import moe_gemv
 from krasis.kernels.prefetch_decode import copy_predicted, predict_experts
 from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4
-from krasis.kernels.rotary import rotary
+from krasis.kernels.rotary import rotary, rotary_pair
 from krasis.kernels.route_decode import route_and_stage
 from krasis.models.spec import RouterSpec
 
@@ -236,9 +236,9 @@ def check_add_rms_norm(size: Size, device: torch.device, offset: float) -> None:
     weight = w[0] if offset == 0 else w[0] * 0.1
     eps = 1e-6
     ref_x = x + ((a + b).to(x.dtype) + c)
-    got_x, got = add_rms_norm(x, weight, eps, offset, a=a, b=b, c=c)
+    got_x, got_ab = add_rms_norm(x, weight, eps, offset, a=a, b=b, c=c)
     assert torch.equal(got_x, ref_x), "x + ((a + b) + c) rounded as torch rounds it"
-    assert rel_norm_err(got, rms_norm(ref_x, weight, eps, offset)) < 4e-3
+    assert rel_norm_err(got_ab, rms_norm(ref_x, weight, eps, offset)) < 4e-3
     got_x, got = add_rms_norm(x, weight, eps, offset, c=c)
     assert torch.equal(got_x, x + c)
     same, got = add_rms_norm(x, weight, eps, offset)
@@ -248,6 +248,10 @@ def check_add_rms_norm(size: Size, device: torch.device, offset: float) -> None:
     assert torch.equal(inplace, x + c), "x_out may be x itself"
     wide = add_rms_norm(x, weight.float(), eps, offset)[1]
     assert wide.dtype == (torch.float32 if offset == 0 else torch.bfloat16), "torch's promotion with the weight"
+    shares_a, shares_b = a.clone(), b.clone()
+    cleared_x, cleared = add_rms_norm(x, weight, eps, offset, a=shares_a, b=shares_b, c=c, clear_ab=True)
+    assert torch.equal(cleared_x, ref_x) and torch.equal(cleared, got_ab), "clear_ab changes no result"
+    assert not shares_a.any() and not shares_b.any(), "clear_ab zeroes the shares once read"
 
 
 def check_rotary(size: Size, device: torch.device, interleaved: bool) -> None:
@@ -261,6 +265,10 @@ def check_rotary(size: Size, device: torch.device, interleaved: bool) -> None:
     got = rotary(q[..., 8:], cos, sin, interleaved)  # a strided slice, as the rope part of a query
     want = rope.apply(q[..., 8:], cos, sin)
     assert got.shape == want.shape and rel_norm_err(got, want) < 4e-3
+    k = torch.randn(1, 1, 40, device=device).to(torch.bfloat16)  # a second tensor of other heads and strides
+    got_q, got_k = rotary_pair(q[..., 8:], k[..., 24:], cos, sin, interleaved)
+    assert torch.equal(got_q, got), "the pair's first tensor as rotary alone"
+    assert torch.equal(got_k, rotary(k[..., 24:], cos, sin, interleaved)), "the pair's second tensor as rotary alone"
 
 
 def check_kv_write(size: Size, device: torch.device, kv_dtype: str) -> None:

@@ -92,6 +92,12 @@ def test_queries_far_outside_float16_range_give_the_same_result(device, kv, magn
     case.check(position=200, span=256)
 
 
+def test_a_bfloat16_output_is_the_float32_output_rounded(device):
+    case = Case(device, 300, torch.bfloat16, seed=3)
+    wide = case.check(position=150, span=300)
+    assert torch.equal(case.run(150, 300, out_dtype=torch.bfloat16), wide.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_position_zero_returns_the_first_latent(device, kv):
     case = Case(device, 256, kv=kv, seed=2)

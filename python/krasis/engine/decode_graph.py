@@ -37,7 +37,7 @@ import torch
 
 from ..kernels.fused_norm import add_rms_norm
 from ..kernels.mla_decode import mla_decode_attention
-from ..kernels.rotary import rotary
+from ..kernels.rotary import rotary_pair
 from ..kernels.route_decode import fusable, route_and_stage
 from ..models.spec import MLASpec
 from ..ops.linear import linear
@@ -167,8 +167,10 @@ class DecodeGraphs:
             cos, sin = f.rotary.angles(b.position)
             b.cos.copy_(cos)
             b.sin.copy_(sin)
-        # the previous layer's pending sums join the residual stream (in place), and the attention's input norm
-        _, h = add_rms_norm(b.x, layer.input_norm, eps, offset, a=b.gpu, b=b.cpu, c=b.extra, x_out=b.x)
+        # the previous layer's pending sums join the residual stream (in place; the routed shares are zeroed for
+        # this layer's), and the attention's input norm
+        _, h = add_rms_norm(b.x, layer.input_norm, eps, offset, a=b.gpu, b=b.cpu, c=b.extra, x_out=b.x,
+                            clear_ab=True)
         if isinstance(spec.attention, MLASpec):
             out = self._mla(index, layer, h, bucket)
         else:
@@ -176,7 +178,6 @@ class DecodeGraphs:
                 return self.cache.append_at(index, first, second, b.position, bucket)
 
             out = f.attention(layer, h, kv, b.position, b.cos, b.sin)
-        b.shares.zero_()
         if layer.experts is None:
             _, h = add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x)
             m = layer.mlp
@@ -206,15 +207,15 @@ class DecodeGraphs:
         q = q.view(a.num_heads, dn + a.qk_rope_head_dim)
         ckv = linear(h, w["kv_a"], w.get("kv_a_bias"))
         latent = add_rms_norm(ckv[:, :r], w["kv_a_norm"], MLA_NORM_EPS)[1]
-        k_pe = rotary(ckv[:, None, r:], b.cos, b.sin, interleaved)[:, 0]
-        q_pe = rotary(q[None, :, dn:], b.cos, b.sin, interleaved)[0]
+        k_pe, q_pe = rotary_pair(ckv[:, None, r:], q[None, :, dn:], b.cos, b.sin, interleaved)  # one launch
+        k_pe, q_pe = k_pe[:, 0], q_pe[0]
         self.cache.write_at(index, latent, k_pe, b.position)
         kv_b = w["kv_b"].view(a.num_heads, dn + a.v_head_dim, r)
         q_lat = torch.bmm(q[:, None, :dn], kv_b[:, :dn, :])[:, 0]  # [heads, r]
         latent_all, kpe_all, latent_scale, kpe_scale = self.cache.storage(index)
         out_lat = mla_decode_attention(q_lat, q_pe, latent_all, latent_scale, kpe_all, kpe_scale, b.position, bucket,
-                                       a.softmax_scale)
-        out = torch.bmm(out_lat.to(h.dtype)[:, None, :], kv_b[:, dn:, :].transpose(1, 2))  # [heads, 1, v]
+                                       a.softmax_scale, out_dtype=h.dtype)
+        out = torch.bmm(out_lat[:, None, :], kv_b[:, dn:, :].transpose(1, 2))  # [heads, 1, v]
         return linear(out.reshape(1, -1), w["o"], w.get("o_bias"))
 
     def _experts(self, index: int, pcie: bool = False) -> None:

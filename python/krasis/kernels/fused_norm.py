@@ -22,7 +22,8 @@ from .rounding import round_to
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, w_ptr, x_out_ptr, y_ptr, D, eps,
                          stride_x, stride_a, stride_b, stride_c, stride_xo, stride_y,
-                         HAS_AB: tl.constexpr, HAS_C: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_AB: tl.constexpr, HAS_C: tl.constexpr, CLEAR_AB: tl.constexpr, OFFSET: tl.constexpr,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -31,6 +32,10 @@ def _add_rms_norm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, w_ptr, x_out_ptr, y_ptr, D,
     if HAS_AB:
         r = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
         r += tl.load(b_ptr + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
+        if CLEAR_AB:  # consumed: zeroed here for the next sums, instead of by a launch of their own
+            zero = tl.zeros((BLOCK,), dtype=tl.float32)
+            tl.store(a_ptr + row * stride_a + offs, zero.to(a_ptr.dtype.element_ty), mask=mask)
+            tl.store(b_ptr + row * stride_b + offs, zero.to(b_ptr.dtype.element_ty), mask=mask)
         r = round_to(r, out_ty)
         if HAS_C:
             r = round_to(r + tl.load(c_ptr + row * stride_c + offs, mask=mask, other=0.0).to(tl.float32), out_ty)
@@ -51,13 +56,16 @@ def _add_rms_norm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, w_ptr, x_out_ptr, y_ptr, D,
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                  a: torch.Tensor | None = None, b: torch.Tensor | None = None, c: torch.Tensor | None = None,
-                 x_out: torch.Tensor | None = None, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 x_out: torch.Tensor | None = None, y: torch.Tensor | None = None, clear_ab: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', rms_norm(x')) with x' = x plus the addends as the module docstring rounds them; x [T, D], addends
     [T, D] (a and b together or not at all), weight [D]. x' is written to ``x_out`` when given (it may be x
     itself); with no addend x' is x. The norm has x's dtype (promoted with the weight's, as torch does, without
-    an offset) and is written to ``y`` when given. No host sync."""
+    an offset) and is written to ``y`` when given. ``clear_ab`` zeroes a and b once read. No host sync."""
     if (a is None) != (b is None):
         raise ValueError("the float32 shares a and b go together")
+    if clear_ab and a is None:
+        raise ValueError("clear_ab needs the shares a and b")
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [T, D] with contiguous rows, got {tuple(x.shape)}")
     t, d = x.shape
@@ -83,6 +91,6 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: floa
 
     _add_rms_norm_kernel[(t,)](x, x if a is None else a, x if b is None else b, x if c is None else c, weight,
                                x_out, y, d, eps, x.stride(0), stride(a), stride(b), stride(c), x_out.stride(0),
-                               y.stride(0), HAS_AB=has_ab, HAS_C=has_c, OFFSET=float(offset),
+                               y.stride(0), HAS_AB=has_ab, HAS_C=has_c, CLEAR_AB=clear_ab, OFFSET=float(offset),
                                BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8)
     return x_out, y

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import round_to
+
 FP8 = torch.float8_e4m3fn
 BLOCK_S = 64  # keys per block: the N side of the score dot and the K side of the value dot
 MAX_SPLITS = 128  # about one program per SM of an H100 (132) at long spans
@@ -132,7 +134,8 @@ def _mla_decode_combine_kernel(
     w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
     acc = tl.load(acc_ptr + row[:, None].to(tl.int64) * R_PAD + offs_r[None, :], mask=p_mask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_p * w, axis=0)
-    tl.store(out_ptr + h * stride_oh + offs_r, out, mask=offs_r < R)
+    out_ty = out_ptr.dtype.element_ty  # float32, or the compute dtype rounded as torch's .to() rounds
+    tl.store(out_ptr + h * stride_oh + offs_r, round_to(out, out_ty).to(out_ty), mask=offs_r < R)
 
 
 def split_plan(span: int, block_s: int = BLOCK_S, max_splits: int = MAX_SPLITS) -> tuple[int, int]:
@@ -158,7 +161,7 @@ def _is_pow2(n: int) -> bool:
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          latent_scale: torch.Tensor | None, k_pe: torch.Tensor, k_pe_scale: torch.Tensor | None,
                          position: torch.Tensor, span: int, scale: float, *, block_s: int = BLOCK_S,
-                         max_splits: int = MAX_SPLITS) -> torch.Tensor:
+                         max_splits: int = MAX_SPLITS, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Absorbed-MLA attention of one query token over a layer's cache, in the latent space.
 
     q_lat [H, R] (the no-rope query times W_uk), q_pe [H, Dr] (rotated); latent [cap, R] and k_pe [cap, Dr]
@@ -167,8 +170,9 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.
     visible, the rest ignored whatever they hold. span (<= cap) fixes the launch shape, so a CUDA graph
     captured for a span serves every position below it. scale: the softmax scale of the scores.
 
-    Returns out_lat [H, R] float32 = softmax_s(scale * (q_lat . latent[s] + q_pe . k_pe[s])) @ latent[s].
-    Two launches, no host sync. block_s and max_splits tune the split scheme (see :func:`split_plan`).
+    Returns out_lat [H, R] = softmax_s(scale * (q_lat . latent[s] + q_pe . k_pe[s])) @ latent[s], float32 or
+    ``out_dtype`` (rounded as ``.to(out_dtype)`` would round it). Two launches, no host sync. block_s and
+    max_splits tune the split scheme (see :func:`split_plan`).
     """
     if q_lat.dim() != 2 or q_pe.dim() != 2 or q_pe.shape[0] != q_lat.shape[0]:
         raise ValueError(f"q_lat must be [H, R] and q_pe [H, Dr], got {tuple(q_lat.shape)}, {tuple(q_pe.shape)}")
@@ -188,7 +192,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.
     if fp8 != (k_pe.dtype == FP8) or fp8 != (latent_scale is not None) or fp8 != (k_pe_scale is not None):
         raise ValueError("an FP8 cache needs both tensors in float8_e4m3fn and both scales; other caches none")
     if h == 0:
-        return torch.empty((0, r), dtype=torch.float32, device=q_lat.device)
+        return torch.empty((0, r), dtype=out_dtype, device=q_lat.device)
 
     device = latent.device
     if fp8:
@@ -205,7 +209,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.
     m = torch.empty((num_splits, h_pad), dtype=torch.float32, device=device)
     l_sum = torch.empty((num_splits, h_pad), dtype=torch.float32, device=device)
     acc = torch.empty((num_splits, h_pad, r_pad), dtype=torch.float32, device=device)
-    out = torch.empty((h, r), dtype=torch.float32, device=device)
+    out = torch.empty((h, r), dtype=out_dtype, device=device)
     unused = m  # scale pointers of an unscaled cache
     _mla_decode_split_kernel[(num_splits,)](
         q_lat, q_pe, latent, latent_scale if fp8 else unused, k_pe, k_pe_scale if fp8 else unused, position,
