@@ -158,6 +158,37 @@ def main() -> None:
     summarize("expert stretches (signal kernel's end to the wait kernel's start)", stretches, starts, ends)
     wait_us = sum(float(e["dur"]) for e in waits) / len(waits)
     print(f"wait kernels (the GPU waiting for the CPU experts): mean {wait_us:.1f} µs")
+    step_edges(events, len(llm._graphs.link.slots))
+
+
+def step_edges(events: list[dict], moe_layers: int) -> None:
+    """Print what lies between one step's last MoE layer and the next step's first: the GPU's tail (final norm,
+    lm_head, the logits), the longest idle gap (the host sampling and starting the next step) and the GPU's
+    head (the input, the dense layers and the first attention), each a mean over the traced step boundaries."""
+    waits = [i for i, e in enumerate(events) if WAIT in e["name"]]
+    tails, gaps, heads, periods = [], [], [], []
+    for k in range(moe_layers - 1, len(waits) - moe_layers, moe_layers):
+        last = waits[k]
+        first_signal = next((i for i in range(last + 1, len(events)) if SIGNAL in events[i]["name"]), None)
+        if first_signal is None:
+            break
+        edge = events[last + 1: first_signal + 1]
+        start = float(events[last]["ts"]) + float(events[last]["dur"])
+        ends = [start] + [max(float(e["ts"]) + float(e["dur"]) for e in edge[: j + 1]) for j in range(len(edge))]
+        idle = [float(e["ts"]) - ends[j] for j, e in enumerate(edge)]
+        cut = max(range(len(edge)), key=lambda j: idle[j])
+        tails.append(ends[cut] - start)
+        gaps.append(max(idle[cut], 0.0))
+        heads.append(float(edge[-1]["ts"]) - float(edge[cut]["ts"]))
+        periods.append(float(edge[-1]["ts"]) - start)
+    if not tails:
+        print("fewer than two whole steps traced: no step boundary to show")
+        return
+    n = len(tails)
+    print(f"{n} step boundaries (a step's last wait kernel to the next step's first signal): mean "
+          f"{sum(periods) / n:.1f} µs = GPU tail {sum(tails) / n:.1f} µs (final norm, lm_head, logits) + host gap "
+          f"{sum(gaps) / n:.1f} µs (sampling, the next step's start) + GPU head {sum(heads) / n:.1f} µs (input, dense "
+          "layers, first attention)")
 
 
 if __name__ == "__main__":

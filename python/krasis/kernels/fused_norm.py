@@ -33,6 +33,8 @@ def _add_rms_norm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, w_ptr, x_out_ptr, y_ptr, D,
         r = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
         r += tl.load(b_ptr + row * stride_b + offs, mask=mask, other=0.0).to(tl.float32)
         if CLEAR_AB:  # consumed: zeroed here for the next sums, instead of by a launch of their own
+            # every thread's loads done before any thread's stores: the compiler may give the two different layouts
+            tl.debug_barrier()
             zero = tl.zeros((BLOCK,), dtype=tl.float32)
             tl.store(a_ptr + row * stride_a + offs, zero.to(a_ptr.dtype.element_ty), mask=mask)
             tl.store(b_ptr + row * stride_b + offs, zero.to(b_ptr.dtype.element_ty), mask=mask)
