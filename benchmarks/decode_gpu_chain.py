@@ -159,6 +159,12 @@ def main() -> None:
     wait_us = sum(float(e["dur"]) for e in waits) / len(waits)
     print(f"wait kernels (the GPU waiting for the CPU experts): mean {wait_us:.1f} µs")
     step_edges(events, len(llm._graphs.link.slots))
+    with open(trace) as fh:
+        launches = [float(e["dur"]) for e in json.load(fh)["traceEvents"]
+                    if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch" and "dur" in e]
+    if launches:
+        print(f"cudaGraphLaunch: {len(launches)} calls, mean {sum(launches) / len(launches):.1f} µs of the "
+              "launching thread's time (under the profiler)")
 
 
 def step_edges(events: list[dict], moe_layers: int) -> None:

@@ -5,10 +5,16 @@ replays a layer's graphs, waits on an event or queues a copy. The graph cannot c
 in mapped pinned memory (``kernels.host_signal``): after staging a MoE layer's inputs the graph raises a flag
 and runs the layer's GPU experts; the host, spinning on the flag inside the Rust extension, runs the other
 experts and raises the answer flag; the graph, spinning on that, copies the CPU's sum in and goes on.
+
+Launching a graph of a whole step (several hundred nodes) holds the calling thread for a millisecond or more,
+longer than the GPU takes to reach the first MoE layer. So a replay is launched from a second, long-lived thread
+while this one already waits for the first handshake: the launch overlaps the GPU's work instead of delaying the
+CPU experts of the first layer.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 
@@ -33,6 +39,7 @@ class HostLink:
         self._flags = self.flags.numpy()  # the host's view of the same memory
         self.seq = torch.zeros(1, dtype=torch.int64, device=device)
         self.ids = np.zeros((len(slots), top_k), dtype=np.int64)  # the last step's routing, per MoE layer
+        self._launcher: _Launcher | None = None
 
     # -- inside the graph ----------------------------------------------------------------------------------------
     def hand_over(self) -> None:
@@ -54,12 +61,26 @@ class HostLink:
             if threaded:
                 self._serve_beside(work, count, prefetch)
             else:
-                work()
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
+                self._serve_while_launching(work, count, prefetch)
         except BaseException:
             self._abort()
             raise
         self.check()
+
+    def _serve_while_launching(self, work: Callable[[], None], count: bool, prefetch: int) -> None:
+        """Queue ``work`` (a replay) from the launcher thread, on this thread's stream, while this thread answers
+        the handshakes; a failed launch is raised in place of the wait it caused."""
+        if self._launcher is None:
+            self._launcher = _Launcher()
+        self._launcher.start(work, torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
+        try:
+            self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
+        except BaseException as served:
+            launched = self._launcher.finish(raise_error=False)
+            if launched is not None:
+                raise launched from served
+            raise
+        self._launcher.finish()
 
     def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""
@@ -96,3 +117,36 @@ class HostLink:
             torch.cuda.synchronize(self.device)
         self.seq.zero_()
         self._flags[:] = 0
+
+
+class _Launcher:
+    """A daemon thread that runs the work it is handed (graph replays) one at a time, on a given stream."""
+
+    def __init__(self):
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="krasis-graph-launch", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            work, stream = self._todo.get()
+            try:
+                if stream is None:
+                    work()
+                else:
+                    with torch.cuda.stream(stream):  # the current stream is per thread: the caller's is used
+                        work()
+            except BaseException as e:  # handed back to the caller
+                self._done.put(e)
+            else:
+                self._done.put(None)
+
+    def start(self, work: Callable[[], None], stream: torch.cuda.Stream | None) -> None:
+        self._todo.put((work, stream))
+
+    def finish(self, raise_error: bool = True) -> BaseException | None:
+        """Wait for the work started last; raise its error (or, with ``raise_error`` off, return it)."""
+        error = self._done.get()
+        if error is not None and raise_error:
+            raise error
+        return error
