@@ -57,8 +57,9 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     # the baseline row: decode mode "cpu" with each layer's graphs replayed by the host (before the one-graph step)
     llm._graphs.one_graph = mode != LAYER_BY_LAYER
     vocab = llm.spec.vocab_size
-    # captures this length's graphs, and gives the hot cache and the CPU experts a few steps to settle
-    llm.generate(random_prompt(length, vocab, 7), max_new_tokens=16)
+    # captures the graphs of every length the runs reach (a capture inside a timed run cost its first prompt
+    # ~10%), and gives the hot cache and the CPU experts a few steps to settle
+    llm.generate(random_prompt(length, vocab, 7), max_new_tokens=tokens)
     _core.moe_phase_times()  # reset: the CPU experts' own phase times over the runs below
     runs = [decode_run(llm, random_prompt(length, vocab, 100 + j), tokens) for j in range(prompts)]
     phases, phase_calls = _core.moe_phase_times()

@@ -322,6 +322,54 @@ def test_hot_cache_updates_between_decode_steps_change_no_token(hybrid, tiny_che
     _assert_cpu_path_argmax(cpu_logits, name, ids, out)
 
 
+def test_lent_slots_fill_with_the_hottest_after_the_ones_always_usable_and_are_emptied_when_taken_back():
+    from krasis.engine.expert_stream import empty_experts_like
+    from krasis.engine.hot_cache import HotExpertCache
+
+    host = _random_host_experts(layers=2, experts=4)
+    storage = empty_experts_like(host[0], 5, "cpu")
+    cache = HotExpertCache(host, 2, torch.device("cpu"), storage=storage, lendable=range(3, 5))
+    assert cache.lent and cache.slots == 4, "lent from the start; slot 2 is never usable"
+    cache.record_step([0, 1], np.array([[0, 0, 0, 0, 1, 1], [2, 2, 2, 3, 3, 1]]))
+    assert cache.refill() == 4
+    assert cache.resident[2] is None and all(r is not None for r in cache.resident[:2] + cache.resident[3:])
+    lent = {cache.resident[3], cache.resident[4]}
+    assert cache.lend(False) == 2 and cache.slots == 2
+    assert cache.resident[3:] == [None, None] and all(cache.table_host[r] == -1 for r in lent)
+    assert torch.equal(cache.table, torch.from_numpy(cache.table_host).to(torch.int32)), "the GPU's table too"
+    assert cache.refill() == 0 and cache.resident[3:] == [None, None], "nothing goes into slots taken back"
+    assert cache.lend(True) == 2 and cache.refill() == 2
+    for slot, (layer, expert) in ((s, r) for s, r in enumerate(cache.resident) if r is not None):
+        assert cache.table_host[layer, expert] == slot and torch.equal(storage.w13[slot], host[layer].w13[expert])
+
+
+def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(hybrid, tiny_checkpoint, cpu_logits,
+                                                                               monkeypatch):
+    import krasis.engine.hybrid_load as hybrid_load
+
+    name = "deepseek_v2_lite_like"
+    # the tiny model's buffers hold 8 experts: decode keeps 2 + 2 of each for staging, the cache is given 3 slots of
+    # its own (instead of all 16 experts), so the lent slots decide what is resident
+    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
+    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 2)
+    plan_vram = hybrid_load.plan_vram
+    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    llm = hybrid(tiny_checkpoint(name)[1])
+    hcs = llm.runtime.hcs
+    assert len(hcs.lendable) == 12 and hcs.slots == 15
+    lend, emptied = hcs.lend, []
+    monkeypatch.setattr(hcs, "lend", lambda on: emptied.append(lend(on)) if not on else lend(on))
+    for seed in (31, 32):  # the second prompt streams through the buffers again: they are emptied, then refilled
+        ids = random_prompt(48, seed=seed)
+        stream = llm.stream(ids, max_new_tokens=8)
+        out = [next(stream)]
+        assert hcs.lent and sum(hcs.resident[s] is not None for s in hcs.lendable) > 0
+        out += list(stream)
+        _assert_cpu_path_argmax(cpu_logits, name, ids, out)
+    assert len(emptied) == 2 and emptied[1] > 0, "the second prompt took back slots that held experts"
+    assert llm.engine_report()["hcs_coverage"] > 0.5
+
+
 def test_fp8_kv_cache_stays_close_to_bf16(hybrid, tiny_checkpoint):
     path = tiny_checkpoint("deepseek_v2_lite_like")[1]
     ids = random_prompt(80, seed=5)

@@ -33,12 +33,14 @@ def copy_experts(dst: GPUExperts, src: GPUExperts) -> None:
 class ExpertStreamer:
     """Double-buffered layer-group streaming of routed experts; MoE layers are numbered 0..L-1 (slots)."""
 
-    def __init__(self, host: list[GPUExperts], group_size: int, device: torch.device):
+    def __init__(self, host: list[GPUExperts], group_size: int, device: torch.device,
+                 buffers: list[GPUExperts] | None = None):
+        """``buffers``: the two VRAM buffers of ``group_size`` layers' experts each (allocated here if None)."""
         self.host, self.group_size, self.device = host, group_size, device
         self.num_groups = -(-len(host) // group_size)
         per_layer = host[0].num_experts
         self.per_layer = per_layer
-        self.buffers = [empty_experts_like(host[0], group_size * per_layer, device) for _ in range(2)]
+        self.buffers = buffers or [empty_experts_like(host[0], group_size * per_layer, device) for _ in range(2)]
         self.copy_stream = side_stream(device)
         self.loaded: list[int | None] = [None, None]
         self.copied = [new_event(device), new_event(device)]

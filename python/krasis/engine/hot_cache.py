@@ -1,5 +1,9 @@
 """The hot-expert cache (HCS): a fixed number of VRAM slots holding the routed experts that routing statistics
-say are used most, so decode runs them on the GPU instead of reading them from DRAM on the CPU."""
+say are used most, so decode runs them on the GPU instead of reading them from DRAM on the CPU.
+
+Prefill's two expert streaming buffers are idle between prompts, so the cache may be given them too (``lendable``
+slots of its storage): they hold hot experts during decode and are handed back, emptied, before a prompt streams
+experts through them (``lend``)."""
 
 from __future__ import annotations
 
@@ -30,14 +34,24 @@ class HotExpertCache:
     """Slots [S] of experts in VRAM, the (layer slot, expert) -> VRAM slot tables on GPU and host, and the
     routing counts that choose what is resident."""
 
-    def __init__(self, host: list[GPUExperts], slots: int, device: torch.device):
+    def __init__(self, host: list[GPUExperts], slots: int, device: torch.device, storage: GPUExperts | None = None,
+                 lendable: range | None = None):
+        """``slots`` always usable; with ``storage`` (GPUExperts holding at least those first) the slots
+        ``lendable`` of it are usable while lent (from the start, until ``lend(False)``)."""
         self.host, self.device = host, device
         self.num_layers, self.num_experts = len(host), host[0].num_experts if host else 0
         self.slots = min(slots, self.num_layers * self.num_experts)
-        self.experts = empty_experts_like(host[0], max(self.slots, 1), device) if host else None
+        if storage is None:
+            storage = empty_experts_like(host[0], max(self.slots, 1), device) if host else None
+        self.experts = storage
+        total = storage.num_experts if storage is not None else 0
+        self.usable = np.zeros(total, dtype=bool)  # slots that may hold an expert now
+        self.usable[: self.slots] = True
+        self.lendable = np.asarray(lendable if lendable is not None and self.slots else [], dtype=np.int64)
+        self.lent = False
         self.table_host = np.full((self.num_layers, self.num_experts), -1, dtype=np.int64)
         self.table = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=device)
-        self.resident: list[tuple[int, int] | None] = [None] * self.slots
+        self.resident: list[tuple[int, int] | None] = [None] * total
         self.counts = np.zeros((self.num_layers, self.num_experts), dtype=np.float64)
         # the decode call count (``decode_calls``) at each (layer, expert)'s last routing; -1: never in decode
         self.last_used = np.full((self.num_layers, self.num_experts), -1, dtype=np.int64)
@@ -50,6 +64,28 @@ class HotExpertCache:
         self._copy_stream = side_stream(device)
         self._copied = new_event(device)
         self._incoming: list[tuple[int, tuple[int, int]]] = []
+        self.lend(True)
+
+    def lend(self, on: bool) -> int:
+        """Make the lendable slots usable (``on``) or take them back: their experts leave the tables (queued on the
+        current stream, so work queued before still reads them) and nothing is copied into them until lent
+        again. Returns the slots added (on) or emptied (off)."""
+        if not len(self.lendable) or on == self.lent:
+            return 0
+        self.install_copied(wait=True)  # a between-step update may be copying into a lendable slot
+        self.lent = on
+        if on:
+            self.usable[self.lendable] = True
+            changed = len(self.lendable)
+        else:
+            out = [(int(s), None) for s in self.lendable if self.resident[s] is not None]
+            self._evict(out)
+            self.usable[self.lendable] = False
+            if out:
+                self._publish()
+            changed = len(out)
+        self.slots = int(self.usable.sum())
+        return changed
 
     def record_gpu(self, layer: int, ids: torch.Tensor) -> None:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
@@ -115,7 +151,7 @@ class HotExpertCache:
                 return []
         else:
             incoming = incoming[:max_swaps]
-        free = sorted((s for s, r in enumerate(self.resident) if r is None or r not in wanted_set),
+        free = sorted((s for s, r in enumerate(self.resident) if self.usable[s] and (r is None or r not in wanted_set)),
                       key=lambda s: -1.0 if self.resident[s] is None else counts[self.resident[s]])
         return list(zip(free, incoming, strict=False))
 

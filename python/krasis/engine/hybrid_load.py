@@ -179,7 +179,15 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         log.info("%s", line)
     runtime = None
     if host:
-        runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device)
+        # a hot cache sized by hand (--hcs-experts) stays that size; otherwise it also holds experts in prefill's
+        # buffers between prompts
+        runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device,
+                                lend_buffers=options.hcs_experts is None)
+        if len(runtime.hcs.lendable):
+            log.info("hot-expert cache: %d more experts in prefill's streaming buffers between prompts (decode "
+                     "keeps %d + %d of their slots for prefetch and streamed experts; a prompt empties them and "
+                     "they are refilled after it)", len(runtime.hcs.lendable), runtime.prefetch_slots,
+                     runtime.staging_slots)
         for layer in layers:
             layer.owner = runtime
         log.info("routed experts: %d layers x %d in pinned host memory (%.2f GB, GPU layout, INT%d) for "

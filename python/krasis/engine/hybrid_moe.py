@@ -18,7 +18,7 @@ from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
 from .decode_modes import DECODE_MODES, AutoSplit
 from .device_sync import current_stream, new_event, pinned
-from .expert_stream import ExpertStreamer, copy_experts, slice_experts
+from .expert_stream import ExpertStreamer, copy_experts, empty_experts_like, slice_experts
 from .hot_cache import UPDATE_EVERY, HotExpertCache
 
 # Up to this many tokens a forward is a decode step (hot cache + CPU); above it the layer's experts are
@@ -29,6 +29,10 @@ DECODE_MAX_TOKENS = 32
 MAX_STEP_SECONDS = 1.0
 # a decode step's CPU side gives up when the GPU has not staged the next layer within this many seconds
 GRAPH_TIMEOUT = 30.0
+# Decode keeps the first slots of each prefill buffer for its own staging, and lends the rest to the hot cache:
+# 2 x PREFETCH_MAX of the first buffer (prefetch), DECODE_STAGING of the second (experts streamed per step).
+PREFETCH_MAX = 8
+DECODE_STAGING = 16
 
 
 class HybridExperts:
@@ -37,10 +41,25 @@ class HybridExperts:
     layer), and the statistics that say how decode was served."""
 
     def __init__(self, host: list[GPUExperts], store: ExpertStore | GgufExpertStore, group_size: int, hcs_slots: int,
-                 device: torch.device):
+                 device: torch.device, lend_buffers: bool = True):
         self.host, self.store, self.device = host, store, torch.device(device)
-        self.streamer = ExpertStreamer(host, group_size, self.device)
-        self.hcs = HotExpertCache(host, hcs_slots, self.device)
+        e = host[0].num_experts if host else 0
+        per_buffer = group_size * e
+        self.prefetch_slots = min(per_buffer, 2 * PREFETCH_MAX)
+        self.staging_slots = min(per_buffer, DECODE_STAGING)
+        if host and hcs_slots and lend_buffers:
+            # one allocation: the hot cache's own slots, then prefill's two buffers, whose slots past decode's
+            # staging the cache holds experts in between prompts
+            base = min(hcs_slots, len(host) * e)
+            storage = empty_experts_like(host[0], base + 2 * per_buffer, self.device)
+            buffers = [slice_experts(storage, base + i * per_buffer, base + (i + 1) * per_buffer) for i in range(2)]
+            lendable = [*range(base + self.prefetch_slots, base + per_buffer),
+                        *range(base + per_buffer + self.staging_slots, base + 2 * per_buffer)]
+            self.streamer = ExpertStreamer(host, group_size, self.device, buffers=buffers)
+            self.hcs = HotExpertCache(host, hcs_slots, self.device, storage=storage, lendable=lendable)
+        else:
+            self.streamer = ExpertStreamer(host, group_size, self.device)
+            self.hcs = HotExpertCache(host, hcs_slots, self.device)
         hidden, k_max = store.hidden, DECODE_MAX_TOKENS
         # pinned staging: [x | routing weights | ids (| claimed)] of a decode step in, the CPU experts' output back
         pin = pinned(self.device)
@@ -60,8 +79,7 @@ class HybridExperts:
         self.hcs_update_every = UPDATE_EVERY  # decode steps between the hot cache's updates
         self.auto: AutoSplit | None = None  # "auto": picks gpu_share by the time of whole decode steps
         self._last_step: float | None = None  # when the last one-token forward began (auto)
-        e = host[0].num_experts if host else 0
-        self._staging = slice_experts(self.streamer.buffers[1], 0, e) if host else None
+        self._staging = slice_experts(self.streamer.buffers[1], 0, self.staging_slots) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
         # The one-graph step (decode_graph) streams the experts ``pcie_map`` names (its own index, -1 elsewhere)
@@ -84,9 +102,9 @@ class HybridExperts:
         """Prefetch ``count`` experts of the next MoE layer per layer in one-graph decode steps (0: off)."""
         if count < 0:
             raise ValueError(f"prefetch must be 0 (off) or a number of experts, not {count}")
-        slots = self.streamer.buffers[0].num_experts if self.host else 0
-        if 2 * count > slots:
-            raise ValueError(f"prefetch {count}: at most {slots // 2} experts a layer fit the staging slots")
+        if 2 * count > self.prefetch_slots:
+            raise ValueError(f"prefetch {count}: at most {self.prefetch_slots // 2} experts a layer fit the staging "
+                             "slots")
         self.prefetch, self.prefetch_invert = count, invert
 
     def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, stream_gbps: float | None = None) -> None:
@@ -126,6 +144,8 @@ class HybridExperts:
             if self.gpu_share > 0:  # a one-graph step may stage experts in the second prefill buffer
                 self.streamer.loaded[1] = None
         if self.streaming:
+            if self.hcs.lend(False):  # the hot cache's experts in the buffers leave it; refilled after the prompt
+                self.streamer.loaded = [None, None]
             # decode may have used the buffers for streamed or prefetched experts: their copies wait for that work
             for released in self.streamer.released:
                 released.record(current_stream(self.device))
@@ -154,7 +174,10 @@ class HybridExperts:
         self._last_step = now if num_tokens == 1 else None
 
     def end_prefill(self) -> None:
-        """After a prompt: refresh the hot cache from the routing counts seen so far."""
+        """After a prompt: lend the prefill buffers to the hot cache again and refresh it from the routing counts
+        seen so far."""
+        if self.hcs.lend(True):
+            self.streamer.loaded = [None, None]  # what prefill left in the buffers is about to be overwritten
         self.hcs.refill()
 
     def forward(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -225,7 +248,7 @@ class HybridExperts:
         streamed = np.zeros_like(resident)
         if self.gpu_share > 0 and not resident.all():
             others, uses = np.unique(ids[~resident], return_counts=True)
-            n = int(round(len(others) * self.gpu_share))
+            n = min(int(round(len(others) * self.gpu_share)), self.staging_slots)
             chosen = others[np.argsort(-uses, kind="stable")[:n]]  # the most used ones save the most CPU work
             if len(chosen):
                 self._stream_in(slot, chosen)
@@ -316,7 +339,9 @@ class HybridExperts:
         return moe_gemv(x, self._pcie_staging(k), weights, self._pcie_slots.view(1, k), out=add_to, accumulate=True)
 
     def _pcie_staging(self, k: int) -> GPUExperts:
-        return slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer, idle in decode
+        if k > self.staging_slots:
+            raise ValueError(f"a decode step streams up to {self.staging_slots} experts a layer, not {k}")
+        return slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer's staging slots
 
     @property
     def cpu_expert_nbytes(self) -> int:
