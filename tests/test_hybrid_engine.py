@@ -348,15 +348,16 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     import krasis.engine.hybrid_load as hybrid_load
 
     name = "deepseek_v2_lite_like"
-    # the tiny model's buffers hold 8 experts: decode keeps 2 + 2 of each for staging, the cache is given 3 slots of
-    # its own (instead of all 16 experts), so the lent slots decide what is resident
+    # the tiny model's buffers hold 8 experts: decode keeps 2 of the first and 4 (its top-k) of the second for
+    # staging, the cache is given 3 slots of its own (instead of all 16 experts), so the lent slots decide what is
+    # resident
     monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
-    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 2)
+    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
     plan_vram = hybrid_load.plan_vram
     monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
     llm = hybrid(tiny_checkpoint(name)[1])
     hcs = llm.runtime.hcs
-    assert len(hcs.lendable) == 12 and hcs.slots == 15
+    assert len(hcs.lendable) == 10 and hcs.slots == 13
     lend, emptied = hcs.lend, []
     monkeypatch.setattr(hcs, "lend", lambda on: emptied.append(lend(on)) if not on else lend(on))
     for seed in (31, 32):  # the second prompt streams through the buffers again: they are emptied, then refilled
