@@ -343,6 +343,19 @@ def test_lent_slots_fill_with_the_hottest_after_the_ones_always_usable_and_are_e
         assert cache.table_host[layer, expert] == slot and torch.equal(storage.w13[slot], host[layer].w13[expert])
 
 
+def test_a_hot_cache_with_no_slots_of_its_own_still_fills_the_lent_ones():
+    from krasis.engine.expert_stream import empty_experts_like
+    from krasis.engine.hot_cache import HotExpertCache
+
+    host = _random_host_experts(layers=1, experts=4)
+    cache = HotExpertCache(host, 0, torch.device("cpu"), storage=empty_experts_like(host[0], 2, "cpu"),
+                           lendable=range(0, 2))
+    assert cache.slots == 2
+    cache.record_step([0], np.array([[3, 3, 3, 1]]))
+    assert cache.refill() == 2 and sorted(cache.resident) == [(0, 1), (0, 3)]
+    assert cache.lend(False) == 2 and cache.slots == 0 and (cache.table_host < 0).all()
+
+
 def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(hybrid, tiny_checkpoint, cpu_logits,
                                                                                monkeypatch):
     import krasis.engine.hybrid_load as hybrid_load

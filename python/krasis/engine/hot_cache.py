@@ -47,7 +47,7 @@ class HotExpertCache:
         total = storage.num_experts if storage is not None else 0
         self.usable = np.zeros(total, dtype=bool)  # slots that may hold an expert now
         self.usable[: self.slots] = True
-        self.lendable = np.asarray(lendable if lendable is not None and self.slots else [], dtype=np.int64)
+        self.lendable = np.asarray(lendable if lendable is not None else [], dtype=np.int64)
         self.lent = False
         self.table_host = np.full((self.num_layers, self.num_experts), -1, dtype=np.int64)
         self.table = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=device)

@@ -180,9 +180,9 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
     runtime = None
     if host:
         # a hot cache sized by hand (--hcs-experts) stays that size; otherwise it also holds experts in prefill's
-        # buffers between prompts
+        # buffers between prompts (even when the plan leaves it no slots of its own)
         runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device,
-                                lend_buffers=options.hcs_experts is None)
+                                lend_buffers=options.hcs and options.hcs_experts is None)
         if len(runtime.hcs.lendable):
             log.info("hot-expert cache: %d more experts in prefill's streaming buffers between prompts (decode "
                      "keeps %d + %d of their slots for prefetch and streamed experts; a prompt empties them and "

@@ -47,7 +47,7 @@ class HybridExperts:
         per_buffer = group_size * e
         self.prefetch_slots = min(per_buffer, 2 * PREFETCH_MAX)
         self.staging_slots = min(per_buffer, DECODE_STAGING)
-        if host and hcs_slots and lend_buffers:
+        if host and lend_buffers:
             # one allocation: the hot cache's own slots, then prefill's two buffers, whose slots past decode's
             # staging the cache holds experts in between prompts
             base = min(hcs_slots, len(host) * e)
