@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -60,3 +62,31 @@ def test_each_step_waits_for_its_own_launch():
     for i in range(3):
         link.run(lambda i=i: replays.append(i), threaded=False)
         assert replays == list(range(i + 1)), "run returns only once its replay has been queued"
+
+
+def test_an_abort_waits_for_a_launch_still_pending():
+    link = link_with(lambda: None)
+    link.run(lambda: None, threaded=False)  # the launcher exists
+    queued = threading.Event()
+
+    def slow_replay():
+        time.sleep(0.2)
+        queued.set()
+
+    link._launcher.start(slow_replay, None)  # as if the wait for its result had been interrupted
+    link._abort()
+    assert queued.is_set() and not link._launcher.pending, "the GPU is waited for only once the replay is queued"
+    replays = []
+    link.run(lambda: replays.append(1), threaded=False)
+    assert replays == [1]
+
+
+def test_the_launch_thread_ends_with_its_link():
+    before = {t for t in threading.enumerate() if t.name == "krasis-graph-launch"}
+    link = link_with(lambda: None)
+    link.run(lambda: None, threaded=False)
+    (thread,) = {t for t in threading.enumerate() if t.name == "krasis-graph-launch"} - before
+    del link
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()

@@ -372,7 +372,13 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     hcs = llm.runtime.hcs
     assert len(hcs.lendable) == 10 and hcs.slots == 13
     lend, emptied = hcs.lend, []
-    monkeypatch.setattr(hcs, "lend", lambda on: emptied.append(lend(on)) if not on else lend(on))
+    def recording(on: bool) -> int:
+        changed = lend(on)
+        if not on:
+            emptied.append(changed)
+        return changed
+
+    monkeypatch.setattr(hcs, "lend", recording)
     for seed in (31, 32):  # the second prompt streams through the buffers again: they are emptied, then refilled
         ids = random_prompt(48, seed=seed)
         stream = llm.stream(ids, max_new_tokens=8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -113,6 +114,8 @@ class HostLink:
     def _abort(self) -> None:
         """Let a step in flight finish at once (its remaining waits pass), then start both counters afresh."""
         self._flags[1] = _RELEASE_ALL
+        if self._launcher is not None:  # its replay queued (or failed) before the GPU is waited for
+            self._launcher.settle()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seq.zero_()
@@ -120,33 +123,49 @@ class HostLink:
 
 
 class _Launcher:
-    """A daemon thread that runs the work it is handed (graph replays) one at a time, on a given stream."""
+    """A daemon thread that runs the work it is handed (graph replays) one at a time, on a given stream. The thread
+    holds only the queues, so the launcher (and the graph its last work replayed) can be collected: the thread
+    then ends."""
 
     def __init__(self):
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="krasis-graph-launch", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            work, stream = self._todo.get()
-            try:
-                if stream is None:
-                    work()
-                else:
-                    with torch.cuda.stream(stream):  # the current stream is per thread: the caller's is used
-                        work()
-            except BaseException as e:  # handed back to the caller
-                self._done.put(e)
-            else:
-                self._done.put(None)
+        self.pending = False  # work started whose result has not been taken
+        threading.Thread(target=_launch_loop, args=(self._todo, self._done), name="krasis-graph-launch",
+                         daemon=True).start()
+        weakref.finalize(self, self._todo.put, None)
 
     def start(self, work: Callable[[], None], stream: torch.cuda.Stream | None) -> None:
+        self.settle()  # a result left by an interrupted wait belongs to an earlier step
+        self.pending = True
         self._todo.put((work, stream))
 
     def finish(self, raise_error: bool = True) -> BaseException | None:
         """Wait for the work started last; raise its error (or, with ``raise_error`` off, return it)."""
         error = self._done.get()
+        self.pending = False
         if error is not None and raise_error:
             raise error
         return error
+
+    def settle(self) -> None:
+        """Wait for work still pending, whatever its outcome (after an error or an interrupted wait)."""
+        if self.pending:
+            self.finish(raise_error=False)
+
+
+def _launch_loop(todo: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
+    """The launcher thread: run each (work, stream) from ``todo``, put its error or None on ``done``; stop at None."""
+    while (item := todo.get()) is not None:
+        work, stream = item
+        try:
+            if stream is None:
+                work()
+            else:
+                with torch.cuda.stream(stream):  # the current stream is per thread: the caller's is used
+                    work()
+        except BaseException as e:  # handed back to the caller
+            done.put(e)
+        else:
+            done.put(None)
+        del item, work, stream  # nothing of the last step kept alive while waiting for the next

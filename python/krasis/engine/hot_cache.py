@@ -49,6 +49,7 @@ class HotExpertCache:
         self.usable[: self.slots] = True
         self.lendable = np.asarray(lendable if lendable is not None else [], dtype=np.int64)
         self.lent = False
+        self.capacity = self.slots + len(self.lendable)  # the most slots ever usable
         self.table_host = np.full((self.num_layers, self.num_experts), -1, dtype=np.int64)
         self.table = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=device)
         self.resident: list[tuple[int, int] | None] = [None] * total

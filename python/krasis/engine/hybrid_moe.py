@@ -17,7 +17,7 @@ from ..kernels import GPUExperts, fused_moe
 from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
 from .decode_modes import DECODE_MODES, AutoSplit
-from .device_sync import current_stream, new_event, pinned
+from .device_sync import current_stream, join, new_event, pinned
 from .expert_stream import ExpertStreamer, copy_experts, empty_experts_like, slice_experts
 from .hot_cache import UPDATE_EVERY, HotExpertCache
 
@@ -45,8 +45,10 @@ class HybridExperts:
         self.host, self.store, self.device = host, store, torch.device(device)
         e = host[0].num_experts if host else 0
         per_buffer = group_size * e
-        self.prefetch_slots = min(per_buffer, 2 * PREFETCH_MAX)
-        self.staging_slots = min(per_buffer, DECODE_STAGING)
+        # staging slots of decode in the first buffer (prefetch) and the second (streamed experts): all of each,
+        # except where the hot cache is lent the rest
+        self.prefetch_slots = min(per_buffer, 2 * PREFETCH_MAX) if lend_buffers else per_buffer
+        self.staging_slots = min(per_buffer, DECODE_STAGING) if lend_buffers else per_buffer
         if host and lend_buffers:
             # one allocation: the hot cache's own slots, then prefill's two buffers, whose slots past decode's
             # staging the cache holds experts in between prompts
@@ -132,7 +134,7 @@ class HybridExperts:
         self.streaming = num_tokens > DECODE_MAX_TOKENS
         if self.auto is not None:
             self._time_step(num_tokens)
-        if num_tokens == 1 and self.hcs.slots:
+        if num_tokens == 1 and self.hcs.capacity:
             # the hot cache follows decode's routing: a few swaps every UPDATE_EVERY steps, copied in the background
             # and added to the tables at the start of the first step after their copies landed
             self.hcs.install_copied()
@@ -178,6 +180,8 @@ class HybridExperts:
         seen so far."""
         if self.hcs.lend(True):
             self.streamer.loaded = [None, None]  # what prefill left in the buffers is about to be overwritten
+            # a pass cut short (an error mid-prompt) may leave a group's copy in flight into the buffers
+            join(self.streamer.copy_stream, self.device)
         self.hcs.refill()
 
     def forward(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -219,7 +223,7 @@ class HybridExperts:
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The hot-cache experts' share of a decode step, [T, H] bf16, or written to ``out`` (float32 [T, H]);
         experts not resident contribute nothing. None without a hot cache (``out`` untouched). No host sync."""
-        if not self.hcs.slots:
+        if not self.hcs.capacity:  # not the slots usable now: a captured graph must serve lent slots later too
             return None
         if out is not None:
             return moe_gemv(x, self.hcs.experts, weights, self.hcs.table[slot][ids], out=out)
