@@ -390,6 +390,18 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     assert llm.engine_report()["hcs_coverage"] > 0.5
 
 
+def test_the_hot_cache_refill_after_a_prompt_waits_for_the_first_token(hybrid, tiny_checkpoint, monkeypatch):
+    import krasis.llm as llm_module
+
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1])
+    events = []
+    sample, end_prefill = llm_module.sample, llm.runtime.end_prefill
+    monkeypatch.setattr(llm_module, "sample", lambda *a, **kw: events.append("token") or sample(*a, **kw))
+    monkeypatch.setattr(llm.runtime, "end_prefill", lambda: events.append("refill") or end_prefill())
+    llm.generate(random_prompt(40, seed=5), max_new_tokens=3)
+    assert events == ["token", "refill", "token", "token"]
+
+
 def test_fp8_kv_cache_stays_close_to_bf16(hybrid, tiny_checkpoint):
     path = tiny_checkpoint("deepseek_v2_lite_like")[1]
     ids = random_prompt(80, seed=5)

@@ -366,16 +366,18 @@ class LLM:
             return KVCache(self.spec, self.dtype, self.device, kv_dtype=self.kv_dtype, max_tokens=self.plan.kv_tokens)
         return KVCache(self.spec, self.dtype, self.device, kv_dtype=self.kv_dtype)
 
-    def _prefill(self, tokens: torch.Tensor, cache: KVCache, start: int, on_hidden=None) -> torch.Tensor:
+    def _prefill(self, tokens: torch.Tensor, cache: KVCache, start: int, on_hidden=None,
+                 end: bool = True) -> torch.Tensor:
         """Run the prompt tokens [start:] in chunks of the VRAM plan's size; returns the last position's
-        hidden state [1, hidden]; ``on_hidden(hidden)`` sees every chunk's hidden states."""
+        hidden state [1, hidden]; ``on_hidden(hidden)`` sees every chunk's hidden states. ``end``: let the GPU
+        engine refresh its hot-expert cache now (otherwise the caller does, before decoding)."""
         chunk = self.plan.chunk_tokens if self.plan is not None else len(tokens)
         hidden = None
         for first in range(start, len(tokens), chunk):
             hidden = self._forward(tokens[first:first + chunk], cache, first)
             if on_hidden is not None:
                 on_hidden(hidden)
-        if self.runtime is not None:
+        if end and self.runtime is not None:
             self.runtime.end_prefill()
         return hidden[-1:]
 
@@ -422,7 +424,7 @@ class LLM:
         history = list(token_ids)
         if reuse_prefix:
             self._session = (cache, history)
-        hidden = self._prefill(tokens, cache, start)
+        hidden = self._prefill(tokens, cache, start, end=False)
         if reuse_prefix:
             cache.snapshot()  # linear-attention state at the prompt's end, for the next call's prefix reuse
         counts = None
@@ -432,6 +434,9 @@ class LLM:
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator, min_p=min_p,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, counts=counts)
+            if step == 0 and self.runtime is not None:
+                # the hot cache's refill (copies queued on the stream) after the first token, not before it
+                self.runtime.end_prefill()
             if counts is not None:
                 counts[token] += 1
             yield token
