@@ -31,10 +31,8 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 WAIT, SIGNAL = "_wait_kernel", "_signal_kernel"
 
 
-def gpu_events(trace_path: Path) -> list[dict]:
-    """The trace's GPU activities (kernels, copies, memsets) in start order: dicts with name, ts, dur (µs)."""
-    with open(trace_path) as fh:
-        events = json.load(fh)["traceEvents"]
+def gpu_events(events: list[dict]) -> list[dict]:
+    """A trace's GPU activities (kernels, copies, memsets) in start order: dicts with name, ts, dur (µs)."""
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e]
     return sorted(gpu, key=lambda e: float(e["ts"]))
 
@@ -124,7 +122,9 @@ def main() -> None:
         pass
     trace = args.trace or Path(tempfile.mkdtemp()) / "decode_trace.json"
     prof.export_chrome_trace(str(trace))
-    events = gpu_events(trace)
+    with open(trace) as fh:
+        traced = json.load(fh)["traceEvents"]
+    events = gpu_events(traced)
     waits = [e for e in events if WAIT in e["name"]]
     if waits and "stream" in waits[0].get("args", {}):
         # the step's own stream (a prefetch's side stream runs beside it and is not what the host waits for)
@@ -159,9 +159,8 @@ def main() -> None:
     wait_us = sum(float(e["dur"]) for e in waits) / len(waits)
     print(f"wait kernels (the GPU waiting for the CPU experts): mean {wait_us:.1f} µs")
     step_edges(events, len(llm._graphs.link.slots))
-    with open(trace) as fh:
-        launches = [float(e["dur"]) for e in json.load(fh)["traceEvents"]
-                    if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch" and "dur" in e]
+    launches = [float(e["dur"]) for e in traced
+                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch" and "dur" in e]
     if launches:
         print(f"cudaGraphLaunch: {len(launches)} calls, mean {sum(launches) / len(launches):.1f} µs of the "
               "launching thread's time (under the profiler)")
@@ -180,7 +179,9 @@ def step_edges(events: list[dict], moe_layers: int) -> None:
             break
         edge = events[last + 1: first_signal + 1]
         start = float(events[last]["ts"]) + float(events[last]["dur"])
-        ends = [start] + [max(float(e["ts"]) + float(e["dur"]) for e in edge[: j + 1]) for j in range(len(edge))]
+        ends = [start]  # ends[j]: when the GPU's work before edge[j] had all ended
+        for e in edge:
+            ends.append(max(ends[-1], float(e["ts"]) + float(e["dur"])))
         idle = [float(e["ts"]) - ends[j] for j, e in enumerate(edge)]
         cut = max(range(len(edge)), key=lambda j: idle[j])
         tails.append(ends[cut] - start)
