@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..kernels.host_signal import signal_host, wait_host
-from .device_sync import pinned
+from .device_sync import current_stream, on_stream, pinned
 from .hybrid_moe import HybridExperts
 
 # Written to the answer flag to let every remaining wait of a broken step pass at once.
@@ -73,7 +73,7 @@ class HostLink:
         the handshakes; a failed launch is raised in place of the wait it caused."""
         if self._launcher is None:
             self._launcher = _Launcher()
-        self._launcher.start(work, torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
+        self._launcher.start(work, current_stream(self.device))
         try:
             self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
         except BaseException as served:
@@ -159,11 +159,8 @@ def _launch_loop(todo: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
     while (item := todo.get()) is not None:
         work, stream = item
         try:
-            if stream is None:
+            with on_stream(stream):  # the current stream is per thread: the caller's is used
                 work()
-            else:
-                with torch.cuda.stream(stream):  # the current stream is per thread: the caller's is used
-                    work()
         except BaseException as e:  # handed back to the caller
             done.put(e)
         else:

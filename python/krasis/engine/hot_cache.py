@@ -8,6 +8,7 @@ experts through them (``lend``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class HotExpertCache:
     routing counts that choose what is resident."""
 
     def __init__(self, host: list[GPUExperts], slots: int, device: torch.device, storage: GPUExperts | None = None,
-                 lendable: range | None = None):
+                 lendable: Sequence[int] | None = None):
         """``slots`` always usable; with ``storage`` (GPUExperts holding at least those first) the slots
         ``lendable`` of it are usable while lent (from the start, until ``lend(False)``)."""
         self.host, self.device = host, device
@@ -73,12 +74,12 @@ class HotExpertCache:
         again. Returns the slots added (on) or emptied (off)."""
         if not len(self.lendable) or on == self.lent:
             return 0
-        self.install_copied(wait=True)  # a between-step update may be copying into a lendable slot
         self.lent = on
         if on:
             self.usable[self.lendable] = True
             changed = len(self.lendable)
         else:
+            self.install_copied(wait=True)  # a between-step update may be copying into a lendable slot
             out = [(int(s), None) for s in self.lendable if self.resident[s] is not None]
             self._evict(out)
             self.usable[self.lendable] = False
