@@ -171,6 +171,8 @@ def main() -> None:
         print(f"| {r['prompt_tokens']:,} | {mode} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
               f"{r['nonresident_bytes_per_token'] / 1e6:.0f} | {r['streamed_share']:.0%} ({r['final_gpu_share']:.2f}) "
               f"| {pf} | {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")
+    print(f"VRAM: at most {torch.cuda.max_memory_reserved() / 2**20:,.0f} MiB reserved by torch's allocator "
+          f"(budget {args.vram_budget_mb:,} MiB)")
     print("\nCPU expert calls in decode, us per call by phase:")
     for r in rows:
         print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} prefetch {r['prefetch']} " +

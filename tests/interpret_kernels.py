@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from krasis.engine.expert_stream import copy_experts, empty_experts_like, slice_experts
 from krasis.kernels import (
     GPUExperts,
     align_by_expert,
@@ -40,7 +41,7 @@ from krasis.kernels.fused_norm import add_rms_norm
 from krasis.kernels.host_signal import signal_host, wait_host
 from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
-from krasis.kernels.moe_decode import moe_gemv
+from krasis.kernels.moe_decode import extra_slot_addresses, moe_gemv
 from krasis.kernels.prefetch_decode import copy_predicted, predict_experts
 from krasis.kernels.quant_moe import DECODE, MEDIUM, PREFILL, PREFILL_INT4
 from krasis.kernels.rotary import rotary, rotary_pair
@@ -212,6 +213,29 @@ def check_moe_gemv(size: Size, device: torch.device, bits: int, group: int) -> N
     assert err < REL_TOL, f"relative error {err:.3g} (bits={bits}, group={group})"
     assert rel_norm_err(moe_gemv(x, experts, weights, ids.to(torch.int32)), want) < REL_TOL, "int32 ids"
     assert torch.all(moe_gemv(x, experts, weights, torch.full_like(ids, -1)) == 0)
+
+
+def check_moe_gemv_extra_slots(size: Size, device: torch.device) -> None:
+    """Slots past the experts' own, in two other allocations named by an address table, compute their experts; a
+    row of the table not named by any id is never read (address 0)."""
+    whole = random_experts(size, 4, 32, device, count=size.experts + 5)
+    e = size.experts
+    # three allocations of their own (slots past own's must not just read on in ``whole``)
+    own, *parts = (empty_experts_like(whole, n, device) for n in (e, 2, 3))
+    for dst, start in zip((own, *parts), (0, e, e + 2), strict=True):
+        copy_experts(dst, slice_experts(whole, start, start + dst.num_experts))
+    extra = torch.cat([extra_slot_addresses(p) for p in parts] + [torch.zeros(1, 4, dtype=torch.int64)]).to(device)
+    tokens = 2
+    x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
+    weights, ids = random_routing(tokens, size, device)
+    ids[0, : min(3, size.top_k)] = torch.tensor([e, e + 4, 0][: size.top_k], device=device)
+    ids[1, 0] = e + 2
+    ids[1, -1] = e + 6  # past the table: skipped like an id past the experts
+    want_ids = ids.clone()
+    want_ids[1, -1] = -1
+    out = moe_gemv(x, own, weights, ids, extra=extra.contiguous())
+    want = reference_moe(x, whole, weights, want_ids)
+    assert rel_norm_err(out, want) < REL_TOL, "extra slots"
 
 
 def check_quant_linear(size: Size, device: torch.device, bits: int, group: int, config=None) -> None:
@@ -503,6 +527,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     wide = replace(size, hidden=4 * size.hidden)
     out["quant_linear[int4-g64-4-steps]"] = lambda d: check_quant_linear(wide, d, 4, 64)
     out["moe_gemv[int4-g64-4-steps]"] = lambda d: check_moe_gemv(wide, d, 4, 64)
+    out["moe_gemv_extra_slots"] = lambda d: check_moe_gemv_extra_slots(size, d)
     out["skipped_pairs"] = lambda d: check_skipped_pairs(size, d)
     for offset in (0.0, 1.0):
         out[f"add_rms_norm[offset={offset:g}]"] = lambda d, o=offset: check_add_rms_norm(size, d, o)

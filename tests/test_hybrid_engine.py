@@ -343,6 +343,47 @@ def test_lent_slots_fill_with_the_hottest_after_the_ones_always_usable_and_are_e
         assert cache.table_host[layer, expert] == slot and torch.equal(storage.w13[slot], host[layer].w13[expert])
 
 
+def test_extra_slots_are_allocated_when_lent_as_far_as_the_allocator_allows_and_freed_when_taken_back(monkeypatch):
+    import krasis.engine.hot_cache as hot_cache
+    from krasis.engine.expert_stream import empty_experts_like
+
+    host = _random_host_experts(layers=2, experts=4)
+    allocations = []
+
+    def allocate(template, count, device):
+        if len(allocations) == 2:
+            raise torch.OutOfMemoryError("the VRAM cap")
+        allocations.append(count)
+        return empty_experts_like(template, count, device)
+
+    monkeypatch.setattr(hot_cache, "EXTRA_CHUNK", 2)
+    monkeypatch.setattr(hot_cache, "empty_experts_like", allocate)
+    cache = hot_cache.HotExpertCache(host, 1, torch.device("cpu"), storage=empty_experts_like(host[0], 1, "cpu"),
+                                     extra_slots=5)
+    assert allocations == [2, 2] and cache.slots == 5 and cache.capacity == 6, "the third chunk was refused"
+    cache.record_step([0, 1], np.array([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 2, 2]]))
+    assert cache.refill() == 5
+    for slot, (layer, expert) in ((s, r) for s, r in enumerate(cache.resident) if r is not None):
+        assert cache.table_host[layer, expert] == slot
+        assert torch.equal(cache._slot(slot).w13[0], host[layer].w13[expert])
+    assert cache.extra_table[:4, 0].tolist() == [cache._slot(s).w13.data_ptr() for s in range(1, 5)]
+    assert cache.lend(False) == 4 and cache.slots == 1 and cache._extra_parts == []
+    assert (cache.table_host >= 0).sum() == 1
+    allocations.clear()
+    assert cache.lend(True) == 4 and cache.refill() == 4
+
+
+def test_a_background_refill_leaves_the_tables_until_its_copies_are_installed():
+    from krasis.engine.hot_cache import HotExpertCache
+
+    cache = HotExpertCache(_random_host_experts(layers=1, experts=4), 2, torch.device("cpu"))
+    cache.record_step([0], np.array([[2, 2, 2, 1, 1, 0]]))
+    assert cache.refill(background=True) == 2
+    assert cache.resident == [None, None] and (cache.table_host < 0).all(), "nothing resident before the install"
+    assert cache.install_copied() == 2 and sorted(cache.resident) == [(0, 1), (0, 2)]
+    assert torch.equal(cache.table, torch.from_numpy(cache.table_host).to(torch.int32))
+
+
 def test_a_hot_cache_with_no_slots_of_its_own_still_fills_the_lent_ones():
     from krasis.engine.expert_stream import empty_experts_like
     from krasis.engine.hot_cache import HotExpertCache
@@ -368,6 +409,7 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
     plan_vram = hybrid_load.plan_vram
     monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    monkeypatch.setattr(hybrid_load, "EXTRA_SHARE", 0.0)  # no extra slots: the buffers' alone
     llm = hybrid(tiny_checkpoint(name)[1])
     hcs = llm.runtime.hcs
     assert len(hcs.lendable) == 10 and hcs.slots == 13
@@ -382,12 +424,44 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     for seed in (31, 32):  # the second prompt streams through the buffers again: they are emptied, then refilled
         ids = random_prompt(48, seed=seed)
         stream = llm.stream(ids, max_new_tokens=8)
-        out = [next(stream)]
+        out = list(stream)
         assert hcs.lent and sum(hcs.resident[s] is not None for s in hcs.lendable) > 0
-        out += list(stream)
         _assert_cpu_path_argmax(cpu_logits, name, ids, out)
     assert len(emptied) == 2 and emptied[1] > 0, "the second prompt took back slots that held experts"
     assert llm.engine_report()["hcs_coverage"] > 0.5
+
+
+def test_extra_slots_in_prefill_activation_memory_change_no_token(hybrid, tiny_checkpoint, cpu_logits, monkeypatch):
+    import krasis.engine.hybrid_load as hybrid_load
+
+    name = "deepseek_v2_lite_like"
+    # as above, 3 slots of the cache's own and 10 lent ones; the activation memory gives the 3 experts left
+    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
+    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
+    plan_vram = hybrid_load.plan_vram
+    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    llm = hybrid(tiny_checkpoint(name)[1])
+    hcs = llm.runtime.hcs
+    assert hcs.extra == 3 and hcs.slots == hcs.capacity == 16
+    extra = range(hcs.stored, hcs.stored + hcs.extra)
+    lend, parts_while_taken = hcs.lend, []
+
+    def recording(on: bool) -> int:
+        changed = lend(on)
+        if not on:
+            parts_while_taken.append(len(hcs._extra_parts))
+        return changed
+
+    monkeypatch.setattr(hcs, "lend", recording)
+    # each streamed prompt frees the extra slots' memory; they are allocated and filled again after it; the short
+    # prompt is prefilled by the hot cache and the CPU (several tokens a step) with the extra slots in use
+    for seed, length in ((33, 48), (34, 48), (35, 20)):
+        ids = random_prompt(length, seed=seed)
+        out = list(llm.stream(ids, max_new_tokens=8))
+        assert sum(hcs.resident[s] is not None for s in extra) == 3
+        _assert_cpu_path_argmax(cpu_logits, name, ids, out)
+    assert parts_while_taken == [0, 0], "the memory was freed while the streamed prompts ran"
+    assert llm.engine_report()["hcs_coverage"] == 1.0
 
 
 def test_the_hot_cache_refill_after_a_prompt_waits_for_the_first_token(hybrid, tiny_checkpoint, monkeypatch):

@@ -302,6 +302,7 @@ class LLM:
             raise InvalidInputError(NO_HOT_CACHE)
         for ids in prompts:
             self._prefill(self._check_tokens(ids), self.new_cache(), 0)
+        self.runtime.hcs.install_copied(wait=True)  # the last refill's copies run in the background
         return sum(r is not None for r in self.runtime.hcs.resident)
 
     def engine_report(self) -> dict:

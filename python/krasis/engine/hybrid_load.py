@@ -31,6 +31,9 @@ log = logging.getLogger("krasis")
 DEFAULT_FREE_MARGIN = 1024 * MiB
 # The budget planned with when the hybrid engine runs on the CPU (tests) and none is given.
 CPU_EMULATED_BUDGET_MB = 4096
+# Share of the memory planned for prefill's activations that holds hot experts between prompts (the rest stays
+# free for what decode allocates as the context grows, e.g. the graphs of a longer context).
+EXTRA_SHARE = 0.9
 
 
 @dataclass
@@ -181,13 +184,21 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
     if host:
         # a hot cache sized by hand (--hcs-experts) stays that size; otherwise it also holds experts in prefill's
         # buffers between prompts (even when the plan leaves it no slots of its own)
-        runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device,
-                                lend_buffers=options.hcs and options.hcs_experts is None)
-        if len(runtime.hcs.lendable):
+        lend = options.hcs and options.hcs_experts is None
+        extra = int(plan.activation_bytes * EXTRA_SHARE) // needs.expert if lend else 0
+        runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device, lend_buffers=lend,
+                                extra_slots=extra)
+        hcs = runtime.hcs
+        if len(hcs.lendable):
             log.info("hot-expert cache: %d more experts in prefill's streaming buffers between prompts (decode "
                      "keeps %d + %d of their slots for prefetch and streamed experts; a prompt empties them and "
-                     "they are refilled after it)", len(runtime.hcs.lendable), runtime.prefetch_slots,
+                     "they are refilled after it)", len(hcs.lendable), runtime.prefetch_slots,
                      runtime.staging_slots)
+        if hcs.extra:
+            log.info("hot-expert cache: %d more experts (%d allocated now) in the memory prefill's activations use "
+                     "while a prompt runs (%.0f%% of it), freed before a prompt streams experts and allocated "
+                     "again after it", hcs.extra, hcs.slots - plan.hcs_slots - len(hcs.lendable),
+                     100 * EXTRA_SHARE)
         for layer in layers:
             layer.owner = runtime
         log.info("routed experts: %d layers x %d in pinned host memory (%.2f GB, GPU layout, INT%d) for "

@@ -41,7 +41,9 @@ class HybridExperts:
     layer), and the statistics that say how decode was served."""
 
     def __init__(self, host: list[GPUExperts], store: ExpertStore | GgufExpertStore, group_size: int, hcs_slots: int,
-                 device: torch.device, lend_buffers: bool = True):
+                 device: torch.device, lend_buffers: bool = True, extra_slots: int = 0):
+        """``lend_buffers``: the hot cache also holds experts in prefill's buffers between prompts, and in up to
+        ``extra_slots`` more slots allocated between prompts (in the memory prefill's activations take)."""
         self.host, self.store, self.device = host, store, torch.device(device)
         e = host[0].num_experts if host else 0
         per_buffer = group_size * e
@@ -58,7 +60,9 @@ class HybridExperts:
             lendable = [*range(base + self.prefetch_slots, base + per_buffer),
                         *range(base + per_buffer + self.staging_slots, base + 2 * per_buffer)]
             self.streamer = ExpertStreamer(host, group_size, self.device, buffers=buffers)
-            self.hcs = HotExpertCache(host, hcs_slots, self.device, storage=storage, lendable=lendable)
+            extra_slots = max(0, min(extra_slots, len(host) * e - base - len(lendable)))  # no more than all experts
+            self.hcs = HotExpertCache(host, hcs_slots, self.device, storage=storage, lendable=lendable,
+                                      extra_slots=extra_slots)
         else:
             self.streamer = ExpertStreamer(host, group_size, self.device)
             self.hcs = HotExpertCache(host, hcs_slots, self.device)
@@ -182,7 +186,8 @@ class HybridExperts:
             self.streamer.loaded = [None, None]  # what prefill left in the buffers is about to be overwritten
             # a pass cut short (an error mid-prompt) may leave a group's copy in flight into the buffers
             join(self.streamer.copy_stream, self.device)
-        self.hcs.refill()
+        # copied behind the first decode steps, which run the experts not yet in on the CPU
+        self.hcs.refill(background=True)
 
     def forward(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         weights = weights.float()
@@ -225,9 +230,15 @@ class HybridExperts:
         experts not resident contribute nothing. None without a hot cache (``out`` untouched). No host sync."""
         if not self.hcs.capacity:  # not the slots usable now: a captured graph must serve lent slots later too
             return None
+        experts, extra, slots = self.hcs.experts, self.hcs.extra_table, self.hcs.table[slot][ids]
         if out is not None:
-            return moe_gemv(x, self.hcs.experts, weights, self.hcs.table[slot][ids], out=out)
-        return fused_moe(x, self.hcs.experts, weights, self.hcs.table[slot][ids])
+            return moe_gemv(x, experts, weights, slots, out=out, extra=extra)
+        y = fused_moe(x, experts, weights, slots)  # the slots past the storage (extra ones) are skipped here
+        if extra is None:
+            return y
+        # the grouped kernel has no address table: the extra slots' pairs go through the matrix-vector kernels
+        in_extra = torch.where(slots >= experts.num_experts, slots, -1)
+        return (y.float() + moe_gemv(x, experts, weights, in_extra, extra=extra)).to(torch.bfloat16)
 
     def wait(self, event) -> None:
         """Block until ``event`` (a decode step's staged copy) has happened, counting the time waited."""

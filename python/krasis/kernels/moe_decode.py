@@ -9,6 +9,10 @@ needs no extra add). Three launches whatever k is; pairs whose id is outside [0,
 
 Weights are the GPU layout (``gpu_layout``): N contiguous, so a program's loads run along its column block.
 Dequantisation is the grouped kernel's: integers exact in float32, scale per (group, column).
+
+Slots past the experts' own (``extra``) live in separate allocations named by a device table of addresses, so
+the hot cache can hold experts in memory it takes and gives back between prompts while a captured CUDA graph
+(which holds the table's address, not the slots') stays valid.
 """
 
 from __future__ import annotations
@@ -22,20 +26,36 @@ from .gpu_layout import GPUExperts
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
+def _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, COL: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Where slot ``e``'s packed weights and scales start: in the tensors below E, else at the addresses in row
+    e - E of the extra table (its columns COL and COL + 1)."""
+    w = w_ptr + e * stride_we
+    s = s_ptr + e * stride_se
+    if HAS_EXTRA:
+        if e >= E:
+            row = extra_ptr + (e - E) * 4 + COL
+            # 16-byte aligned (``extra_slot_addresses`` checks): the loads stay as wide as the tensors' own
+            w = tl.multiple_of(tl.load(row), 16).to(tl.pointer_type(w_ptr.dtype.element_ty))
+            s = tl.multiple_of(tl.load(row + 1), 16).to(tl.pointer_type(s_ptr.dtype.element_ty))
+    return w, s
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E_EXTRA,
                     stride_x, stride_we, stride_wk, stride_se, stride_sk, stride_act,
                     TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-                    UNROLL: tl.constexpr):
+                    UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    if (e < 0) | (e >= E):  # not this device's expert: the down kernel skips the pair too
+    if (e < 0) | (e >= E + E_EXTRA):  # not this device's expert: the down kernel skips the pair too
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
-    w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
-    s_base = s_ptr + e * stride_se + offs_n
+    w_e, s_e = _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, 0, HAS_EXTRA)
+    w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
+    s_base = s_e + offs_n
     gate = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     for k1 in range(0, K, BLOCK_K * UNROLL):
@@ -52,19 +72,20 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, I, E,
 
 
 @triton.jit
-def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, out_ptr, K, H, E,
+def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, extra_ptr, out_ptr, K, H, E, E_EXTRA,
                  stride_act, stride_we, stride_wk, stride_se, stride_sk, stride_out,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
+                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     e = tl.load(ids_ptr + pair).to(tl.int64)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if (e >= 0) & (e < E):
+    if (e >= 0) & (e < E + E_EXTRA):
         a_row = act_ptr + pair * stride_act
-        w_base = w_ptr + e * stride_we + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
-        s_base = s_ptr + e * stride_se + offs_n
+        w_e, s_e = _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, 2, HAS_EXTRA)
+        w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
+        s_base = s_e + offs_n
         tile = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
         for k1 in range(0, K, BLOCK_K * UNROLL):
             for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
@@ -90,14 +111,29 @@ def _sum_pairs_kernel(pairs_ptr, out_ptr, H, stride_pairs, stride_out, TOP_K: tl
     tl.store(out_ptr + t * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def extra_slot_addresses(slots: GPUExperts) -> torch.Tensor:
+    """Rows for ``moe_gemv``'s ``extra`` table: int64 [n, 4] byte addresses of each of ``slots``' experts' w13, s13,
+    w2 and s2 (on the host; copy them into the table)."""
+    cols = [t.data_ptr() + t.stride(0) * t.element_size() * torch.arange(slots.num_experts, dtype=torch.int64)
+            for t in (slots.w13, slots.s13, slots.w2, slots.s2)]
+    table = torch.stack(cols, dim=1)
+    if (table % 16).any():
+        raise ValueError("extra expert slots must start at 16-byte aligned addresses (the kernels load them wide)")
+    return table
+
+
 def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-             out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+             out: torch.Tensor | None = None, accumulate: bool = False,
+             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of a few tokens: out[t] (+)= sum_j w[t, j] * down(silu(gate x[t]) * up x[t]) of expert
-    ids[t, j] (ids outside [0, E) contribute nothing).
+    ids[t, j] (ids outside [0, E + X) contribute nothing).
 
     x [T, H] (cast to bf16), topk_weights [T, k] float, topk_ids [T, k] integer. ``out`` [T, H] float32 or
     bf16 (a new float32 tensor when None); with ``accumulate`` the experts' sum is added to what it holds.
-    No host sync: a CUDA graph may hold it."""
+    ``extra`` int64 [X, 4] on the device (``extra_slot_addresses``): ids E + j name the expert whose w13, s13, w2,
+    s2 start at row j's addresses, laid out as ``experts``' are within a slot; a row must point at live memory
+    while ids name it. (The kernels then compile with the table: their float sums may differ in the last bits from
+    the kernels without one.) No host sync: a CUDA graph may hold it."""
     t, h = x.shape
     k = topk_ids.shape[1]
     i, e, bits, group = experts.intermediate, experts.num_experts, experts.bits, experts.group
@@ -109,21 +145,28 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     if out.shape != (t, h) or out.stride(1) != 1:
         raise ValueError(f"out must be [{t}, {h}] with contiguous rows, got {tuple(out.shape)}")
     pairs = t * k
+    n_extra = 0 if extra is None else extra.shape[0]
+    if extra is not None and (extra.dtype != torch.int64 or extra.shape[1:] != (4,) or not extra.is_contiguous()):
+        raise ValueError(f"extra must be a contiguous int64 [X, 4] address table, got {extra.dtype} "
+                         f"{tuple(extra.shape)}")
     x = x.to(torch.bfloat16).contiguous()
     ids = topk_ids.reshape(-1).contiguous()
+    table = ids if extra is None else extra  # (never read without extra slots)
     act = torch.empty((pairs, i), dtype=torch.bfloat16, device=x.device)
     bn, consts = gemv_block_n(pairs, i, x.device), gemv_consts(bits, group, h)
     _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
-        x, ids, experts.w13, experts.s13, act, h, i, e,
+        x, ids, experts.w13, experts.s13, table, act, h, i, e, n_extra,
         x.stride(0), experts.w13.stride(0), experts.w13.stride(1), experts.s13.stride(0), experts.s13.stride(1),
-        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
+        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
+        num_warps=gemv_warps(consts, bn))
     per_pair = torch.empty((pairs, h), dtype=torch.float32, device=x.device)
     routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
     bn, consts = gemv_block_n(pairs, h, x.device), gemv_consts(bits, group, i)
     _down_kernel[(pairs, triton.cdiv(h, bn))](
-        act, ids, routing, experts.w2, experts.s2, per_pair, i, h, e,
+        act, ids, routing, experts.w2, experts.s2, table, per_pair, i, h, e, n_extra,
         act.stride(0), experts.w2.stride(0), experts.w2.stride(1), experts.s2.stride(0), experts.s2.stride(1),
-        per_pair.stride(0), BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
+        per_pair.stride(0), BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
+        num_warps=gemv_warps(consts, bn))
     block = 1024
     _sum_pairs_kernel[(t, triton.cdiv(h, block))](per_pair, out, h, per_pair.stride(0), out.stride(0), TOP_K=k,
                                                   ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
