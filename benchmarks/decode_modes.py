@@ -51,9 +51,11 @@ def decode_run(llm, prompt: list[int], tokens: int) -> dict:
 
 
 def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
-            link_gbps: float, prefetch: int = 0) -> dict:
+            link_gbps: float, prefetch: int = 0, read_ahead: int | None = 0) -> dict:
     llm.set_decode_mode("cpu" if mode == LAYER_BY_LAYER else mode)
     llm.set_prefetch(prefetch)
+    if read_ahead is not None:  # (None: an engine from before read-ahead, when comparing versions)
+        llm.runtime.set_read_ahead(read_ahead)
     # the baseline row: decode mode "cpu" with each layer's graphs replayed by the host (before the one-graph step)
     llm._graphs.one_graph = mode != LAYER_BY_LAYER
     vocab = llm.spec.vocab_size
@@ -69,10 +71,15 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     streamed = sum(r["routed_calls_streamed"] for r in runs)
     prefetched = sum(r["prefetched_experts"] for r in runs)
     prefetch_hits = sum(r["routed_calls_prefetched"] for r in runs)
+    read_ahead_n = sum(r.get("experts_read_ahead", 0) for r in runs)
+    read_ahead_used = sum(r.get("read_ahead_used", 0) for r in runs)
     nonres_bytes = (calls - on_gpu) * expert_nbytes / steps
     tok_s = statistics.mean(r["tok_s"] for r in runs)
     bound = link_gbps * 1e9 / nonres_bytes if nonres_bytes else None
-    return {"mode": mode, "prefetch": prefetch, "prompt_tokens": length, "tok_s": tok_s,
+    return {"mode": mode, "prefetch": prefetch, "read_ahead": read_ahead, "prompt_tokens": length, "tok_s": tok_s,
+            # of the experts read ahead, the share the CPU then ran; of the CPU's calls, the share read ahead
+            "read_ahead_hit_rate": read_ahead_used / read_ahead_n if read_ahead_n else None,
+            "read_ahead_share": read_ahead_used / max(calls - on_gpu - streamed - prefetch_hits, 1),
             "per_prompt": [r["tok_s"] for r in runs],
             "coverage": on_gpu / calls if calls else None, "streamed_share": streamed / max(calls - on_gpu, 1),
             "nonresident_bytes_per_token": nonres_bytes, "bound_tok_s": bound,
@@ -126,6 +133,9 @@ def main() -> None:
                    help=f"decode modes to time; {LAYER_BY_LAYER!r} is 'cpu' replaying each layer's graphs (baseline)")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0], metavar="N",
                    help="experts of each next MoE layer to prefetch (LLM.set_prefetch); each mode runs with each N")
+    p.add_argument("--read-ahead", type=int, nargs="+", default=None, metavar="N",
+                   help="experts of each next MoE layer the host reads ahead; each mode and prefetch runs with each N "
+                        "(default: the engine's default)")
     p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--probe-cpu-store", type=int, default=0, metavar="K",
@@ -152,10 +162,11 @@ def main() -> None:
     for length in args.prompt_tokens:
         for mode in args.modes:
             for prefetch in args.prefetch:
-                r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes, moe_layers,
-                            dram + h2d, prefetch)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for read_ahead in args.read_ahead or [getattr(llm.runtime, "read_ahead", None)]:
+                    r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes,
+                                moe_layers, dram + h2d, prefetch, read_ahead)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     print()
     print(f"decode, {args.tokens} tokens x {args.prompts} prompts, VRAM budget {args.vram_budget_mb} MiB, "
           f"{torch.cuda.get_device_name()} {args.label}")
@@ -166,6 +177,8 @@ def main() -> None:
         bound = r["bound_tok_s"]
         pct = f"{bound:.0f} ({100 * r['tok_s'] / bound:.0f}%)" if bound else "n/a"
         mode = r["mode"] + (f" + prefetch {r['prefetch']}" if r["prefetch"] else "")
+        if r["read_ahead"]:
+            mode += f" + read-ahead {r['read_ahead']} ({r['read_ahead_share'] or 0:.0%} of CPU calls)"
         pf = (f"{r['prefetch_hit_rate']:.0%}, {r['prefetched_share']:.0%}" if r["prefetch_hit_rate"] is not None
               else "-")
         print(f"| {r['prompt_tokens']:,} | {mode} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
@@ -175,7 +188,7 @@ def main() -> None:
           f"(budget {args.vram_budget_mb:,} MiB)")
     print("\nCPU expert calls in decode, us per call by phase:")
     for r in rows:
-        print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} prefetch {r['prefetch']} " +
+        print(f"  {r['prompt_tokens']:>6} {r['mode']:<10} prefetch {r['prefetch']} read-ahead {r['read_ahead']} " +
               " ".join(f"{k}={v:.0f}" for k, v in r["cpu_call_phase_us"].items()))
     if args.json:
         rates = {"dram_gbps": dram, "h2d_gbps": h2d, "pool_dispatch_us": dispatch_us}

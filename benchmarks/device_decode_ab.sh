@@ -13,6 +13,9 @@ if [ "${1:-}" = "--prepare" ]; then
   rev=${2:?"--prepare REV DIR"}; dir=${3:?"--prepare REV DIR"}
   rm -rf "$dir" && mkdir -p "$dir" && git archive "$rev" python | tar -x -C "$dir" || exit
   cp -r benchmarks "$dir/benchmarks" && rm -rf "$dir/benchmarks/__pycache__"  # today's scripts, the old package
+  # the extension built here serves the old tree only where the Rust sources are the same in both
+  git diff --quiet "$rev" HEAD -- src Cargo.toml Cargo.lock || { echo "the Rust sources differ since $rev: build \
+that revision's extension (pip wheel --no-deps in a worktree of it) into $dir/python/krasis/"; exit 1; }
   cp python/krasis/_core*.so "$dir/python/krasis/" || { echo "build the extension first (maturin develop)"; exit 1; }
   echo "old tree of $rev in $dir"
   exit 0

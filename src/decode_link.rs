@@ -11,6 +11,10 @@
 //!
 //! With `claims`, the staged row carries one more value per routed pair: nonzero where the GPU computes
 //! the pair itself from an expert it prefetched into VRAM, so the host skips it.
+//!
+//! With hints (`Mailbox::with_hints`), the GPU also writes, during a layer's handshake, the experts it predicts
+//! the next MoE layer will send to the CPU, then the handshake's number in front of them: having answered a
+//! layer, the host reads those experts ahead (`warm`) while the GPU runs the next layer's attention.
 
 use crate::moe::SKIP;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -26,16 +30,21 @@ pub struct Mailbox {
     hidden: usize,
     k: usize,
     claims: bool,
+    hints: *const i64,
+    num_hints: usize,
 }
 
 /// What one `serve` did: routed pairs computed on the CPU, pairs the GPU claimed (prefetched), seconds
-/// in the CPU kernels, seconds spent waiting for the GPU to stage a layer.
+/// in the CPU kernels, seconds spent waiting for the GPU to stage a layer (reading ahead included), experts
+/// read ahead on a hint and how many of them the next layer sent to the CPU.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServeStats {
     pub cpu_pairs: usize,
     pub claimed_pairs: usize,
     pub cpu_seconds: f64,
     pub wait_seconds: f64,
+    pub warmed: usize,
+    pub warmed_used: usize,
 }
 
 impl Mailbox {
@@ -60,7 +69,35 @@ impl Mailbox {
             hidden,
             k,
             claims,
+            hints: std::ptr::null(),
+            num_hints: 0,
         }
+    }
+
+    /// Read ahead on the GPU's hints: `hints` holds 1 + `num_hints` i64, [0] the handshake during which the
+    /// rest (expert ids of the next MoE layer, likeliest first, -1: none) were written.
+    ///
+    /// # Safety
+    /// As for `new`: `hints` is valid and aligned for 1 + `num_hints` i64 for the Mailbox's lifetime.
+    pub unsafe fn with_hints(mut self, hints: *const i64, num_hints: usize) -> Mailbox {
+        self.hints = hints;
+        self.num_hints = num_hints;
+        self
+    }
+
+    /// The hinted experts written during handshake `seq`, if the GPU has written them by now.
+    fn hints_after(&self, seq: i64) -> Option<Vec<i64>> {
+        if self.hints.is_null() {
+            return None;
+        }
+        // SAFETY: `with_hints`' contract; [0] is an aligned i64 the GPU writes, read atomically.
+        let written = unsafe { &*(self.hints as *const AtomicI64) }.load(Ordering::Acquire);
+        // SAFETY: as above, num_hints more i64 follow; volatile because the GPU wrote them.
+        (written == seq).then(|| {
+            (1..=self.num_hints)
+                .map(|i| unsafe { self.hints.add(i).read_volatile() })
+                .collect()
+        })
     }
 
     fn flag(&self, i: usize) -> &AtomicI64 {
@@ -129,8 +166,11 @@ impl Mailbox {
 /// the staged experts neither resident in VRAM (`resident[layer * num_experts + id] < 0`) nor claimed
 /// run through `forward(layer, x, ids, weights)` (ids SKIP elsewhere) and the rest count as the GPU's; every routed
 /// id is recorded in `ids_out[j * k ..]`. A staged id out of range is an error (after the GPU has been
-/// answered with zeros, so it is not left waiting).
-pub fn serve<F>(
+/// answered with zeros, so it is not left waiting). With hints, after answering layer j the hinted experts
+/// of layer j + 1 that are not resident go to `warm(layer, ids, stop)`, whose `stop()` turns true once the GPU
+/// has staged that layer.
+#[allow(clippy::too_many_arguments)]
+pub fn serve<F, W>(
     mb: &Mailbox,
     layers: &[usize],
     resident: &[i64],
@@ -138,9 +178,11 @@ pub fn serve<F>(
     ids_out: &mut [i64],
     timeout: Duration,
     mut forward: F,
+    mut warm: W,
 ) -> Result<ServeStats, String>
 where
     F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String>,
+    W: FnMut(usize, &[usize], &(dyn Fn() -> bool + Sync)),
 {
     let (h, k) = (mb.hidden, mb.k);
     if ids_out.len() < layers.len() * k {
@@ -152,6 +194,7 @@ where
     }
     let mut stats = ServeStats::default();
     let mut seq = mb.answered();
+    let mut warmed: Vec<usize> = vec![];
     for (j, &layer) in layers.iter().enumerate() {
         seq += 1;
         let waited = Instant::now();
@@ -175,6 +218,7 @@ where
             } else {
                 ids[i] = id as usize;
                 stats.cpu_pairs += 1;
+                stats.warmed_used += warmed.contains(&(id as usize)) as usize;
             }
         }
         if let Some(v) = bad {
@@ -198,6 +242,22 @@ where
             vec![0.0; h]
         };
         mb.answer(&y, seq);
+        warmed.clear();
+        if let (Some(&next), Some(hints)) = (layers.get(j + 1), mb.hints_after(seq)) {
+            warmed.extend(hints.iter().filter_map(|&id| {
+                let ok = id >= 0
+                    && (id as usize) < num_experts
+                    && resident[next * num_experts + id as usize] < 0;
+                ok.then_some(id as usize)
+            }));
+            if !warmed.is_empty() {
+                let staged = mb.flag(0);
+                let start = Instant::now();
+                warm(next, &warmed, &|| staged.load(Ordering::Acquire) > seq);
+                stats.wait_seconds += start.elapsed().as_secs_f64();
+                stats.warmed += warmed.len();
+            }
+        }
     }
     Ok(stats)
 }
@@ -303,6 +363,7 @@ mod tests {
                 calls.push((layer, ids.to_vec(), w.to_vec()));
                 Ok(x.iter().map(|v| v * 2.0).collect())
             },
+            |_, _, _| unreachable!("no hints"),
         )
         .unwrap();
         let answers = gpu.join().unwrap();
@@ -313,6 +374,90 @@ mod tests {
         assert_eq!(answers[0], vec![2.0, 4.0, 6.0, 8.0]);
         assert_eq!(answers[1], vec![4.0, 6.0, 8.0, 10.0]);
         assert_eq!(shared.flags, [2, 2]);
+    }
+
+    #[test]
+    fn hinted_experts_of_the_next_layer_are_read_ahead_until_it_is_staged() {
+        let (h, k, e) = (4usize, 2usize, 4usize);
+        let mut shared = Box::new(Shared {
+            staged: vec![0.0; h + 2 * k],
+            out: vec![0.0; h],
+            flags: [0, 0],
+        });
+        let mut hints = vec![0i64; 4];
+        // SAFETY: `hints` outlives the mailbox and is only written by the stand-in thread meanwhile.
+        let mb = unsafe {
+            mailbox(
+                &shared.staged,
+                &mut shared.out,
+                &mut shared.flags,
+                h,
+                k,
+                false,
+            )
+            .with_hints(hints.as_ptr(), 3)
+        };
+        let resident = vec![-1, -1, -1, -1, 0, -1, -1, -1]; // layer 1: expert 0 resident
+        let addr = (
+            shared.staged.as_mut_ptr() as usize,
+            shared.flags.as_mut_ptr() as usize,
+            hints.as_mut_ptr() as usize,
+        );
+        let gpu = std::thread::spawn(move || {
+            let (staged, flags, hints) = addr;
+            let (s, flags, hints) = (
+                staged as *mut f32,
+                flags as *const AtomicI64,
+                hints as *mut i64,
+            );
+            for seq in 1..=2i64 {
+                // SAFETY: the test keeps the buffers alive until this thread is joined.
+                unsafe {
+                    s.add(h + k).write_volatile(1.0);
+                    s.add(h + k + 1).write_volatile(3.0);
+                    (*flags).store(seq, Ordering::Release);
+                    if seq == 1 {
+                        // layer 1's likely experts, written during handshake 1: 2, 0 (resident), 3
+                        for (i, id) in [2i64, 0, 3].into_iter().enumerate() {
+                            hints.add(1 + i).write_volatile(id);
+                        }
+                        (*(hints as *const AtomicI64)).store(1, Ordering::Release);
+                    }
+                    while (*flags.add(1)).load(Ordering::Acquire) < seq {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        let mut warmed = vec![];
+        let stats = serve(
+            &mb,
+            &[0, 1],
+            &resident,
+            e,
+            &mut [0; 4],
+            Duration::from_secs(10),
+            |_, x, _, _| Ok(x.to_vec()),
+            |layer, ids, stop| {
+                warmed.push((layer, ids.to_vec()));
+                let start = Instant::now();
+                while !stop() {
+                    assert!(start.elapsed() < Duration::from_secs(10), "stop never came");
+                }
+            },
+        )
+        .unwrap();
+        gpu.join().unwrap();
+        assert_eq!(
+            warmed,
+            vec![(1, vec![2, 3])],
+            "the next layer's hinted non-resident experts, once"
+        );
+        assert_eq!(
+            (stats.warmed, stats.warmed_used),
+            (2, 1),
+            "layer 1 sent experts 1 and 3 to the CPU"
+        );
     }
 
     #[test]
@@ -337,6 +482,7 @@ mod tests {
                 seen.push(ids.to_vec());
                 Ok(x.to_vec())
             },
+            |_, _, _| unreachable!("no hints"),
         )
         .unwrap();
         assert_eq!(seen, vec![vec![SKIP, 1, SKIP]]);
@@ -357,6 +503,7 @@ mod tests {
             &mut [0; 2],
             Duration::from_millis(50),
             |_, x, _, _| Ok(x.to_vec()),
+            |_, _, _| unreachable!("no hints"),
         )
         .unwrap_err();
         assert!(err.contains("did not stage decode handshake 1"), "{err}");
@@ -375,6 +522,7 @@ mod tests {
             &mut [0; 2],
             Duration::from_secs(1),
             |_, x, _, _| Ok(x.to_vec()),
+            |_, _, _| unreachable!("no hints"),
         )
         .unwrap_err();
         assert!(err.contains("expert id 7"), "{err}");

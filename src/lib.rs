@@ -14,6 +14,7 @@ pub mod quant;
 pub mod simd;
 pub mod store;
 pub mod topology;
+pub mod warm;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -17,7 +17,7 @@
 use crate::kernels::{row_tiles, weight_row_dot, WeightRef, MAX_TOKENS, ROW_TILE};
 use crate::matmul::quantize_acts_into;
 use crate::numa::order_by_node;
-use crate::pool::{Disjoint, Pool, WorkQueue};
+use crate::pool::{split_range, Disjoint, HomeQueue, Pool, WorkQueue};
 use crate::quant::{quantize_act, ActRef, ActSlices, QuantActs};
 use crate::simd::SimdPath;
 use std::cell::Cell;
@@ -72,11 +72,11 @@ fn lap(i: usize, t: &mut Instant) {
 }
 
 /// Gate/up rows per unit of work taken from a queue.
-const CHUNK_ROWS: usize = 32;
+pub const CHUNK_ROWS: usize = 32;
 /// Down (output) rows per unit of work. Each unit visits every expert of its node, each visit a
 /// new stream of weights; 32 rows measured as fast as 64 on the Qwen3-30B-A3B shape and 4% faster
 /// on DeepSeek-V2-Lite's (more units to share out at M = 1), 16 slower.
-const DOWN_CHUNK_ROWS: usize = 32;
+pub const DOWN_CHUNK_ROWS: usize = 32;
 
 /// Rows per kernel call for an expert with `pairs` pairs: as many as fill the output buffer of
 /// MAX_TOKENS * ROW_TILE for its widest token block. With one pair (M = 1) a chunk of rows is one
@@ -92,6 +92,28 @@ fn piece(c: usize, rows: usize, size: usize) -> (usize, Range<usize>) {
     let per_item = rows.div_ceil(size);
     let start = (c % per_item) * size;
     (c / per_item, start..(start + size).min(rows))
+}
+
+/// On one NUMA node, the rows of a matrix of `rows` rows (cut in chunks of `chunk`) that worker `t` of
+/// `workers` computes first in every call (its `HomeQueue` share): what `warm` reads ahead for it.
+pub fn home_rows(rows: usize, chunk: usize, workers: usize, t: usize) -> Range<usize> {
+    let c = split_range(rows.div_ceil(chunk), workers, t);
+    (c.start * chunk).min(rows)..(c.end * chunk).min(rows)
+}
+
+/// A phase's work: shared by the workers of a node (several nodes), or each worker's own share first.
+enum Queue {
+    Any(WorkQueue),
+    Home(HomeQueue),
+}
+
+impl Queue {
+    fn take(&self, tid: usize) -> Option<usize> {
+        match self {
+            Queue::Any(q) => q.take(),
+            Queue::Home(q) => q.take(tid),
+        }
+    }
 }
 
 fn silu(v: f32) -> f32 {
@@ -153,7 +175,7 @@ struct Scratch {
     by_node: Vec<usize>,
     node_start: Vec<usize>,
     /// Each node's gate/up queue, then each node's down queue.
-    queues: Vec<WorkQueue>,
+    queues: Vec<Queue>,
     /// INT8 mode: per (slot, group of h), the rows still to compute (see `gate_up`).
     pending: Vec<AtomicUsize>,
     xacts: QuantActs,
@@ -356,19 +378,28 @@ pub fn moe_forward<'a>(
             act_int8,
         };
         // Each node's queues: its slots' gate/up rows in chunks (`piece`), and, if it runs any
-        // slot, the output rows in chunks.
+        // slot, the output rows in chunks. On one node each worker takes its own share of every
+        // slot's rows first (`home_rows`: the same rows of whatever expert, call after call).
         s.queues.clear();
         let chunks_per_slot = inter.div_ceil(CHUNK_ROWS);
-        s.queues
-            .extend((0..nodes).map(|n| WorkQueue::new(plan.node_slots(n).len() * chunks_per_slot)));
-        s.queues.extend((0..nodes).map(|n| {
-            let runs_any = !plan.node_slots(n).is_empty();
-            WorkQueue::new(if runs_any {
-                hidden.div_ceil(DOWN_CHUNK_ROWS)
-            } else {
-                0
-            })
-        }));
+        let down_chunks = hidden.div_ceil(DOWN_CHUNK_ROWS);
+        if nodes == 1 {
+            let w = pool.num_threads();
+            s.queues
+                .push(Queue::Home(HomeQueue::new(w, slots.len(), chunks_per_slot)));
+            s.queues
+                .push(Queue::Home(HomeQueue::new(w, 1, down_chunks)));
+        } else {
+            s.queues.extend(
+                (0..nodes).map(|n| {
+                    Queue::Any(WorkQueue::new(plan.node_slots(n).len() * chunks_per_slot))
+                }),
+            );
+            s.queues.extend((0..nodes).map(|n| {
+                let runs_any = !plan.node_slots(n).is_empty();
+                Queue::Any(WorkQueue::new(if runs_any { down_chunks } else { 0 }))
+            }));
+        }
         let (gate_queues, down_queues) = s.queues.split_at(nodes);
         let xacts = act_int8.then_some(&s.xacts);
         let hacts = act_int8.then_some(&mut s.hacts);
@@ -459,7 +490,7 @@ fn group_pairs<'a>(
 fn gate_up(
     pool: &Pool,
     plan: &Plan,
-    queues: &[WorkQueue],
+    queues: &[Queue],
     x: &[f32],
     xacts: Option<&QuantActs>,
     h: &mut [f32],
@@ -482,7 +513,7 @@ fn gate_up(
         let (mut og, mut ou) = ([0f32; MAX_TOKENS * ROW_TILE], [0f32; MAX_TOKENS * ROW_TILE]);
         let node = plan.worker_node(pool, tid);
         let node_slots = plan.node_slots(node);
-        while let Some(c) = queues[node].take() {
+        while let Some(c) = queues[node].take(tid) {
             let (i, rows) = piece(c, inter, CHUNK_ROWS);
             let si = node_slots[i];
             let slot = &plan.slots[si];
@@ -546,7 +577,7 @@ fn gate_up(
 fn down(
     pool: &Pool,
     plan: &Plan,
-    queues: &[WorkQueue],
+    queues: &[Queue],
     h: &[f32],
     hacts: Option<&QuantActs>,
     out: &mut [f32],
@@ -562,7 +593,7 @@ fn down(
             n => (&partial_d, (n - 1) * m * hidden),
         };
         let mut o = [0f32; MAX_TOKENS * ROW_TILE];
-        while let Some(c) = queues[node].take() {
+        while let Some(c) = queues[node].take(tid) {
             let rows = piece(c, hidden, DOWN_CHUNK_ROWS).1;
             for &si in plan.node_slots(node) {
                 let (d, pairs) = (&plan.slots[si].expert.down, plan.pairs_of(&plan.slots[si]));

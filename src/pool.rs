@@ -448,6 +448,49 @@ impl WorkQueue {
     }
 }
 
+/// A cursor alone on its cache line: workers advancing their own do not contend for one line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Cursor(AtomicUsize);
+
+/// Hands out the items of `groups` groups of `per_group` items each (item `g * per_group + i`), each once:
+/// worker t first takes its own share of every group (items `split_range(per_group, workers, t)`, group by
+/// group), then helps the others with what is left of theirs. A worker's share is the same from call to call
+/// whatever the groups hold, so what it read ahead for its share (`warm`) is in its own caches; taking the
+/// others' leftovers keeps a worker the OS delays from holding up the rest.
+pub struct HomeQueue {
+    cursors: Vec<Cursor>,
+    groups: usize,
+    per_group: usize,
+}
+
+impl HomeQueue {
+    pub fn new(workers: usize, groups: usize, per_group: usize) -> HomeQueue {
+        HomeQueue {
+            cursors: (0..workers.max(1)).map(|_| Cursor::default()).collect(),
+            groups,
+            per_group,
+        }
+    }
+
+    /// The next item for worker `tid`: its own first, then the others'.
+    pub fn take(&self, tid: usize) -> Option<usize> {
+        let w = self.cursors.len();
+        for u in (0..w).map(|i| (tid + i) % w) {
+            let share = split_range(self.per_group, w, u);
+            let len = self.groups * share.len();
+            if len == 0 || self.cursors[u].0.load(Ordering::Relaxed) >= len {
+                continue;
+            }
+            let k = self.cursors[u].0.fetch_add(1, Ordering::Relaxed);
+            if k < len {
+                return Some((k / share.len()) * self.per_group + share.start + k % share.len());
+            }
+        }
+        None
+    }
+}
+
 /// Split `0..total` into `parts` contiguous ranges whose lengths differ by at most one.
 pub fn split_range(total: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     let parts = parts.max(1);
@@ -495,6 +538,21 @@ impl<'a, T> Disjoint<'a, T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_home_queue_hands_out_every_item_once_own_share_first() {
+        let q = HomeQueue::new(3, 2, 7); // groups of 7: shares 0..2, 2..4, 4..7
+        let first: Vec<usize> = (0..2).map(|_| q.take(1).unwrap()).collect();
+        assert_eq!(first, vec![2, 3], "worker 1's share of group 0");
+        assert_eq!(q.take(1), Some(9), "then of group 1");
+        let mut seen: Vec<usize> = first.into_iter().chain([9]).collect();
+        while let Some(i) = q.take(0) {
+            seen.push(i);
+        }
+        seen.sort();
+        assert_eq!(seen, (0..14).collect::<Vec<_>>());
+        assert_eq!(q.take(2), None);
+    }
+
     use super::*;
 
     #[test]

@@ -4,12 +4,13 @@ use crate::ggml_quants::{dequantize as dequantize_gguf_mat, GgmlType, GgufMatRef
 use crate::gguf_store::{GgufExpertStore, GgufTensor};
 use crate::kernels::WeightRef;
 use crate::matmul::{matmul, matmul_weight, QuantMatrix, WeightSrc};
-use crate::moe::{RoutedExperts, SKIP};
+use crate::moe::{ExpertRef, RoutedExperts, SKIP};
 use crate::numa::NumaPolicy;
 use crate::pool;
 use crate::quant::{dequantize as dequantize_mat, MatLayout, MatRef};
 use crate::simd::{self, SimdPath};
 use crate::store::ExpertStore;
+use crate::warm;
 use numpy::ndarray::ArrayView1;
 use numpy::{
     PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyReadwriteArrayDyn,
@@ -484,6 +485,7 @@ struct DecodeLinkArgs<'py> {
     flags: PyReadwriteArrayDyn<'py, i64>,
     resident: PyReadonlyArray2<'py, i64>,
     ids_out: PyReadwriteArray2<'py, i64>,
+    hints: Option<PyReadwriteArrayDyn<'py, i64>>,
     k: usize,
     claims: bool,
 }
@@ -496,6 +498,7 @@ impl<'py> DecodeLinkArgs<'py> {
         flags: &Bound<'py, PyAny>,
         resident: &Bound<'py, PyAny>,
         ids_out: &Bound<'py, PyAny>,
+        hints: Option<&Bound<'py, PyAny>>,
         layers: &[usize],
         (num_layers, num_experts, hidden): (usize, usize, usize),
         claims: bool,
@@ -522,6 +525,14 @@ impl<'py> DecodeLinkArgs<'py> {
         let out = arr::<f32, numpy::IxDyn>(out, "out", "float32")?;
         let flags = arr::<i64, numpy::IxDyn>(flags, "flags", "int64")?;
         let resident = arr::<i64, numpy::Ix2>(resident, "resident", "2-D int64")?;
+        let hints = hints
+            .map(|h| arr::<i64, numpy::IxDyn>(h, "hints", "int64"))
+            .transpose()?;
+        if hints.as_ref().is_some_and(|h| h.len() < 2) {
+            return Err(PyValueError::new_err(
+                "hints must hold the handshake number and at least one expert id",
+            ));
+        }
         if k == 0 || ids_out.shape()[0] < layers.len() {
             return Err(PyValueError::new_err(format!(
                 "ids_out must be [>= {} layers, k >= 1], got {:?}",
@@ -551,14 +562,16 @@ impl<'py> DecodeLinkArgs<'py> {
             flags: flags.readwrite(),
             resident: resident.readonly(),
             ids_out: ids_out.readwrite(),
+            hints: hints.map(|h| h.readwrite()),
             k,
             claims,
         })
     }
 
-    /// Run `decode_link::serve` with the GIL released; returns (cpu_pairs, claimed_pairs, cpu_seconds,
-    /// wait_seconds).
-    fn serve<F>(
+    /// Run `decode_link::serve` with the GIL released, reading hinted experts ahead through `expert`;
+    /// returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, warmed, warmed_used).
+    #[allow(clippy::too_many_arguments)]
+    fn serve<'s, F, X>(
         mut self,
         py: Python<'_>,
         pool: &pool::Pool,
@@ -566,14 +579,20 @@ impl<'py> DecodeLinkArgs<'py> {
         (num_experts, hidden): (usize, usize),
         timeout_s: f64,
         forward: F,
-    ) -> PyResult<(usize, usize, f64, f64)>
+        expert: X,
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize)>
     where
         F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String> + Send,
+        X: Fn(usize, usize) -> Result<ExpertRef<'s>, String> + Send + Sync,
     {
         // Addresses cross into the GIL-free closure as integers; the borrows above keep them valid.
         let staged = self.staged.as_array_mut().as_mut_ptr() as usize;
         let out = self.out.as_array_mut().as_mut_ptr() as usize;
         let flags = self.flags.as_array_mut().as_mut_ptr() as usize;
+        let hints = self
+            .hints
+            .as_mut()
+            .map(|h| (h.as_array_mut().as_mut_ptr() as usize, h.len() - 1));
         let resident = contiguous(&self.resident, "resident")?;
         let mut ids_out = self.ids_out.as_array_mut();
         let ids_out = ids_out
@@ -589,7 +608,7 @@ impl<'py> DecodeLinkArgs<'py> {
                 let _pin = pool.pin_caller();
                 // SAFETY: the arrays are borrowed (numpy's borrow flags) for this call and checked above
                 // for size, contiguity and dtype; only the GPU and this call touch them meanwhile.
-                let mb = unsafe {
+                let mut mb = unsafe {
                     Mailbox::new(
                         staged as *const f32,
                         out as *mut f32,
@@ -599,6 +618,15 @@ impl<'py> DecodeLinkArgs<'py> {
                         claims,
                     )
                 };
+                if let Some((at, n)) = hints {
+                    // SAFETY: as above, for the hints array (checked to hold 1 + n values).
+                    mb = unsafe { mb.with_hints(at as *const i64, n) };
+                }
+                let warm = |layer: usize, ids: &[usize], stop: &(dyn Fn() -> bool + Sync)| {
+                    let experts: Vec<ExpertRef> =
+                        ids.iter().filter_map(|&e| expert(layer, e).ok()).collect();
+                    warm::warm(pool, &experts, stop);
+                };
                 serve_link(
                     &mb,
                     layers,
@@ -607,14 +635,17 @@ impl<'py> DecodeLinkArgs<'py> {
                     ids_out,
                     timeout,
                     forward,
+                    warm,
                 )
             })
-            .map_err(|e| PyRuntimeError::new_err(e))?;
+            .map_err(PyRuntimeError::new_err)?;
         Ok((
             stats.cpu_pairs,
             stats.claimed_pairs,
             stats.cpu_seconds,
             stats.wait_seconds,
+            stats.warmed,
+            stats.warmed_used,
         ))
     }
 }
@@ -838,9 +869,12 @@ impl PyExpertStore {
     /// in `layers`, wait for the GPU to stage it in `staged` (x | weights | ids as float32), run the
     /// experts with `resident[layer, id] < 0` on the CPU, write their sum to `out` and raise `flags[1]`.
     /// Every routed id goes to `ids_out[j]`. With `claims` the staged row ends with one flag per pair,
-    /// nonzero where the GPU computes it (prefetched), and the host skips those.
-    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds).
-    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false))]
+    /// nonzero where the GPU computes it (prefetched), and the host skips those. With `hints` (int64
+    /// [1 + n]: the handshake number, then up to n expert ids the GPU predicts for the next MoE layer),
+    /// having answered a layer the host reads those experts ahead while the GPU runs the next attention.
+    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, warmed, warmed_used).
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false,
+                        hints=None))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -854,7 +888,8 @@ impl PyExpertStore {
         timeout_s: f64,
         act_int8: bool,
         claims: bool,
-    ) -> PyResult<(usize, usize, f64, f64)> {
+        hints: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize)> {
         let s = &self.inner;
         let (h, e) = (s.layout.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(
@@ -863,14 +898,21 @@ impl PyExpertStore {
             flags,
             resident,
             ids_out,
+            hints,
             &layers,
             (s.num_layers, e, h),
             claims,
         )?;
         let (p, sp) = (pool::global(), path()?);
-        args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {
-            s.forward(&p, sp, layer, x, ids, w, act_int8)
-        })
+        args.serve(
+            py,
+            &p,
+            &layers,
+            (e, h),
+            timeout_s,
+            |layer, x, ids, w| s.forward(&p, sp, layer, x, ids, w, act_int8),
+            |layer, e| s.expert(layer, e),
+        )
     }
 
     /// (address, nbytes) of each layer's buffer (layer order), for pinning / registering.
@@ -887,6 +929,19 @@ impl PyExpertStore {
         d.set_item("up", layout_dict(py, &l.up, l.up_offset)?)?;
         d.set_item("down", layout_dict(py, &l.down, l.down_offset)?)?;
         Ok(d)
+    }
+
+    /// Read the weights of `experts` of `layer` into the CPU caches with the pool's workers (what the decode
+    /// link does for hinted experts); returns the bytes read.
+    fn read_ahead(&self, py: Python<'_>, layer: usize, experts: Vec<usize>) -> PyResult<usize> {
+        let s = &self.inner;
+        let refs = experts
+            .iter()
+            .map(|&e| s.expert(layer, e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(PyValueError::new_err)?;
+        let p = pool::global();
+        Ok(py.detach(|| warm::warm(&p, &refs, &|| false)))
     }
 
     #[getter]
@@ -1000,7 +1055,8 @@ impl PyGgufExpertStore {
     }
 
     /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).
-    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false))]
+    #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false,
+                        hints=None))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -1014,7 +1070,8 @@ impl PyGgufExpertStore {
         timeout_s: f64,
         act_int8: bool,
         claims: bool,
-    ) -> PyResult<(usize, usize, f64, f64)> {
+        hints: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize)> {
         let s = &self.inner;
         let (h, e) = (s.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(
@@ -1023,14 +1080,21 @@ impl PyGgufExpertStore {
             flags,
             resident,
             ids_out,
+            hints,
             &layers,
             (s.num_layers, e, h),
             claims,
         )?;
         let (p, sp) = (pool::global(), path()?);
-        args.serve(py, &p, &layers, (e, h), timeout_s, |layer, x, ids, w| {
-            s.forward(&p, sp, layer, x, ids, w, act_int8)
-        })
+        args.serve(
+            py,
+            &p,
+            &layers,
+            (e, h),
+            timeout_s,
+            |layer, x, ids, w| s.forward(&p, sp, layer, x, ids, w, act_int8),
+            |layer, e| s.expert(layer, e),
+        )
     }
 
     /// One expert's matrix dequantised to float32 (0 = gate [I, H], 1 = up, 2 = down [H, I]).

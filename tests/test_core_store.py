@@ -212,7 +212,8 @@ def test_serve_decode_graph_answers_a_staged_layer_with_its_non_resident_experts
     staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
     flags[0] = 1  # the GPU has staged handshake 1
     resident[1, 7] = 0  # expert 7 of layer 1 is the GPU's
-    pairs, claimed, cpu_seconds, wait_seconds = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out)
+    pairs, claimed, cpu_seconds, wait_seconds, _, _ = store.serve_decode_graph(staged, out, flags, [1], resident,
+                                                                               ids_out)
     assert (pairs, claimed, int(flags[1]), ids_out.tolist()) == (2, 0, 1, [[5, 1, 7]])
     want = store.forward(1, x, np.array([[5, 1, -1]]), w)
     assert rel_err(out, want.astype(np.float64)) < 1e-6
@@ -226,10 +227,28 @@ def test_serve_decode_graph_leaves_the_pairs_the_gpu_claimed_to_it():
     staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
     staged[0, H + 6:H + 9] = [0.0, 1.0, 0.0]  # the GPU prefetched expert 1
     flags[0] = 1
-    pairs, claimed, _, _ = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out, claims=True)
+    pairs, claimed, *_ = store.serve_decode_graph(staged, out, flags, [1], resident, ids_out, claims=True)
     assert (pairs, claimed, ids_out.tolist()) == (2, 1, [[5, 1, 7]])
     want = store.forward(1, x, np.array([[5, -1, 7]]), w)
     assert rel_err(out, want.astype(np.float64)) < 1e-6
+
+
+def test_serve_decode_graph_reads_the_hinted_experts_of_the_next_layer_ahead():
+    store = store_for(4, 128)
+    x, ids, w = rand(1, H), np.array([[5, 1, 7]]), RNG.random((1, 3)).astype(np.float32)
+
+    def serve(hints):
+        staged, out, flags, resident, _ = _link_buffers(3)
+        staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
+        flags[0] = 2  # both layers staged (with the same row)
+        resident[1, 1] = 0  # layer 1's expert 1 is the GPU's
+        return store.serve_decode_graph(staged, out, flags, [0, 1], resident, np.zeros((2, 3), np.int64),
+                                        hints=hints)
+
+    # written during handshake 1: layer 1's likely experts 5, 7, 2; of them 5 and 7 went to the CPU
+    pairs, _, _, _, read_ahead, used = serve(np.array([1, 5, 7, 2, -1], dtype=np.int64))
+    assert (pairs, read_ahead, used) == (5, 3, 2)
+    assert serve(np.array([7, 5, 7, 2, -1], dtype=np.int64))[4:] == (0, 0), "hints of another handshake"
 
 
 def test_serve_decode_graph_times_out_when_the_gpu_stages_nothing():
@@ -251,3 +270,5 @@ def test_serve_decode_graph_refuses_wrong_buffers():
         store.serve_decode_graph(staged[:, :H], out, flags, [0], resident, ids_out)
     with pytest.raises(ValueError, match="staged needs"):  # claims take k more values
         store.serve_decode_graph(staged[:, :H + 4], out, flags, [0], resident, ids_out, claims=True)
+    with pytest.raises(ValueError, match="hints must hold"):
+        store.serve_decode_graph(staged, out, flags, [0], resident, ids_out, hints=np.zeros(1, np.int64))

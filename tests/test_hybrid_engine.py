@@ -541,8 +541,10 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
     streamed_before = llm.runtime.counters["routed_calls_streamed"]
     got = _decode_logits(llm, prompt, forced, graph_step)
     if one_graph:  # one graph per step, with the PCIe reads' kernels only where the mode streams
-        assert sorted(graphs["g"]._steps) == [(SMALLEST_BUCKET, mode != "cpu", None),
-                                              (2 * SMALLEST_BUCKET, mode != "cpu", None)]
+        ahead = graphs["g"]._read_ahead(None)  # the runtime's count, or 0 where routing cannot be predicted
+        assert ahead == (0 if graphs["g"].prefetch_unsupported() else llm.runtime.read_ahead)
+        assert sorted(graphs["g"]._steps) == [(SMALLEST_BUCKET, mode != "cpu", None, ahead),
+                                              (2 * SMALLEST_BUCKET, mode != "cpu", None, ahead)]
     else:
         assert sorted(graphs["g"]._graphs) == [SMALLEST_BUCKET, 2 * SMALLEST_BUCKET]
     assert (llm.runtime.counters["routed_calls_streamed"] > streamed_before) == (mode != "cpu")
@@ -624,6 +626,22 @@ def test_a_wrong_prefetch_changes_nothing(hybrid, tiny_checkpoint):
     assert counted["prefetched_experts"] > 0 and counted["routed_calls_streamed"] == 0
     assert rms_rel_err(wrong[0], plain[0]) < 3e-2 and rms_rel_err(wrong, plain) < 0.1
     _assert_argmax_where_clear(plain, wrong.argmax(-1).tolist())
+
+
+def test_experts_read_ahead_by_the_host_leave_the_logits_unchanged(hybrid, tiny_checkpoint, monkeypatch):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)  # every expert the CPU's, in both runs
+    tokens = random_prompt(8, seed=24)
+    llm.runtime.set_read_ahead(0)
+    plain, _ = _graph_steps_with_prefetch(llm, tokens, 0)
+    llm.runtime.set_read_ahead(3)
+    got, counted = _graph_steps_with_prefetch(llm, tokens, 0)
+    assert torch.equal(got, plain), "reading weights ahead changes no value"
+    assert counted["read_ahead_used"] <= counted["experts_read_ahead"]
+    if llm.device.type == "cuda":
+        # the hints are written a few microseconds into each layer, long before the host is done with it (the
+        # interpreter's kernels are slower than the host's experts, so there the host may find none)
+        assert counted["experts_read_ahead"] > 0 and counted["read_ahead_used"] > 0
 
 
 def test_prefetch_beyond_the_routers_top_k_is_refused(hybrid, tiny_checkpoint):

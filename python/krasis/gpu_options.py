@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .engine.decode_modes import DECODE_MODES
+from .engine.graph_link import MAX_READ_AHEAD
+from .engine.hybrid_moe import READ_AHEAD
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     """--vram-budget-mb, --kv-dtype, --kv-cache-mb, --layer-group-size, --no-hcs, --hcs-experts, --hcs-calibrate,
-    --decode-mode, --prefetch-experts, --no-cuda-graphs."""
+    --decode-mode, --prefetch-experts, --read-ahead-experts, --no-cuda-graphs."""
     g = p.add_argument_group("GPU engine (with --device cuda and --cpu-expert-bits 8 or 4: hybrid GPU/CPU experts)")
     g.add_argument("--vram-budget-mb", type=int, default=None,
                    help="VRAM the runtime may use, MiB (default: free memory less 1 GiB); enforced by the allocator")
@@ -34,6 +36,10 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch-experts", type=int, default=0, metavar="N",
                    help="in decode, copy N likely experts of each next MoE layer to VRAM while the CPU computes a "
                         "layer, predicted by that layer's router (default 0: off; at most the router's top-k)")
+    g.add_argument("--read-ahead-experts", type=int, default=None, metavar="N",
+                   help="in decode, the CPU reads the weights of N likely CPU experts of each next MoE layer into its "
+                        f"caches while the GPU runs that layer's attention (default {READ_AHEAD}; 0: off; at most "
+                        f"{MAX_READ_AHEAD})")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch each decode kernel from Python instead of replaying captured CUDA graphs (slower; "
                         "for comparison and debugging)")
@@ -49,4 +55,5 @@ def gpu_kwargs(args: argparse.Namespace) -> dict:
     """The krasis.LLM keyword arguments those options set."""
     return dict(vram_budget_mb=args.vram_budget_mb, kv_dtype=args.kv_dtype, kv_cache_mb=args.kv_cache_mb,
                 layer_group_size=args.layer_group_size, hcs=args.hcs, hcs_experts=args.hcs_experts,
-                cuda_graphs=args.cuda_graphs, decode_mode=args.decode_mode, prefetch_experts=args.prefetch_experts)
+                cuda_graphs=args.cuda_graphs, decode_mode=args.decode_mode, prefetch_experts=args.prefetch_experts,
+                read_ahead_experts=args.read_ahead_experts)

@@ -71,8 +71,10 @@ class LLM:
     compute dtype), "bf16" or "fp8" (the GPU default); ``kv_cache_mb``, ``layer_group_size``, ``hcs`` (hot-expert
     cache on/off) and ``hcs_experts`` (at most this many hot experts) override the VRAM plan's choices;
     ``decode_mode`` ("auto", "cpu", "gpu", "hybrid") says where decode runs the experts not in the hot cache,
-    ``cuda_graphs`` replays decode steps as CUDA graphs (default on), and ``prefetch_experts`` (default 0: off)
-    copies that many of each next MoE layer's likely experts to VRAM while the CPU computes a layer.
+    ``cuda_graphs`` replays decode steps as CUDA graphs (default on), ``prefetch_experts`` (default 0: off)
+    copies that many of each next MoE layer's likely experts to VRAM while the CPU computes a layer, and
+    ``read_ahead_experts`` (default None: the engine's, 3) has the CPU read that many of them into its caches while
+    the GPU runs the layer's attention.
     ``hybrid`` (default: on for "cuda" with quantised experts) can also run that engine on "cpu", with its
     Triton kernels in the interpreter (TRITON_INTERPRET=1): a slow mode for testing without a GPU.
 
@@ -88,7 +90,7 @@ class LLM:
                  vram_budget_mb: int | None = None, kv_dtype: str | None = None, kv_cache_mb: int | None = None,
                  layer_group_size: int | None = None, hcs: bool = True, hcs_experts: int | None = None,
                  hybrid: bool | None = None, gguf_path: str | Path | None = None, cuda_graphs: bool = True,
-                 decode_mode: str = "auto", prefetch_experts: int = 0):
+                 decode_mode: str = "auto", prefetch_experts: int = 0, read_ahead_experts: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if expert_bits not in EXPERT_BITS:
@@ -167,10 +169,15 @@ class LLM:
         if self.runtime is None and prefetch_experts:
             log.warning("prefetch_experts=%d is ignored: prefetch belongs to the GPU engine (device='cuda' with "
                         "quantised experts)", prefetch_experts)
+        if self.runtime is None and read_ahead_experts:
+            log.warning("read_ahead_experts=%d is ignored: it belongs to the GPU engine (device='cuda' with "
+                        "quantised experts)", read_ahead_experts)
         if self.runtime is not None:
             if self.device.type == "cuda":
                 self._start_decode_graphs(cuda_graphs)
             self.set_prefetch(prefetch_experts)
+            if read_ahead_experts is not None:
+                self.set_read_ahead(read_ahead_experts)
             if self.runtime.hcs.slots and self._heat_path().is_file():
                 self._load_heat()
 
@@ -233,6 +240,16 @@ class LLM:
         else:
             log.info("decode: %d likely experts of each next MoE layer are copied to VRAM while the CPU computes a "
                      "layer (predicted by that layer's router)", experts)
+
+    def set_read_ahead(self, experts: int) -> None:
+        """Have the CPU read this many of the next MoE layer's likely CPU experts into its caches while the GPU runs
+        that layer's attention, in one-graph decode steps (0: off). The GPU predicts them with that layer's router;
+        a wrong guess costs idle DRAM time and changes no result."""
+        if self.runtime is None:
+            raise ValueError("read-ahead belongs to the GPU engine (device='cuda' with quantised experts)")
+        if not isinstance(experts, int):
+            raise ValueError(f"read_ahead_experts must be a whole number, not {experts!r}")
+        self.runtime.set_read_ahead(experts)
 
     def _heat_path(self) -> Path:
         return self.cache_dir / HEAT_MAP

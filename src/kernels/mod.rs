@@ -210,6 +210,28 @@ impl WeightRef<'_> {
             WeightRef::Gguf(_) => None,
         }
     }
+    /// The bytes rows `r` of the matrix are read from: (packed weights, scales as bytes; a GGUF matrix's
+    /// blocks, and nothing).
+    pub fn row_bytes(&self, r: Range<usize>) -> [&[u8]; 2] {
+        match self {
+            WeightRef::Krasis(m) => {
+                let (rb, g) = (m.layout.row_bytes(), m.layout.groups_per_row());
+                let scales = &m.scales[r.start * g..r.end * g];
+                // SAFETY: any f32 slice is a valid, equally long-lived byte slice of 4x its length.
+                let scales = unsafe {
+                    std::slice::from_raw_parts(
+                        scales.as_ptr() as *const u8,
+                        std::mem::size_of_val(scales),
+                    )
+                };
+                [&m.weights[r.start * rb..r.end * rb], scales]
+            }
+            WeightRef::Gguf(g) => {
+                let rb = g.data.len() / g.n.max(1);
+                [&g.data[r.start * rb..r.end * rb], &[]]
+            }
+        }
+    }
     /// (N, K).
     pub fn shape(&self) -> (usize, usize) {
         match self {

@@ -141,6 +141,19 @@ class DecodeGraphs:
             return "group-limited routing is not predicted"
         return None
 
+    def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(router weight, correction bias or None) of each MoE layer, in order."""
+        return [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
+                if layer.experts is not None]
+
+    def _read_ahead(self, pf: Prefetcher | None) -> int:
+        """The experts a layer the host is to read ahead this step (0 when off, with a GPU prefetch, when every
+        non-resident expert is read over PCIe, or when routing cannot be predicted)."""
+        rt = self.rt
+        if not rt.read_ahead or pf is not None or rt.gpu_share >= 1 or self.prefetch_unsupported() is not None:
+            return 0
+        return rt.read_ahead
+
     def _prefetcher(self) -> Prefetcher | None:
         """The prefetch the runtime asks for (``HybridExperts.prefetch``), or None when off or unsupported."""
         rt = self.rt
@@ -152,9 +165,7 @@ class DecodeGraphs:
             # decided once: steps reach here only as one graph, and the model's routers do not change
             pf = None
             if self.prefetch_unsupported() is None:
-                routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
-                           if layer.experts is not None]
-                pf = Prefetcher(rt, rt.prefetch, self.link.slots, routers, self.f.spec.moe.router,
+                pf = Prefetcher(rt, rt.prefetch, self.link.slots, self._routers(), self.f.spec.moe.router,
                                 invert=rt.prefetch_invert)
             self._prefetchers[key] = pf
         return self._prefetchers[key]
@@ -238,7 +249,7 @@ class DecodeGraphs:
         b = self.buf
         self.rt.streamed_part(b.h, b.weights, b.ids, add_to=b.gpu)
 
-    def _whole_step(self, bucket: int, pcie: bool, pf: Prefetcher | None = None) -> None:
+    def _whole_step(self, bucket: int, pcie: bool, pf: Prefetcher | None = None, read_ahead: int = 0) -> None:
         b, j = self.buf, 0  # j: the MoE layer's index among the MoE layers
         if pf is not None:
             pf.start_step()
@@ -252,6 +263,8 @@ class DecodeGraphs:
             self.link.hand_over()
             if pf is not None:  # after the host's signal, so nothing on the side competes with its start
                 pf.predict(j, b.h)
+            elif read_ahead:  # the host reads these while the GPU runs layer j + 1's attention
+                self.link.hint(j, b.h, self._routers(), self.f.spec.moe.router, read_ahead)
             self._experts(index, pcie)
             if pf is not None:
                 pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
@@ -269,9 +282,11 @@ class DecodeGraphs:
         b.logits.copy_(logits)
 
     # -- capture and replay -------------------------------------------------------------------------------------
-    def _capture(self, work: Callable[[], None], linked: bool = False, prefetch: int = 0) -> _Replay:
+    def _capture(self, work: Callable[[], None], linked: bool = False, prefetch: int = 0,
+                 read_ahead: int = 0) -> _Replay:
         """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``), whose
-        rows carry claims when the step prefetches (``prefetch`` experts a layer)."""
+        rows carry claims when the step prefetches (``prefetch`` experts a layer), and which reads ``read_ahead``
+        hinted experts a layer ahead."""
         if not self.capturing:
             return _Eager(work)
         # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS
@@ -279,7 +294,7 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if linked:  # the host answers from another thread: an eager run may wait for the GPU on the way
-                self.link.run(work, threaded=True, count=False, prefetch=prefetch)
+                self.link.run(work, threaded=True, count=False, prefetch=prefetch, read_ahead=read_ahead)
             else:
                 work()
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -302,14 +317,16 @@ class DecodeGraphs:
         self._graphs[bucket] = graphs
         log.info("decode CUDA graphs captured for up to %d cached tokens (%d layers)", bucket, len(graphs))
 
-    def _capture_step(self, key: tuple[int, bool, tuple[int, bool] | None], pf: Prefetcher | None) -> None:
-        """The whole step of ``_steps``' ``key`` (bucket, PCIe reads, prefetch) captured, with prefetch ``pf``."""
-        bucket, pcie, _ = key
-        self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf), linked=True,
-                                         prefetch=pf.count if pf is not None else 0)
+    def _capture_step(self, key: tuple[int, bool, tuple[int, bool] | None, int], pf: Prefetcher | None) -> None:
+        """The whole step of ``_steps``' ``key`` (bucket, PCIe reads, prefetch, read-ahead) captured, with prefetch
+        ``pf``."""
+        bucket, pcie, _, read_ahead = key
+        self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf, read_ahead), linked=True,
+                                         prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
         log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
-                 "through mapped memory%s%s)", bucket, ", some experts read over PCIe" if pcie else "",
-                 f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "")
+                 "through mapped memory%s%s%s)", bucket, ", some experts read over PCIe" if pcie else "",
+                 f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "",
+                 f", the host reads {read_ahead} likely experts of each next MoE layer ahead" if read_ahead else "")
 
     def _set_input(self, token: int) -> None:
         """The token's embedding as the residual stream, nothing pending from a previous layer."""
@@ -332,15 +349,16 @@ class DecodeGraphs:
         if self.one_graph and self.link is not None:
             self.link.check()
             pf = self._prefetcher()
+            read_ahead = self._read_ahead(pf)
             # a step that reads no expert over PCIe leaves its kernels out
-            key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None
+            key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None, read_ahead
             if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
                 rt.streamer.loaded[0] = None
             if key not in self._steps:
                 self._capture_step(key, pf)  # its warm-up run writes the buffers: the input is set after
             self._set_input(token)
             self.link.run(self._steps[key].replay, threaded=not self.capturing,
-                          prefetch=pf.count if pf is not None else 0)
+                          prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
         else:
             if bucket not in self._graphs:
                 self._capture_bucket(bucket)

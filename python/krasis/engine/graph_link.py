@@ -6,6 +6,10 @@ in mapped pinned memory (``kernels.host_signal``): after staging a MoE layer's i
 and runs the layer's GPU experts; the host, spinning on the flag inside the Rust extension, runs the other
 experts and raises the answer flag; the graph, spinning on that, copies the CPU's sum in and goes on.
 
+With read-ahead, the graph also predicts during each MoE layer's handshake which experts the next MoE layer will
+send to the CPU (``hints``, ``kernels.prefetch_decode.predict_experts``), and the host reads their weights into
+its caches while the GPU runs that layer's attention (``warm`` in the Rust extension).
+
 Launching a graph of a whole step (several hundred nodes) holds the calling thread for a millisecond or more,
 longer than the GPU takes to reach the first MoE layer. So a replay is launched from a second, long-lived thread
 while this one already waits for the first handshake: the launch overlaps the GPU's work instead of delaying the
@@ -22,12 +26,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..kernels.host_signal import signal_host, wait_host
+from ..kernels.host_signal import mark_hints, signal_host, wait_host
+from ..kernels.prefetch_decode import predict_experts
 from .device_sync import current_stream, on_stream, pinned
 from .hybrid_moe import HybridExperts
 
 # Written to the answer flag to let every remaining wait of a broken step pass at once.
 _RELEASE_ALL = 1 << 62
+# The most experts a layer the host may be hinted to read ahead.
+MAX_READ_AHEAD = 8
 
 
 class HostLink:
@@ -40,6 +47,12 @@ class HostLink:
         self._flags = self.flags.numpy()  # the host's view of the same memory
         self.seq = torch.zeros(1, dtype=torch.int64, device=device)
         self.ids = np.zeros((len(slots), top_k), dtype=np.int64)  # the last step's routing, per MoE layer
+        # [0] the handshake the hints were written in, then the next MoE layer's likely CPU experts (-1: none)
+        self.hints = torch.full((1 + MAX_READ_AHEAD,), -1, dtype=torch.int64, pin_memory=pinned(device))
+        self._hints = self.hints.numpy()
+        experts = runtime.host[0].num_experts
+        self._logits = torch.empty((1, experts), dtype=torch.float32, device=device)  # scratch of the prediction
+        self._hint_slots = torch.empty(experts, dtype=torch.int32, device=device)  # (unused expert -> slot map)
         self._launcher: _Launcher | None = None
 
     # -- inside the graph ----------------------------------------------------------------------------------------
@@ -47,35 +60,50 @@ class HostLink:
         """The layer's inputs are staged (queued before this): let the host start."""
         signal_host(self.seq, self.flags)
 
+    def hint(self, j: int, h: torch.Tensor, routers: list, spec, count: int) -> None:
+        """After MoE layer ``j``'s hand-over: predict the ``count`` likeliest experts of MoE layer j + 1 that it will
+        send to the CPU (its router, ``routers[j + 1]`` = (weight, correction bias), applied to layer j's normed
+        input ``h`` [1, H]; neither resident nor read over PCIe) into ``hints``, then mark them with the handshake."""
+        if j + 1 >= len(self.slots):
+            return
+        slot, (router, bias) = self.slots[j + 1], routers[j + 1]
+        predict_experts(h, router, spec, bias, self.rt.hcs.table[slot], self.rt.pcie_map[slot], self._logits,
+                        self.hints[1: 1 + count], self._hint_slots)
+        mark_hints(self.seq, self.hints)
+
     def take_back(self, out: torch.Tensor) -> None:
         """Wait for the host's answer and copy its sum (float32 [1, hidden]) into ``out``."""
         wait_host(self.seq, self.flags)
         out.copy_(self.rt.cpu_out_row, non_blocking=True)
 
     # -- on the host ---------------------------------------------------------------------------------------------
-    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0) -> None:
+    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0,
+            read_ahead: int = 0) -> None:
         """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
         when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
         the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed;
-        ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry claims)."""
+        ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry claims);
+        ``read_ahead``: the experts a layer ``work`` hints (``hint``) for the host to read ahead."""
+        hints = self._hints[: 1 + read_ahead] if read_ahead else None
         try:
             if threaded:
-                self._serve_beside(work, count, prefetch)
+                self._serve_beside(work, count, prefetch, hints)
             else:
-                self._serve_while_launching(work, count, prefetch)
+                self._serve_while_launching(work, count, prefetch, hints)
         except BaseException:
             self._abort()
             raise
         self.check()
 
-    def _serve_while_launching(self, work: Callable[[], None], count: bool, prefetch: int) -> None:
+    def _serve_while_launching(self, work: Callable[[], None], count: bool, prefetch: int,
+                               hints: np.ndarray | None) -> None:
         """Queue ``work`` (a replay) from the launcher thread, on this thread's stream, while this thread answers
         the handshakes; a failed launch is raised in place of the wait it caused."""
         if self._launcher is None:
             self._launcher = _Launcher()
         self._launcher.start(work, current_stream(self.device))
         try:
-            self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
+            self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch, hints)
         except BaseException as served:
             launched = self._launcher.finish(raise_error=False)
             if launched is not None:
@@ -83,13 +111,13 @@ class HostLink:
             raise
         self._launcher.finish()
 
-    def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int) -> None:
+    def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int, hints: np.ndarray | None) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""
         errors: list[BaseException] = []
 
         def serve() -> None:
             try:
-                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch)
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch, hints)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
                 self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever
@@ -120,6 +148,7 @@ class HostLink:
             torch.cuda.synchronize(self.device)
         self.seq.zero_()
         self._flags[:] = 0
+        self._hints[0] = 0  # numbered from 1 again: hints of the old numbering must not match
 
 
 class _Launcher:

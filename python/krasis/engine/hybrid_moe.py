@@ -33,6 +33,11 @@ GRAPH_TIMEOUT = 30.0
 # 2 x PREFETCH_MAX of the first buffer (prefetch), DECODE_STAGING of the second (experts streamed per step).
 PREFETCH_MAX = 8
 DECODE_STAGING = 16
+# Experts of each next MoE layer the host reads into its caches while the GPU runs that layer's attention, as the
+# GPU predicts them (graph_link); 0: off. About the CPU's share of a layer's experts on the bench model (top-6,
+# ~45% not resident); measured: the CPU experts' time per token 8-25% lower, decode +6% on average
+# (benchmarks/RESULTS.md).
+READ_AHEAD = 3
 
 
 class HybridExperts:
@@ -78,6 +83,7 @@ class HybridExperts:
         self.counters = {"decode_layer_steps": 0, "routed_calls": 0, "routed_calls_on_gpu": 0,
                          "routed_calls_streamed": 0, "decode_bytes_streamed": 0,
                          "prefetched_experts": 0, "routed_calls_prefetched": 0,
+                         "experts_read_ahead": 0, "read_ahead_used": 0,
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
@@ -103,6 +109,8 @@ class HybridExperts:
         # the least likely ones instead (a wrong prediction on purpose, for tests and benchmarks)
         self.prefetch = 0
         self.prefetch_invert = False
+        # experts of the next MoE layer the host reads ahead per layer in one-graph decode steps (0: off)
+        self.read_ahead = READ_AHEAD
 
     def set_prefetch(self, count: int, invert: bool = False) -> None:
         """Prefetch ``count`` experts of the next MoE layer per layer in one-graph decode steps (0: off)."""
@@ -112,6 +120,14 @@ class HybridExperts:
             raise ValueError(f"prefetch {count}: at most {self.prefetch_slots // 2} experts a layer fit the staging "
                              "slots")
         self.prefetch, self.prefetch_invert = count, invert
+
+    def set_read_ahead(self, count: int) -> None:
+        """Have the host read ahead the ``count`` likeliest CPU experts of each next MoE layer (0: off)."""
+        from .graph_link import MAX_READ_AHEAD
+
+        if not 0 <= count <= MAX_READ_AHEAD:
+            raise ValueError(f"read-ahead must be 0 (off) to {MAX_READ_AHEAD} experts, not {count}")
+        self.read_ahead = count
 
     def set_decode_mode(self, mode: str, cpu_gbps: float | None = None, stream_gbps: float | None = None) -> None:
         """Where decode runs the non-resident experts (DECODE_MODES); "hybrid" needs both rates (GB/s: the CPU
@@ -310,16 +326,17 @@ class HybridExperts:
         return self._y[:1]
 
     def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True,
-                         prefetch: int = 0) -> None:
+                         prefetch: int = 0, hints: np.ndarray | None = None) -> None:
         """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
         each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident, read over PCIe nor
         claimed by a prefetch on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with
         ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the
         host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetch``: the
-        experts a layer the step prefetches for the next (its rows then carry claims; 0: no prefetch)."""
-        cpu_pairs, claimed, cpu_seconds, wait_seconds = self.store.serve_decode_graph(
+        experts a layer the step prefetches for the next (its rows then carry claims; 0: no prefetch); ``hints``:
+        the host view of the link's hints when the step writes them (the host then reads those experts ahead)."""
+        cpu_pairs, claimed, cpu_seconds, wait_seconds, read_ahead, read_ahead_used = self.store.serve_decode_graph(
             self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT,
-            claims=prefetch > 0)
+            claims=prefetch > 0, hints=hints)
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
@@ -334,6 +351,8 @@ class HybridExperts:
         if prefetch:  # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
             c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
             c["routed_calls_prefetched"] += claimed
+        c["experts_read_ahead"] += read_ahead
+        c["read_ahead_used"] += read_ahead_used
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds
 

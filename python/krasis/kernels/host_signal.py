@@ -38,6 +38,17 @@ def _wait_kernel(seq_ptr, flags_ptr, POLLS: tl.constexpr):
         tl.store(flags_ptr + 2, s)
 
 
+@triton.jit
+def _mark_kernel(seq_ptr, hints_ptr):
+    tl.store(hints_ptr, tl.load(seq_ptr))
+
+
+def mark_hints(seq: torch.Tensor, hints: torch.Tensor) -> None:
+    """Tell the host that the hints (``hints[1:]``, int64 in page-locked host memory, written by work queued before
+    this on the same stream) belong to the current handshake: ``hints[0]`` = seq."""
+    _mark_kernel[(1,)](seq, hints)
+
+
 def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
     """Count one more handshake and tell the host (flags[0]) that its inputs are in place. The inputs must
     have been written by work queued before this on the same stream."""
