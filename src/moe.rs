@@ -3,10 +3,13 @@
 //!
 //! Two steps on the pool, each a barrier:
 //! 1. gate/up: the rows of every expert in use, in chunks of 32, queued for the workers of the
-//!    expert's NUMA node; each row is computed for all tokens routed to that expert. With INT8
+//!    expert's NUMA node (on one node: each worker takes its own share of every expert's rows first,
+//!    `HomeQueue`, so what `warm` read ahead for it is in its caches); each row is computed for all
+//!    tokens routed to that expert. With INT8
 //!    activations, the worker that completes a group of h (the down projection's activation group)
 //!    also quantises it, so h needs no pass of its own.
-//! 2. down: the H output rows in chunks of 32, queued for each node's workers; a chunk loops over
+//! 2. down: the H output rows in chunks of 32, queued for each node's workers (one node: own share
+//!    first, as above); a chunk loops over
 //!    that node's experts, summing weight * row . h into its rows of y. With several nodes each node
 //!    sums into its own partial y, added at the end.
 //!
