@@ -218,6 +218,23 @@ def test_auto_split_stops_trying_larger_shares_once_one_is_clearly_slower():
     assert auto.best == auto.share == 0.0
 
 
+def test_auto_split_does_not_time_steps_while_the_hot_cache_copies_in_the_background():
+    from types import SimpleNamespace
+
+    from krasis.engine.decode_modes import AutoSplit
+    from krasis.engine.hybrid_moe import HybridExperts
+
+    timed = []
+    auto = AutoSplit()
+    auto.observe = timed.append
+    rt = SimpleNamespace(auto=auto, hcs=SimpleNamespace(copying=True), _last_step=None, _last_copying=False,
+                         gpu_share=0.0)
+    for copying in (True, True, True, False, False, False):  # the refill lands before the fourth step starts
+        rt.hcs.copying = copying
+        HybridExperts._time_step(rt, 1)
+    assert len(timed) == 2, "the steps from the fourth start on: nothing in flight at either end"
+
+
 def test_auto_split_rechecks_its_neighbours_and_follows_a_change():
     from krasis.engine.decode_modes import AutoSplit
 

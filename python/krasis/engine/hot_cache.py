@@ -301,6 +301,12 @@ class HotExpertCache:
                 copied.record(stream)
                 self._incoming.append((batch, copied))
 
+    @property
+    def copying(self) -> bool:
+        """Whether background copies (a refill after a prompt, a between-step update) are queued and not yet
+        installed: they share PCIe and host DRAM with the decode steps meanwhile."""
+        return bool(self._incoming)
+
     def install_copied(self, wait: bool = False) -> int:
         """Add the experts whose background copies have landed to the tables (queued on the current stream); with
         ``wait``, wait for all of them first. Returns how many were added."""

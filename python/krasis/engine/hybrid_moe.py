@@ -35,7 +35,7 @@ PREFETCH_MAX = 8
 DECODE_STAGING = 16
 # Experts of each next MoE layer the host reads into its caches while the GPU runs that layer's attention, as the
 # GPU predicts them (graph_link); 0: off. About the CPU's share of a layer's experts on the bench model (top-6,
-# ~45% not resident); measured: the CPU experts' time per token 8-25% lower, decode +6% on average
+# ~45% not resident); measured: the CPU experts' time per token 2-26% lower, decode +5% on average
 # (benchmarks/RESULTS.md).
 READ_AHEAD = 3
 
@@ -91,6 +91,7 @@ class HybridExperts:
         self.hcs_update_every = UPDATE_EVERY  # decode steps between the hot cache's updates
         self.auto: AutoSplit | None = None  # "auto": picks gpu_share by the time of whole decode steps
         self._last_step: float | None = None  # when the last one-token forward began (auto)
+        self._last_copying = False  # whether the hot cache's copies were in flight then
         self._staging = slice_experts(self.streamer.buffers[1], 0, self.staging_slots) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
@@ -188,12 +189,16 @@ class HybridExperts:
 
     def _time_step(self, num_tokens: int) -> None:
         """auto: one-token forwards that follow one another are decode steps; the time between their starts
-        (sampling and the host's work included) is what the split is judged by."""
-        now = time.perf_counter()
-        if num_tokens == 1 and self._last_step is not None and now - self._last_step < MAX_STEP_SECONDS:
+        (sampling and the host's work included) is what the split is judged by. A step that began or ended with
+        the hot cache's copies in flight (the refill after a prompt: ~2 GB on the bench model) is not timed: those
+        copies slow every share, the first tried most."""
+        now, copying = time.perf_counter(), self.hcs.copying
+        if (num_tokens == 1 and self._last_step is not None and now - self._last_step < MAX_STEP_SECONDS
+                and not (copying or self._last_copying)):
             self.auto.observe(now - self._last_step)
             self.gpu_share = self.auto.share
         self._last_step = now if num_tokens == 1 else None
+        self._last_copying = copying
 
     def end_prefill(self) -> None:
         """After a prompt: lend the prefill buffers to the hot cache again and refresh it from the routing counts
