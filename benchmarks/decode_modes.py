@@ -73,11 +73,14 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     prefetch_hits = sum(r["routed_calls_prefetched"] for r in runs)
     read_ahead_n = sum(r.get("experts_read_ahead", 0) for r in runs)
     read_ahead_used = sum(r.get("read_ahead_used", 0) for r in runs)
+    read_ahead_bytes = sum(r.get("bytes_read_ahead", 0) for r in runs)
     nonres_bytes = (calls - on_gpu) * expert_nbytes / steps
     tok_s = statistics.mean(r["tok_s"] for r in runs)
     bound = link_gbps * 1e9 / nonres_bytes if nonres_bytes else None
     return {"mode": mode, "prefetch": prefetch, "read_ahead": read_ahead, "prompt_tokens": length, "tok_s": tok_s,
-            # of the experts read ahead, the share the CPU then ran; of the CPU's calls, the share read ahead
+            # of the experts hinted for reading ahead, the share the CPU then ran; of the CPU's calls, the share
+            # hinted; the bytes actually read ahead per token (reading stops when the next layer is staged)
+            "read_ahead_mb_per_token": read_ahead_bytes / 1e6 / steps,
             "read_ahead_hit_rate": read_ahead_used / read_ahead_n if read_ahead_n else None,
             "read_ahead_share": read_ahead_used / max(calls - on_gpu - streamed - prefetch_hits, 1),
             "per_prompt": [r["tok_s"] for r in runs],
@@ -178,7 +181,8 @@ def main() -> None:
         pct = f"{bound:.0f} ({100 * r['tok_s'] / bound:.0f}%)" if bound else "n/a"
         mode = r["mode"] + (f" + prefetch {r['prefetch']}" if r["prefetch"] else "")
         if r["read_ahead"]:
-            mode += f" + read-ahead {r['read_ahead']} ({r['read_ahead_share'] or 0:.0%} of CPU calls)"
+            mode += (f" + read-ahead {r['read_ahead']} ({r['read_ahead_share'] or 0:.0%} of CPU calls hinted, "
+                     f"{r['read_ahead_mb_per_token']:.0f} MB/token read)")
         pf = (f"{r['prefetch_hit_rate']:.0%}, {r['prefetched_share']:.0%}" if r["prefetch_hit_rate"] is not None
               else "-")
         print(f"| {r['prompt_tokens']:,} | {mode} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "

@@ -1,8 +1,9 @@
 """Does reading an expert's weights ahead make the CPU kernels faster? The CPU store alone, M = 1, k experts a
 call, cycling the MoE layers (cold weights): a call as it comes; the same call right after ``read_ahead`` of its
-experts (all of them, or those of the first ``--share`` of the bytes), timed apart; and the read-ahead alone.
+experts, timed apart; and the read-ahead alone.
 
-Usage: python benchmarks/read_ahead_probe.py [--layers 26] [--experts 64] [--k 3] [--seconds 2]
+Usage: python benchmarks/read_ahead_probe.py [--model DeepSeek-V2-Lite] [--layers 26] [--k 3] [--bits 4]
+           [--group 64] [--seconds 2]
 """
 
 from __future__ import annotations

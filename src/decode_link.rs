@@ -36,7 +36,8 @@ pub struct Mailbox {
 
 /// What one `serve` did: routed pairs computed on the CPU, pairs the GPU claimed (prefetched), seconds
 /// in the CPU kernels, seconds spent waiting for the GPU to stage a layer (reading ahead included), experts
-/// read ahead on a hint and how many of them the next layer sent to the CPU.
+/// hinted for reading ahead (read in part or whole: reading stops when the next layer is staged), how many
+/// of those the next layer sent to the CPU, and the bytes read ahead.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServeStats {
     pub cpu_pairs: usize,
@@ -45,6 +46,7 @@ pub struct ServeStats {
     pub wait_seconds: f64,
     pub warmed: usize,
     pub warmed_used: usize,
+    pub warmed_bytes: usize,
 }
 
 impl Mailbox {
@@ -91,13 +93,16 @@ impl Mailbox {
             return None;
         }
         // SAFETY: `with_hints`' contract; [0] is an aligned i64 the GPU writes, read atomically.
-        let written = unsafe { &*(self.hints as *const AtomicI64) }.load(Ordering::Acquire);
+        let mark = unsafe { &*(self.hints as *const AtomicI64) };
+        if mark.load(Ordering::Acquire) != seq {
+            return None;
+        }
         // SAFETY: as above, num_hints more i64 follow; volatile because the GPU wrote them.
-        (written == seq).then(|| {
-            (1..=self.num_hints)
-                .map(|i| unsafe { self.hints.add(i).read_volatile() })
-                .collect()
-        })
+        let ids = (1..=self.num_hints)
+            .map(|i| unsafe { self.hints.add(i).read_volatile() })
+            .collect();
+        // Still this handshake's: the GPU did not move on to the next layer's hints meanwhile.
+        (mark.load(Ordering::Acquire) == seq).then_some(ids)
     }
 
     fn flag(&self, i: usize) -> &AtomicI64 {
@@ -168,7 +173,7 @@ impl Mailbox {
 /// id is recorded in `ids_out[j * k ..]`. A staged id out of range is an error (after the GPU has been
 /// answered with zeros, so it is not left waiting). With hints, after answering layer j the hinted experts
 /// of layer j + 1 that are not resident go to `warm(layer, ids, stop)`, whose `stop()` turns true once the GPU
-/// has staged that layer.
+/// has staged that layer, and which returns the bytes it read.
 #[allow(clippy::too_many_arguments)]
 pub fn serve<F, W>(
     mb: &Mailbox,
@@ -182,7 +187,7 @@ pub fn serve<F, W>(
 ) -> Result<ServeStats, String>
 where
     F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String>,
-    W: FnMut(usize, &[usize], &(dyn Fn() -> bool + Sync)),
+    W: FnMut(usize, &[usize], &(dyn Fn() -> bool + Sync)) -> usize,
 {
     let (h, k) = (mb.hidden, mb.k);
     if ids_out.len() < layers.len() * k {
@@ -253,7 +258,7 @@ where
             if !warmed.is_empty() {
                 let staged = mb.flag(0);
                 let start = Instant::now();
-                warm(next, &warmed, &|| staged.load(Ordering::Acquire) > seq);
+                stats.warmed_bytes += warm(next, &warmed, &|| staged.load(Ordering::Acquire) > seq);
                 stats.wait_seconds += start.elapsed().as_secs_f64();
                 stats.warmed += warmed.len();
             }
@@ -363,7 +368,7 @@ mod tests {
                 calls.push((layer, ids.to_vec(), w.to_vec()));
                 Ok(x.iter().map(|v| v * 2.0).collect())
             },
-            |_, _, _| unreachable!("no hints"),
+            |_, _, _| -> usize { unreachable!("no hints") },
         )
         .unwrap();
         let answers = gpu.join().unwrap();
@@ -415,14 +420,15 @@ mod tests {
                 unsafe {
                     s.add(h + k).write_volatile(1.0);
                     s.add(h + k + 1).write_volatile(3.0);
-                    (*flags).store(seq, Ordering::Release);
                     if seq == 1 {
                         // layer 1's likely experts, written during handshake 1: 2, 0 (resident), 3
+                        // (before the staging flag here, so the host always finds them)
                         for (i, id) in [2i64, 0, 3].into_iter().enumerate() {
                             hints.add(1 + i).write_volatile(id);
                         }
                         (*(hints as *const AtomicI64)).store(1, Ordering::Release);
                     }
+                    (*flags).store(seq, Ordering::Release);
                     while (*flags.add(1)).load(Ordering::Acquire) < seq {
                         std::hint::spin_loop();
                     }
@@ -444,6 +450,7 @@ mod tests {
                 while !stop() {
                     assert!(start.elapsed() < Duration::from_secs(10), "stop never came");
                 }
+                7
             },
         )
         .unwrap();
@@ -482,7 +489,7 @@ mod tests {
                 seen.push(ids.to_vec());
                 Ok(x.to_vec())
             },
-            |_, _, _| unreachable!("no hints"),
+            |_, _, _| -> usize { unreachable!("no hints") },
         )
         .unwrap();
         assert_eq!(seen, vec![vec![SKIP, 1, SKIP]]);
@@ -503,7 +510,7 @@ mod tests {
             &mut [0; 2],
             Duration::from_millis(50),
             |_, x, _, _| Ok(x.to_vec()),
-            |_, _, _| unreachable!("no hints"),
+            |_, _, _| -> usize { unreachable!("no hints") },
         )
         .unwrap_err();
         assert!(err.contains("did not stage decode handshake 1"), "{err}");
@@ -522,7 +529,7 @@ mod tests {
             &mut [0; 2],
             Duration::from_secs(1),
             |_, x, _, _| Ok(x.to_vec()),
-            |_, _, _| unreachable!("no hints"),
+            |_, _, _| -> usize { unreachable!("no hints") },
         )
         .unwrap_err();
         assert!(err.contains("expert id 7"), "{err}");

@@ -630,6 +630,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_workers_own_share_of_the_queue_is_its_home_rows() {
+        for (workers, groups, rows) in [(16, 3, 1408usize), (16, 1, 2048), (3, 2, 100), (5, 1, 7)] {
+            let per_group = rows.div_ceil(CHUNK_ROWS);
+            let q = HomeQueue::new(workers, groups, per_group);
+            for t in 0..workers {
+                let own = groups * split_range(per_group, workers, t).len();
+                let mut got = vec![vec![]; groups];
+                for _ in 0..own {
+                    let (g, r) = piece(q.take(t).unwrap(), rows, CHUNK_ROWS);
+                    got[g].extend(r);
+                }
+                for g in got {
+                    assert_eq!(
+                        g,
+                        home_rows(rows, CHUNK_ROWS, workers, t).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn pieces_cover_every_row_of_every_item_once() {
         for (items, rows, size) in [(3, 100, 32), (2, 64, 32), (5, 7, 2), (1, 5, 8)] {
             let mut hits = vec![0; items * rows];

@@ -538,6 +538,9 @@ impl<'a, T> Disjoint<'a, T> {
 
 #[cfg(test)]
 mod tests {
+
+    use super::*;
+
     #[test]
     fn a_home_queue_hands_out_every_item_once_own_share_first() {
         let q = HomeQueue::new(3, 2, 7); // groups of 7: shares 0..2, 2..4, 4..7
@@ -552,8 +555,6 @@ mod tests {
         assert_eq!(seen, (0..14).collect::<Vec<_>>());
         assert_eq!(q.take(2), None);
     }
-
-    use super::*;
 
     #[test]
     fn every_worker_runs_each_job_once() {

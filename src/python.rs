@@ -485,7 +485,7 @@ struct DecodeLinkArgs<'py> {
     flags: PyReadwriteArrayDyn<'py, i64>,
     resident: PyReadonlyArray2<'py, i64>,
     ids_out: PyReadwriteArray2<'py, i64>,
-    hints: Option<PyReadwriteArrayDyn<'py, i64>>,
+    hints: Option<numpy::PyReadonlyArrayDyn<'py, i64>>,
     k: usize,
     claims: bool,
 }
@@ -562,14 +562,16 @@ impl<'py> DecodeLinkArgs<'py> {
             flags: flags.readwrite(),
             resident: resident.readonly(),
             ids_out: ids_out.readwrite(),
-            hints: hints.map(|h| h.readwrite()),
+            hints: hints.map(|h| h.try_readonly()).transpose().map_err(|_| {
+                PyValueError::new_err("hints must not be borrowed for writing elsewhere")
+            })?,
             k,
             claims,
         })
     }
 
     /// Run `decode_link::serve` with the GIL released, reading hinted experts ahead through `expert`;
-    /// returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, warmed, warmed_used).
+    /// returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
     #[allow(clippy::too_many_arguments)]
     fn serve<'s, F, X>(
         mut self,
@@ -580,7 +582,7 @@ impl<'py> DecodeLinkArgs<'py> {
         timeout_s: f64,
         forward: F,
         expert: X,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize)>
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)>
     where
         F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String> + Send,
         X: Fn(usize, usize) -> Result<ExpertRef<'s>, String> + Send + Sync,
@@ -592,7 +594,7 @@ impl<'py> DecodeLinkArgs<'py> {
         let hints = self
             .hints
             .as_mut()
-            .map(|h| (h.as_array_mut().as_mut_ptr() as usize, h.len() - 1));
+            .map(|h| (h.as_array().as_ptr() as usize, h.len() - 1));
         let resident = contiguous(&self.resident, "resident")?;
         let mut ids_out = self.ids_out.as_array_mut();
         let ids_out = ids_out
@@ -623,9 +625,14 @@ impl<'py> DecodeLinkArgs<'py> {
                     mb = unsafe { mb.with_hints(at as *const i64, n) };
                 }
                 let warm = |layer: usize, ids: &[usize], stop: &(dyn Fn() -> bool + Sync)| {
+                    // Each worker reads its own share on one node only (`HomeQueue`); on several, the
+                    // node queues hand rows to any of a node's workers, so reading ahead would not pay.
+                    if pool.num_nodes() > 1 {
+                        return 0;
+                    }
                     let experts: Vec<ExpertRef> =
                         ids.iter().filter_map(|&e| expert(layer, e).ok()).collect();
-                    warm::warm(pool, &experts, stop);
+                    warm::warm(pool, &experts, stop)
                 };
                 serve_link(
                     &mb,
@@ -646,6 +653,7 @@ impl<'py> DecodeLinkArgs<'py> {
             stats.wait_seconds,
             stats.warmed,
             stats.warmed_used,
+            stats.warmed_bytes,
         ))
     }
 }
@@ -872,7 +880,7 @@ impl PyExpertStore {
     /// nonzero where the GPU computes it (prefetched), and the host skips those. With `hints` (int64
     /// [1 + n]: the handshake number, then up to n expert ids the GPU predicts for the next MoE layer),
     /// having answered a layer the host reads those experts ahead while the GPU runs the next attention.
-    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, warmed, warmed_used).
+    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
     #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false,
                         hints=None))]
     #[allow(clippy::too_many_arguments)]
@@ -889,7 +897,7 @@ impl PyExpertStore {
         act_int8: bool,
         claims: bool,
         hints: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize)> {
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
         let s = &self.inner;
         let (h, e) = (s.layout.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(
@@ -1071,7 +1079,7 @@ impl PyGgufExpertStore {
         act_int8: bool,
         claims: bool,
         hints: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize)> {
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
         let s = &self.inner;
         let (h, e) = (s.hidden, s.num_experts);
         let args = DecodeLinkArgs::check(

@@ -11,8 +11,9 @@ use crate::moe::{home_rows, ExpertRef, CHUNK_ROWS, DOWN_CHUNK_ROWS};
 use crate::pool::Pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Bytes read between two checks of `stop` (and the step between reads: one per cache line).
+/// Bytes read between two checks of `stop`.
 const STOP_EVERY: usize = 16 << 10;
+/// One read per cache line.
 const LINE: usize = 64;
 
 /// One byte of every cache line of `bytes`, summed so the reads cannot be optimised away.

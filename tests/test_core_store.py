@@ -212,8 +212,8 @@ def test_serve_decode_graph_answers_a_staged_layer_with_its_non_resident_experts
     staged[0, :H], staged[0, H:H + 3], staged[0, H + 3:H + 6] = x[0], w[0], ids[0]
     flags[0] = 1  # the GPU has staged handshake 1
     resident[1, 7] = 0  # expert 7 of layer 1 is the GPU's
-    pairs, claimed, cpu_seconds, wait_seconds, _, _ = store.serve_decode_graph(staged, out, flags, [1], resident,
-                                                                               ids_out)
+    pairs, claimed, cpu_seconds, wait_seconds, *_ = store.serve_decode_graph(staged, out, flags, [1], resident,
+                                                                             ids_out)
     assert (pairs, claimed, int(flags[1]), ids_out.tolist()) == (2, 0, 1, [[5, 1, 7]])
     want = store.forward(1, x, np.array([[5, 1, -1]]), w)
     assert rel_err(out, want.astype(np.float64)) < 1e-6
@@ -246,9 +246,10 @@ def test_serve_decode_graph_reads_the_hinted_experts_of_the_next_layer_ahead():
                                         hints=hints)
 
     # written during handshake 1: layer 1's likely experts 5, 7, 2; of them 5 and 7 went to the CPU
-    pairs, _, _, _, read_ahead, used = serve(np.array([1, 5, 7, 2, -1], dtype=np.int64))
-    assert (pairs, read_ahead, used) == (5, 3, 2)
-    assert serve(np.array([7, 5, 7, 2, -1], dtype=np.int64))[4:] == (0, 0), "hints of another handshake"
+    # (read as hinted, though layer 1 was staged already: nothing is read once the layer is staged)
+    pairs, _, _, _, hinted, used, nbytes = serve(np.array([1, 5, 7, 2, -1], dtype=np.int64))
+    assert (pairs, hinted, used, nbytes) == (5, 3, 2, 0)
+    assert serve(np.array([7, 5, 7, 2, -1], dtype=np.int64))[4:] == (0, 0, 0), "hints of another handshake"
 
 
 def test_serve_decode_graph_times_out_when_the_gpu_stages_nothing():

@@ -18,7 +18,7 @@ class FakeRuntime:
     def __init__(self, serve):
         self.serve = serve
 
-    def serve_graph_step(self, flags, slots, ids_out, count=True, prefetch=0):
+    def serve_graph_step(self, flags, slots, ids_out, count=True, prefetch=0, hints=None):
         self.serve()
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .engine.decode_modes import DECODE_MODES
-from .engine.graph_link import MAX_READ_AHEAD
-from .engine.hybrid_moe import READ_AHEAD
+from .engine.decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD
+
+
+def _read_ahead(value: str) -> int:
+    """--read-ahead-experts: a whole number from 0 to MAX_READ_AHEAD."""
+    n = int(value) if value.strip().isdigit() else -1
+    if not 0 <= n <= MAX_READ_AHEAD:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 (off) to {MAX_READ_AHEAD}, not {value!r}")
+    return n
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +42,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch-experts", type=int, default=0, metavar="N",
                    help="in decode, copy N likely experts of each next MoE layer to VRAM while the CPU computes a "
                         "layer, predicted by that layer's router (default 0: off; at most the router's top-k)")
-    g.add_argument("--read-ahead-experts", type=int, default=None, metavar="N",
+    g.add_argument("--read-ahead-experts", type=_read_ahead, default=None, metavar="N",
                    help="in decode, the CPU reads the weights of N likely CPU experts of each next MoE layer into its "
                         f"caches while the GPU runs that layer's attention (default {READ_AHEAD}; 0: off; at most "
                         f"{MAX_READ_AHEAD})")

@@ -123,6 +123,7 @@ class DecodeGraphs:
         self._prefetchers: dict[tuple[int, bool], Prefetcher | None] = {}
         moe = [layer.experts.slot for layer in forward.w.layers if layer.experts is not None]
         self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
+        self._router_list: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
         self._event = new_event(self.device)
         self._gather_stream = side_stream(self.device)  # the PCIe share's copies, beside the VRAM-bound work
@@ -143,8 +144,10 @@ class DecodeGraphs:
 
     def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(router weight, correction bias or None) of each MoE layer, in order."""
-        return [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
-                if layer.experts is not None]
+        if self._router_list is None:
+            self._router_list = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
+                                 if layer.experts is not None]
+        return self._router_list
 
     def _read_ahead(self, pf: Prefetcher | None) -> int:
         """The experts a layer the host is to read ahead this step (0 when off, with a GPU prefetch, when every

@@ -12,6 +12,13 @@ import statistics
 # timing whole decode steps; see AutoSplit).
 DECODE_MODES = ("auto", "cpu", "gpu", "hybrid")
 
+# Experts of each next MoE layer the host reads into its caches while the GPU runs that layer's attention, as the
+# GPU predicts them (graph_link); 0: off. About the CPU's share of a layer's experts on the bench model (top-6,
+# ~45% not resident); measured: the CPU experts' time per token 2-26% lower, decode +5% on average
+# (benchmarks/RESULTS.md).
+READ_AHEAD = 3
+MAX_READ_AHEAD = 8  # the most the link's hint buffer holds
+
 
 # A candidate this much slower than the fastest tried so far ends the round's trials of larger shares.
 GIVE_UP = 1.1

@@ -28,13 +28,12 @@ import torch
 
 from ..kernels.host_signal import mark_hints, signal_host, wait_host
 from ..kernels.prefetch_decode import predict_experts
+from .decode_modes import MAX_READ_AHEAD
 from .device_sync import current_stream, on_stream, pinned
 from .hybrid_moe import HybridExperts
 
 # Written to the answer flag to let every remaining wait of a broken step pass at once.
 _RELEASE_ALL = 1 << 62
-# The most experts a layer the host may be hinted to read ahead.
-MAX_READ_AHEAD = 8
 
 
 class HostLink:
@@ -50,9 +49,7 @@ class HostLink:
         # [0] the handshake the hints were written in, then the next MoE layer's likely CPU experts (-1: none)
         self.hints = torch.full((1 + MAX_READ_AHEAD,), -1, dtype=torch.int64, pin_memory=pinned(device))
         self._hints = self.hints.numpy()
-        experts = runtime.host[0].num_experts
-        self._logits = torch.empty((1, experts), dtype=torch.float32, device=device)  # scratch of the prediction
-        self._hint_slots = torch.empty(experts, dtype=torch.int32, device=device)  # (unused expert -> slot map)
+        self._predict_scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # logits, (unused) expert -> slot
         self._launcher: _Launcher | None = None
 
     # -- inside the graph ----------------------------------------------------------------------------------------
@@ -67,8 +64,13 @@ class HostLink:
         if j + 1 >= len(self.slots):
             return
         slot, (router, bias) = self.slots[j + 1], routers[j + 1]
-        predict_experts(h, router, spec, bias, self.rt.hcs.table[slot], self.rt.pcie_map[slot], self._logits,
-                        self.hints[1: 1 + count], self._hint_slots)
+        if self._predict_scratch is None:
+            experts = router.shape[0]
+            self._predict_scratch = (torch.empty((1, experts), dtype=torch.float32, device=self.device),
+                                     torch.empty(experts, dtype=torch.int32, device=self.device))
+        logits, expert_slot = self._predict_scratch
+        predict_experts(h, router, spec, bias, self.rt.hcs.table[slot], self.rt.pcie_map[slot], logits,
+                        self.hints[1: 1 + count], expert_slot)
         mark_hints(self.seq, self.hints)
 
     def take_back(self, out: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..kernels import GPUExperts
 from ..kernels.moe_decode import extra_slot_addresses
 from .device_sync import fork, new_event, on_stream, side_stream
-from .expert_stream import copy_experts, empty_experts_like, slice_experts
+from .expert_stream import PARTS, copy_experts, empty_experts_like, slice_experts
 
 log = logging.getLogger("krasis")
 # A refill after a prompt happens when at least this share of the slots would change hands.
@@ -55,6 +55,10 @@ class HotExpertCache:
         self.experts = storage
         self.stored = storage.num_experts if storage is not None else 0  # slots in ``experts``; extra ones follow
         self.extra = extra_slots if host else 0
+        if self.extra and any(getattr(host[0], p)[0].nbytes % 16 for p in PARTS):
+            # the decode kernels load an extra slot's parts 16 bytes at a time (``extra_slot_addresses``)
+            log.info("hot-expert cache: no extra slots (an expert's parts are not whole multiples of 16 bytes)")
+            self.extra = 0
         total = self.stored + self.extra
         self.usable = np.zeros(total, dtype=bool)  # slots that may hold an expert now
         self.usable[: self.slots] = True

@@ -16,7 +16,7 @@ from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, fused_moe
 from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
-from .decode_modes import DECODE_MODES, AutoSplit
+from .decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD, AutoSplit
 from .device_sync import current_stream, join, new_event, pinned
 from .expert_stream import ExpertStreamer, copy_experts, empty_experts_like, slice_experts
 from .hot_cache import UPDATE_EVERY, HotExpertCache
@@ -33,11 +33,6 @@ GRAPH_TIMEOUT = 30.0
 # 2 x PREFETCH_MAX of the first buffer (prefetch), DECODE_STAGING of the second (experts streamed per step).
 PREFETCH_MAX = 8
 DECODE_STAGING = 16
-# Experts of each next MoE layer the host reads into its caches while the GPU runs that layer's attention, as the
-# GPU predicts them (graph_link); 0: off. About the CPU's share of a layer's experts on the bench model (top-6,
-# ~45% not resident); measured: the CPU experts' time per token 2-26% lower, decode +5% on average
-# (benchmarks/RESULTS.md).
-READ_AHEAD = 3
 
 
 class HybridExperts:
@@ -83,7 +78,8 @@ class HybridExperts:
         self.counters = {"decode_layer_steps": 0, "routed_calls": 0, "routed_calls_on_gpu": 0,
                          "routed_calls_streamed": 0, "decode_bytes_streamed": 0,
                          "prefetched_experts": 0, "routed_calls_prefetched": 0,
-                         "experts_read_ahead": 0, "read_ahead_used": 0,
+                         # experts hinted for reading ahead (read in part or whole), of those the CPU's, bytes read
+                         "experts_read_ahead": 0, "read_ahead_used": 0, "bytes_read_ahead": 0,
                          "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
@@ -124,9 +120,7 @@ class HybridExperts:
 
     def set_read_ahead(self, count: int) -> None:
         """Have the host read ahead the ``count`` likeliest CPU experts of each next MoE layer (0: off)."""
-        from .graph_link import MAX_READ_AHEAD
-
-        if not 0 <= count <= MAX_READ_AHEAD:
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_READ_AHEAD:
             raise ValueError(f"read-ahead must be 0 (off) to {MAX_READ_AHEAD} experts, not {count}")
         self.read_ahead = count
 
@@ -201,8 +195,8 @@ class HybridExperts:
         self._last_copying = copying
 
     def end_prefill(self) -> None:
-        """After a prompt: lend the prefill buffers to the hot cache again and refresh it from the routing counts
-        seen so far."""
+        """After a prompt: lend the prefill buffers (and the extra slots' memory) to the hot cache again and refill
+        it from the routing counts seen so far, the copies in the background behind the first decode steps."""
         if self.hcs.lend(True):
             self.streamer.loaded = [None, None]  # what prefill left in the buffers is about to be overwritten
             # a pass cut short (an error mid-prompt) may leave a group's copy in flight into the buffers
@@ -339,9 +333,9 @@ class HybridExperts:
         host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetch``: the
         experts a layer the step prefetches for the next (its rows then carry claims; 0: no prefetch); ``hints``:
         the host view of the link's hints when the step writes them (the host then reads those experts ahead)."""
-        cpu_pairs, claimed, cpu_seconds, wait_seconds, read_ahead, read_ahead_used = self.store.serve_decode_graph(
-            self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out, timeout_s=GRAPH_TIMEOUT,
-            claims=prefetch > 0, hints=hints)
+        cpu_pairs, claimed, cpu_seconds, wait_seconds, hinted, hinted_used, read_ahead_bytes = (
+            self.store.serve_decode_graph(self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out,
+                                          timeout_s=GRAPH_TIMEOUT, claims=prefetch > 0, hints=hints))
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
@@ -356,8 +350,9 @@ class HybridExperts:
         if prefetch:  # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
             c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
             c["routed_calls_prefetched"] += claimed
-        c["experts_read_ahead"] += read_ahead
-        c["read_ahead_used"] += read_ahead_used
+        c["experts_read_ahead"] += hinted
+        c["read_ahead_used"] += hinted_used
+        c["bytes_read_ahead"] += read_ahead_bytes
         c["cpu_expert_seconds"] += cpu_seconds
         c["wait_for_gpu_seconds"] += wait_seconds
 

@@ -89,7 +89,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("prefetch_experts", "int", 0, "in decode, likely experts of each next MoE layer copied to VRAM while the CPU "
          "computes a layer (0: off; at most the router's top-k)", minimum=0),
     _opt("read_ahead_experts", "int", None, "in decode, likely CPU experts of each next MoE layer whose weights the "
-         "CPU reads into its caches while the GPU runs that layer's attention (absent: 3; 0: off)", minimum=0),
+         "CPU reads into its caches while the GPU runs that layer's attention (absent: 3; 0: off)", minimum=0,
+         maximum=8),
     _opt("threads", "int", None, "CPU expert kernel threads (absent: physical cores)", minimum=1),
     _opt("host", "str", "127.0.0.1", "address the server listens on"),
     _opt("port", "int", 8012, "port the server listens on", minimum=1, maximum=65535),
