@@ -465,6 +465,7 @@ mod tests {
             (2, 1),
             "layer 1 sent experts 1 and 3 to the CPU"
         );
+        assert_eq!(stats.warmed_bytes, 7, "the bytes warm said it read");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::moe::{moe_forward, ExpertRef, RoutedExperts};
 use crate::pool::Pool;
 use crate::simd::SimdPath;
 use crate::store::{check_expert_index, check_forward_args};
+use crate::warm::warm;
 use memmap2::Mmap;
 use std::path::PathBuf;
 
@@ -214,6 +215,20 @@ impl RoutedExperts for GgufExpertStore {
             out,
         );
         Ok(())
+    }
+
+    fn read_ahead(
+        &self,
+        pool: &Pool,
+        layer: usize,
+        ids: &[usize],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> usize {
+        let experts: Vec<ExpertRef> = ids
+            .iter()
+            .filter_map(|&e| self.expert(layer, e).ok())
+            .collect();
+        warm(pool, &experts, false, stop) // its forward places no work by NUMA node (`numa` false above)
     }
 }
 

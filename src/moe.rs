@@ -126,6 +126,16 @@ fn silu(v: f32) -> f32 {
 /// Marks a (token, expert) pair that this call skips (computed elsewhere, e.g. on the GPU).
 pub const SKIP: usize = usize::MAX;
 
+/// The NUMA nodes whose queues `moe_forward` splits its work between: the pool's with `numa`, else one (and
+/// then each worker takes its own share first: `HomeQueue`, what `warm` reads ahead).
+pub fn forward_nodes(pool: &Pool, numa: bool) -> usize {
+    if numa {
+        pool.num_nodes()
+    } else {
+        1
+    }
+}
+
 /// A store of routed experts whose layers `moe_forward` runs (Krasis INT4/INT8, GGUF blocks).
 pub trait RoutedExperts {
     /// The routed-expert forward of `layer`, adding y to `out` ([M, H]): x [M, H], ids and
@@ -159,6 +169,16 @@ pub trait RoutedExperts {
         self.forward_add(pool, path, layer, x, ids, weights, act_int8, &mut y)?;
         Ok(y)
     }
+
+    /// Read the weights of experts `ids` of `layer` into the CPU caches for the next forward, until `stop()`
+    /// (`warm::warm`); returns the bytes read. Ids out of range are left out.
+    fn read_ahead(
+        &self,
+        pool: &Pool,
+        layer: usize,
+        ids: &[usize],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> usize;
 }
 
 /// An expert id without a slot in `Scratch::slot_of`.
@@ -324,7 +344,7 @@ pub fn moe_forward<'a>(
     let mut t = start;
     let mut s = SCRATCH.take();
     let mut slots = group_pairs(&mut s, expert, ids, weights, ids.len() / m);
-    let nodes = if numa { pool.num_nodes() } else { 1 };
+    let nodes = forward_nodes(pool, numa);
     for slot in &mut slots {
         if numa {
             slot.node = pool.serving_node(slot.expert.node % nodes);

@@ -4,13 +4,12 @@ use crate::ggml_quants::{dequantize as dequantize_gguf_mat, GgmlType, GgufMatRef
 use crate::gguf_store::{GgufExpertStore, GgufTensor};
 use crate::kernels::WeightRef;
 use crate::matmul::{matmul, matmul_weight, QuantMatrix, WeightSrc};
-use crate::moe::{ExpertRef, RoutedExperts, SKIP};
+use crate::moe::{RoutedExperts, SKIP};
 use crate::numa::NumaPolicy;
 use crate::pool;
 use crate::quant::{dequantize as dequantize_mat, MatLayout, MatRef};
 use crate::simd::{self, SimdPath};
 use crate::store::ExpertStore;
-use crate::warm;
 use numpy::ndarray::ArrayView1;
 use numpy::{
     PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadwriteArray2, PyReadwriteArrayDyn,
@@ -570,23 +569,19 @@ impl<'py> DecodeLinkArgs<'py> {
         })
     }
 
-    /// Run `decode_link::serve` with the GIL released, reading hinted experts ahead through `expert`;
-    /// returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
-    #[allow(clippy::too_many_arguments)]
-    fn serve<'s, F, X>(
+    /// Run `decode_link::serve` with the GIL released: `store`'s forward runs the CPU experts (`act_int8` as
+    /// in `forward`) and its `read_ahead` reads hinted ones ahead; returns (cpu_pairs, claimed_pairs,
+    /// cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
+    fn serve<S: RoutedExperts + Sync>(
         mut self,
         py: Python<'_>,
-        pool: &pool::Pool,
+        store: &S,
         layers: &[usize],
         (num_experts, hidden): (usize, usize),
         timeout_s: f64,
-        forward: F,
-        expert: X,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)>
-    where
-        F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String> + Send,
-        X: Fn(usize, usize) -> Result<ExpertRef<'s>, String> + Send + Sync,
-    {
+        act_int8: bool,
+    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
+        let (pool, path) = (pool::global(), path()?);
         // Addresses cross into the GIL-free closure as integers; the borrows above keep them valid.
         let staged = self.staged.as_array_mut().as_mut_ptr() as usize;
         let out = self.out.as_array_mut().as_mut_ptr() as usize;
@@ -624,16 +619,6 @@ impl<'py> DecodeLinkArgs<'py> {
                     // SAFETY: as above, for the hints array (checked to hold 1 + n values).
                     mb = unsafe { mb.with_hints(at as *const i64, n) };
                 }
-                let warm = |layer: usize, ids: &[usize], stop: &(dyn Fn() -> bool + Sync)| {
-                    // Each worker reads its own share on one node only (`HomeQueue`); on several, the
-                    // node queues hand rows to any of a node's workers, so reading ahead would not pay.
-                    if pool.num_nodes() > 1 {
-                        return 0;
-                    }
-                    let experts: Vec<ExpertRef> =
-                        ids.iter().filter_map(|&e| expert(layer, e).ok()).collect();
-                    warm::warm(pool, &experts, stop)
-                };
                 serve_link(
                     &mb,
                     layers,
@@ -641,8 +626,8 @@ impl<'py> DecodeLinkArgs<'py> {
                     num_experts,
                     ids_out,
                     timeout,
-                    forward,
-                    warm,
+                    |layer, x, ids, w| store.forward(&pool, path, layer, x, ids, w, act_int8),
+                    |layer, ids, stop| store.read_ahead(&pool, layer, ids, stop),
                 )
             })
             .map_err(PyRuntimeError::new_err)?;
@@ -899,28 +884,11 @@ impl PyExpertStore {
         hints: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
         let s = &self.inner;
-        let (h, e) = (s.layout.hidden, s.num_experts);
-        let args = DecodeLinkArgs::check(
-            staged,
-            out,
-            flags,
-            resident,
-            ids_out,
-            hints,
-            &layers,
-            (s.num_layers, e, h),
-            claims,
-        )?;
-        let (p, sp) = (pool::global(), path()?);
-        args.serve(
-            py,
-            &p,
-            &layers,
-            (e, h),
-            timeout_s,
-            |layer, x, ids, w| s.forward(&p, sp, layer, x, ids, w, act_int8),
-            |layer, e| s.expert(layer, e),
-        )
+        let dims = (s.num_layers, s.num_experts, s.layout.hidden);
+        DecodeLinkArgs::check(
+            staged, out, flags, resident, ids_out, hints, &layers, dims, claims,
+        )?
+        .serve(py, s, &layers, (dims.1, dims.2), timeout_s, act_int8)
     }
 
     /// (address, nbytes) of each layer's buffer (layer order), for pinning / registering.
@@ -943,13 +911,11 @@ impl PyExpertStore {
     /// link does for hinted experts); returns the bytes read.
     fn read_ahead(&self, py: Python<'_>, layer: usize, experts: Vec<usize>) -> PyResult<usize> {
         let s = &self.inner;
-        let refs = experts
-            .iter()
-            .map(|&e| s.expert(layer, e))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(PyValueError::new_err)?;
+        for &e in &experts {
+            s.expert(layer, e).map_err(PyValueError::new_err)?;
+        }
         let p = pool::global();
-        Ok(py.detach(|| warm::warm(&p, &refs, &|| false)))
+        Ok(py.detach(|| s.read_ahead(&p, layer, &experts, &|| false)))
     }
 
     #[getter]
@@ -1081,28 +1047,11 @@ impl PyGgufExpertStore {
         hints: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
         let s = &self.inner;
-        let (h, e) = (s.hidden, s.num_experts);
-        let args = DecodeLinkArgs::check(
-            staged,
-            out,
-            flags,
-            resident,
-            ids_out,
-            hints,
-            &layers,
-            (s.num_layers, e, h),
-            claims,
-        )?;
-        let (p, sp) = (pool::global(), path()?);
-        args.serve(
-            py,
-            &p,
-            &layers,
-            (e, h),
-            timeout_s,
-            |layer, x, ids, w| s.forward(&p, sp, layer, x, ids, w, act_int8),
-            |layer, e| s.expert(layer, e),
-        )
+        let dims = (s.num_layers, s.num_experts, s.hidden);
+        DecodeLinkArgs::check(
+            staged, out, flags, resident, ids_out, hints, &layers, dims, claims,
+        )?
+        .serve(py, s, &layers, (dims.1, dims.2), timeout_s, act_int8)
     }
 
     /// One expert's matrix dequantised to float32 (0 = gate [I, H], 1 = up, 2 = down [H, I]).

@@ -13,6 +13,7 @@ use crate::numa::{expert_node, mbind, NumaPolicy};
 use crate::pool::Pool;
 use crate::quant::{align_up, MatLayout, MatRef};
 use crate::simd::SimdPath;
+use crate::warm::warm;
 use memmap2::MmapMut;
 
 pub const PAGE: usize = 4096;
@@ -215,6 +216,11 @@ impl ExpertStore {
         Ok(&mut self.buffers[layer][expert * n..(expert + 1) * n])
     }
 
+    /// Whether the forward places work by the experts' NUMA nodes.
+    fn numa(&self) -> bool {
+        self.policy == NumaPolicy::Auto && self.num_nodes > 1
+    }
+
     pub fn node_of(&self, expert: usize) -> usize {
         expert_node(expert, self.num_nodes)
     }
@@ -341,7 +347,6 @@ impl RoutedExperts for ExpertStore {
         let h = self.layout.hidden;
         check_forward_args(h, self.num_experts, x, ids, weights, out)?;
         let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
-        let numa = self.policy == NumaPolicy::Auto && self.num_nodes > 1;
         moe_forward(
             pool,
             path,
@@ -352,10 +357,24 @@ impl RoutedExperts for ExpertStore {
             ids,
             weights,
             act_int8,
-            numa,
+            self.numa(),
             out,
         );
         Ok(())
+    }
+
+    fn read_ahead(
+        &self,
+        pool: &Pool,
+        layer: usize,
+        ids: &[usize],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> usize {
+        let experts: Vec<ExpertRef> = ids
+            .iter()
+            .filter_map(|&e| self.expert(layer, e).ok())
+            .collect();
+        warm(pool, &experts, self.numa(), stop)
     }
 }
 

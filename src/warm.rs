@@ -7,7 +7,7 @@
 //! (2 MB a core on the GPU machine): read into another core's cache, a row comes no faster than from DRAM.
 //! A wrong guess costs DRAM bandwidth that was idle anyway, and changes no result.
 
-use crate::moe::{home_rows, ExpertRef, CHUNK_ROWS, DOWN_CHUNK_ROWS};
+use crate::moe::{forward_nodes, home_rows, ExpertRef, CHUNK_ROWS, DOWN_CHUNK_ROWS};
 use crate::pool::Pool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,10 +25,19 @@ fn touch(bytes: &[u8]) -> u64 {
 }
 
 /// Read the weights of `experts` (the likeliest first: every gate and up share, then every down share) with
-/// every worker of `pool`, each the rows it computes first in a forward on one NUMA node, until done or
-/// `stop()` (checked every STOP_EVERY bytes a worker reads) says the experts are needed now. Returns the
-/// bytes read.
-pub fn warm(pool: &Pool, experts: &[ExpertRef], stop: &(dyn Fn() -> bool + Sync)) -> usize {
+/// every worker of `pool`, each the rows it computes first in a forward, until done or `stop()` (checked every
+/// STOP_EVERY bytes a worker reads) says the experts are needed now. Returns the bytes read: none where the
+/// forward (`numa` as passed to it) splits its work between several nodes' queues, which hand rows to any of
+/// a node's workers.
+pub fn warm(
+    pool: &Pool,
+    experts: &[ExpertRef],
+    numa: bool,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> usize {
+    if forward_nodes(pool, numa) > 1 {
+        return 0;
+    }
     let read = AtomicUsize::new(0);
     let n = pool.num_threads();
     pool.run(&|tid| {
@@ -84,7 +93,7 @@ mod tests {
             want > s.layout.nbytes * 3 / 2,
             "weights and scales of both ({want} bytes)"
         );
-        assert_eq!(warm(&pool, &experts, &|| false), want);
+        assert_eq!(warm(&pool, &experts, false, &|| false), want);
     }
 
     #[test]
@@ -93,7 +102,7 @@ mod tests {
         let stopped = AtomicBool::new(true);
         let experts = [s.expert(0, 1).unwrap()];
         assert_eq!(
-            warm(&pool, &experts, &|| stopped.load(Ordering::Relaxed)),
+            warm(&pool, &experts, false, &|| stopped.load(Ordering::Relaxed)),
             0
         );
     }

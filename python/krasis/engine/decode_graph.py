@@ -117,13 +117,17 @@ class DecodeGraphs:
         # per bucket and layer: (attend, experts, streamed); the last two are None for dense layers
         self._graphs: dict[int, list[tuple[_Replay, _Replay | None, _Replay | None]]] = {}
         self._final: dict[int, _Replay] = {}
-        # per (bucket, whether any expert is read over PCIe, the prefetch's (count, invert) or None): the whole
-        # step as one graph, meeting the host through ``link``
-        self._steps: dict[tuple[int, bool, tuple[int, bool] | None], _Replay] = {}
+        # per (bucket, whether any expert is read over PCIe, the prefetch's (count, invert) or None, the experts a
+        # layer read ahead): the whole step as one graph, meeting the host through ``link``
+        self._steps: dict[tuple[int, bool, tuple[int, bool] | None, int], _Replay] = {}
         self._prefetchers: dict[tuple[int, bool], Prefetcher | None] = {}
         moe = [layer.experts.slot for layer in forward.w.layers if layer.experts is not None]
         self.link = HostLink(runtime, moe, spec.moe.router.top_k, self.device) if moe else None
-        self._router_list: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        # (router weight, correction bias or None) of each MoE layer, in order (prefetch and read-ahead predict)
+        self._routers = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in forward.w.layers
+                         if layer.experts is not None]
+        # decided once (read-ahead asks every step): group-limited routing is not predicted
+        self._predictable = all(fusable(spec.moe.router, r) for r, _ in self._routers) if moe else False
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
         self._event = new_event(self.device)
         self._gather_stream = side_stream(self.device)  # the PCIe share's copies, beside the VRAM-bound work
@@ -137,17 +141,9 @@ class DecodeGraphs:
             return "the model has no MoE layer with experts outside VRAM"
         if not self.one_graph:
             return "decode steps replay each layer's graphs (one_graph off)"
-        router = self.f.spec.moe.router
-        if not all(fusable(router, layer.mlp["router"]) for layer in self.f.w.layers if layer.experts is not None):
+        if not self._predictable:
             return "group-limited routing is not predicted"
         return None
-
-    def _routers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(router weight, correction bias or None) of each MoE layer, in order."""
-        if self._router_list is None:
-            self._router_list = [(layer.mlp["router"], layer.mlp.get("router_bias")) for layer in self.f.w.layers
-                                 if layer.experts is not None]
-        return self._router_list
 
     def _read_ahead(self, pf: Prefetcher | None) -> int:
         """The experts a layer the host is to read ahead this step (0 when off, with a GPU prefetch, when every
@@ -168,7 +164,7 @@ class DecodeGraphs:
             # decided once: steps reach here only as one graph, and the model's routers do not change
             pf = None
             if self.prefetch_unsupported() is None:
-                pf = Prefetcher(rt, rt.prefetch, self.link.slots, self._routers(), self.f.spec.moe.router,
+                pf = Prefetcher(rt, rt.prefetch, self.link.slots, self._routers, self.f.spec.moe.router,
                                 invert=rt.prefetch_invert)
             self._prefetchers[key] = pf
         return self._prefetchers[key]
@@ -267,7 +263,7 @@ class DecodeGraphs:
             if pf is not None:  # after the host's signal, so nothing on the side competes with its start
                 pf.predict(j, b.h)
             elif read_ahead:  # the host reads these while the GPU runs layer j + 1's attention
-                self.link.hint(j, b.h, self._routers(), self.f.spec.moe.router, read_ahead)
+                self.link.hint(j, b.h, self._routers, self.f.spec.moe.router, read_ahead)
             self._experts(index, pcie)
             if pf is not None:
                 pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)

@@ -321,7 +321,8 @@ class HotExpertCache:
                 copied.synchronize()
             elif not copied.query():
                 break
-            added += self._incoming.pop(0)[0]
+            added += batch
+            self._incoming.pop(0)
         if added:
             self._install(added)
         return len(added)

@@ -197,7 +197,7 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         if hcs.extra:
             log.info("hot-expert cache: %d more experts (%d allocated now) in the memory prefill's activations use "
                      "while a prompt runs (%.0f%% of it), freed before a prompt streams experts and allocated "
-                     "again after it", hcs.extra, hcs.slots - plan.hcs_slots - len(hcs.lendable),
+                     "again after it", hcs.extra, int(hcs.usable[hcs.stored:].sum()),
                      100 * EXTRA_SHARE)
         for layer in layers:
             layer.owner = runtime
