@@ -258,6 +258,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (what it holds after the work, not its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Output
 
@@ -390,7 +396,7 @@ def main() -> None:
                 "peak_allocated_mib": torch.cuda.max_memory_allocated() / MiB, "budget_mib": args.vram_budget_mb,
                 # the whole device as the driver sees it (CUDA context, cuBLAS/Triton workspaces included), not a peak
                 "device_used_mib_at_end": (total - free) / MiB}
-    rss = peak_rss_bytes()
+    rss, rss_end = peak_rss_bytes(), rss_bytes()
 
     # 6. bounds
     merged = {**report0, **{k: v for k, v in report.items() if v is not None}}
@@ -418,7 +424,7 @@ def main() -> None:
         "decode_bound": {"cpu_expert_bytes_per_token": cpu_bytes, "source": cpu_src,
                          "streamed_expert_bytes_per_token": streamed_pt, "bound_tok_s": dec_bound},
         "sources": {"flops_per_token": flops_src, "expert_bytes_total": bytes_src},
-        "hcs_coverage": merged.get("hcs_coverage"), "vram": vram, "peak_rss_bytes": rss,
+        "hcs_coverage": merged.get("hcs_coverage"), "vram": vram, "peak_rss_bytes": rss, "rss_bytes_at_end": rss_end,
     }
 
     print()
@@ -455,6 +461,8 @@ def main() -> None:
               f"{vram['device_used_mib_at_end']:,.0f} MiB (CUDA context included) |")
     print(f"| peak RSS | {_bytes(rss)} | quantised cache {_bytes(cache_bytes)} | {_pct(rss, cache_bytes)} "
           "| (RSS / cache size) |")
+    print(f"| RSS at the end | {_bytes(rss_end)} | quantised cache {_bytes(cache_bytes)} | "
+          f"{_pct(rss_end, cache_bytes)} | what the process holds after prefill and decode |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {args.json}")

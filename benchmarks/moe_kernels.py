@@ -35,8 +35,8 @@ from bounds import device_copy_bandwidth, matmul_tflops  # noqa: E402
 
 from krasis.kernels import (  # noqa: E402
     GPUExperts,
-    GPUQuantMatrix,
     dequantize_gpu,
+    experts_from_cpu_layout,
     fused_moe,
     quant_linear,
     quantize_cpu_layout,
@@ -81,18 +81,12 @@ def median_ms(fn: Callable[[], object], iters: int, flush: torch.Tensor, warmup:
 
 
 def random_experts(bits: int, group: int) -> GPUExperts:
-    """EXPERTS random experts quantised on the GPU, in the GPU layout."""
-    def mat(n: int, k: int) -> GPUQuantMatrix:
-        return to_gpu_layout(*quantize_cpu_layout(torch.randn(n, k, device="cuda") / k**0.5, bits, group),
-                             n, k, bits, group)
-    w13, s13, w2, s2 = [], [], [], []
-    for _ in range(EXPERTS):
-        g, u, d = mat(INTER, HIDDEN), mat(INTER, HIDDEN), mat(HIDDEN, INTER)
-        w13.append(torch.cat((g.qweight, u.qweight), 1))
-        s13.append(torch.cat((g.scales, u.scales), 1))
-        w2.append(d.qweight)
-        s2.append(d.scales)
-    return GPUExperts(torch.stack(w13), torch.stack(s13), torch.stack(w2), torch.stack(s2), bits, group)
+    """EXPERTS random experts quantised on the GPU, in the store layout."""
+    def mat(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_cpu_layout(torch.randn(n, k, device="cuda") / k**0.5, bits, group)
+    gate, up, down = ([mat(n, k) for _ in range(EXPERTS)] for n, k in ((INTER, HIDDEN), (INTER, HIDDEN),
+                                                                          (HIDDEN, INTER)))
+    return experts_from_cpu_layout(gate, up, down, bits, group)
 
 
 def fmt(v: float | None, spec: str) -> str:

@@ -25,12 +25,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from krasis.engine.expert_stream import copy_experts, empty_experts_like, slice_experts
 from krasis.kernels import (
     GPUExperts,
     align_by_expert,
+    copy_experts,
     dequantize_gpu,
+    empty_experts,
     expert_gather,
+    experts_from_cpu_layout,
     fused_moe,
     quant_linear,
     quantize_cpu_layout,
@@ -90,18 +92,11 @@ def random_matrix(n: int, k: int, bits: int, group: int, device: torch.device):
 
 
 def random_experts(size: Size, bits: int, group: int, device: torch.device, count: int | None = None) -> GPUExperts:
-    """``count`` (default size.experts) random experts in the GPU layout, built on ``device``."""
+    """``count`` (default size.experts) random experts in the store layout, built on ``device``."""
     h, i = size.hidden, size.inter_for(group)
-    w13, s13, w2, s2 = [], [], [], []
-    for _ in range(count or size.experts):
-        g = to_gpu_layout(*random_matrix(i, h, bits, group, device), i, h, bits, group)
-        u = to_gpu_layout(*random_matrix(i, h, bits, group, device), i, h, bits, group)
-        d = to_gpu_layout(*random_matrix(h, i, bits, group, device), h, i, bits, group)
-        w13.append(torch.cat((g.qweight, u.qweight), 1))
-        s13.append(torch.cat((g.scales, u.scales), 1))
-        w2.append(d.qweight)
-        s2.append(d.scales)
-    return GPUExperts(torch.stack(w13), torch.stack(s13), torch.stack(w2), torch.stack(s2), bits, group)
+    n = count or size.experts
+    gate, up, down = ([random_matrix(a, b, bits, group, device) for _ in range(n)] for a, b in ((i, h), (i, h), (h, i)))
+    return experts_from_cpu_layout(gate, up, down, bits, group)
 
 
 def random_routing(tokens: int, size: Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +165,7 @@ def check_idle_and_repeated_experts(size: Size, device: torch.device) -> None:
 def check_strided_expert_view(size: Size, device: torch.device) -> None:
     """GPUExperts may be a view with any stride along the expert dim (e.g. every other VRAM slot)."""
     both = random_experts(size, 4, 64, device, count=2 * size.experts)
-    experts = GPUExperts(both.w13[::2], both.s13[::2], both.w2[::2], both.s2[::2], both.bits, both.group)
+    experts = GPUExperts(both.raw[::2], both.layout)
     tokens = size.prefill_tokens
     x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
     weights, ids = random_routing(tokens, size, device)
@@ -198,7 +193,7 @@ def check_small_align_equals_torch_align(size: Size, device: torch.device) -> No
 def check_moe_gemv(size: Size, device: torch.device, bits: int, group: int) -> None:
     """The few-token kernels: skipped and repeated experts, a strided expert view, and adding into an output."""
     both = random_experts(size, bits, group, device, count=2 * size.experts)
-    experts = GPUExperts(both.w13[::2], both.s13[::2], both.w2[::2], both.s2[::2], both.bits, both.group)
+    experts = GPUExperts(both.raw[::2], both.layout)
     tokens = 3
     x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
     weights, ids = random_routing(tokens, size, device)
@@ -221,9 +216,9 @@ def check_moe_gemv_extra_slots(size: Size, device: torch.device) -> None:
     whole = random_experts(size, 4, 32, device, count=size.experts + 5)
     e = size.experts
     # three allocations of their own (slots past own's must not just read on in ``whole``)
-    own, *parts = (empty_experts_like(whole, n, device) for n in (e, 2, 3))
+    own, *parts = (empty_experts(whole.layout, n, device) for n in (e, 2, 3))
     for dst, start in zip((own, *parts), (0, e, e + 2), strict=True):
-        copy_experts(dst, slice_experts(whole, start, start + dst.num_experts))
+        copy_experts(dst, whole.slice(start, start + dst.num_experts))
     extra = torch.cat([extra_slot_addresses(p) for p in parts] + [torch.zeros(1, 4, dtype=torch.int64)]).to(device)
     tokens = 2
     x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
@@ -351,7 +346,7 @@ def check_gather_experts(size: Size, device: torch.device) -> None:
     memory on a GPU) and marks the slots; unmapped pairs copy nothing and get slot -1."""
     host = random_experts(size, 4, 32, torch.device("cpu"), count=6)
     if device.type == "cuda":
-        host = GPUExperts(*(t.pin_memory() for t in (host.w13, host.s13, host.w2, host.s2)), bits=4, group=32)
+        host = GPUExperts(host.raw.pin_memory(), host.layout)
     e = host.num_experts
     expert_map = torch.full((e,), -1, dtype=torch.int32, device=device)
     expert_map[[e - 1, 0, 2]] = torch.tensor([e - 1, 0, 2], dtype=torch.int32, device=device)
@@ -368,11 +363,9 @@ def check_gather_experts(size: Size, device: torch.device) -> None:
         finally:
             expert_gather.BLOCK, expert_gather.GATHER_PROGRAMS = saved
         assert slots.tolist() == [0, -1, 2, 3], slots.tolist()
-        got = staging.to("cpu")
-        for p in ("w13", "s13", "w2", "s2"):
-            g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
-            assert torch.equal(g[0], h[2]) and torch.equal(g[2], h[e - 1]) and torch.equal(g[3], h[0]), (p, block)
-            assert torch.equal(g[1], b[1]), f"{p}: an unmapped pair's slot was written (blocks of {block} words)"
+        g, h, b = staging.raw.cpu(), host.raw, before.raw
+        assert torch.equal(g[0], h[2]) and torch.equal(g[2], h[e - 1]) and torch.equal(g[3], h[0]), block
+        assert torch.equal(g[1], b[1]), f"an unmapped pair's slot was written (blocks of {block} words)"
 
 
 def check_route_and_stage_claims(size: Size, device: torch.device) -> None:
@@ -444,15 +437,13 @@ def check_copy_predicted(size: Size, device: torch.device) -> None:
     nothing."""
     host = random_experts(size, 4, 32, torch.device("cpu"), count=6)
     if device.type == "cuda":
-        host = GPUExperts(*(t.pin_memory() for t in (host.w13, host.s13, host.w2, host.s2)), bits=4, group=32)
+        host = GPUExperts(host.raw.pin_memory(), host.layout)
     staging = random_experts(size, 4, 32, device, count=3)
     before = staging.to("cpu")
     copy_predicted(host, torch.tensor([4, -1, 0], device=device), staging)
-    got = staging.to("cpu")
-    for p in ("w13", "s13", "w2", "s2"):
-        g, h, b = getattr(got, p), getattr(host, p), getattr(before, p)
-        assert torch.equal(g[0], h[4]) and torch.equal(g[2], h[0]), p
-        assert torch.equal(g[1], b[1]), f"{p}: slot 1 (no expert) was written"
+    g, h, b = staging.raw.cpu(), host.raw, before.raw
+    assert torch.equal(g[0], h[4]) and torch.equal(g[2], h[0])
+    assert torch.equal(g[1], b[1]), "slot 1 (no expert) was written"
 
 
 def _host_flags(device: torch.device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from interpret_kernels import (  # noqa: E402
 
 from krasis import _core  # noqa: E402
 from krasis.kernels import (  # noqa: E402
+    ExpertLayout,
     align_by_expert,
     dequantize_gpu,
     experts_from_cpu_layout,
@@ -95,8 +96,9 @@ def test_gpu_layout_is_the_transpose_of_the_cpu_bytes():
 
 
 @pytest.mark.parametrize("bits,group", FORMATS)
-def test_layer_bytes_repack_equals_per_expert_repack(bits, group):
-    """A layer's raw ExpertStore bytes repacked in one go equal the experts built from quantize() outputs."""
+def test_experts_built_from_quantized_matrices_are_the_store_bytes(bits, group):
+    """The GPU's experts are the ExpertStore's own bytes: built from quantize() outputs they equal a layer of a
+    store that quantised the same weights, padding included, so a store is copied to VRAM as it is."""
     e, h, i = 3, 128, 192 if group < 128 else 256
     store = _core.ExpertStore(1, e, h, i, bits, group, numa="off")
     gate, up, down = [], [], []
@@ -109,11 +111,38 @@ def test_layer_bytes_repack_equals_per_expert_repack(bits, group):
     got = experts_from_layer_bytes(raw, store.layout(), bits, group)
     want = experts_from_cpu_layout(gate, up, down, bits, group)
     assert (got.num_experts, got.hidden, got.intermediate) == (e, h, i)
-    for part in ("w13", "s13", "w2", "s2"):
-        assert torch.equal(getattr(got, part), getattr(want, part)), part
+    assert got.layout == want.layout and torch.equal(got.raw, want.raw)
 
 
-def test_expert_matrices_are_gate_then_up_along_n():
+@pytest.mark.parametrize("bits,group", FORMATS)
+@pytest.mark.parametrize("hidden,inter", [(128, 192), (2048, 1408), (7168, 2048)])
+def test_expert_layout_matches_the_stores(bits, group, hidden, inter):
+    if inter % group or hidden % group:
+        pytest.skip("not a whole number of groups")
+    store = _core.ExpertStore(1, 1, hidden, inter, bits, group, numa="off")
+    assert ExpertLayout.from_store(store.layout(), bits, group) == ExpertLayout.of(hidden, inter, bits, group)
+
+
+def test_a_store_layout_other_than_the_kernels_is_refused():
+    layout = _core.ExpertStore(1, 1, 128, 128, 4, 64, numa="off").layout()
+    layout["up"]["offset"] += 64
+    with pytest.raises(ValueError, match="not the one the GPU kernels read"):
+        ExpertLayout.from_store(layout, 4, 64)
+
+
+def test_the_store_memory_wraps_each_layer_in_place():
+    """Off CUDA (the interpreter test mode) the host experts are the store's buffers too, nothing copied."""
+    from krasis.engine.store_memory import StoreMemory
+
+    store = _core.ExpertStore(3, 2, 128, 128, 4, 64, numa="off")
+    store.set_expert(2, 1, randn(128, 128).numpy(), randn(128, 128).numpy(), randn(128, 128).numpy())
+    memory = StoreMemory(store, ExpertLayout.from_store(store.layout(), 4, 64), torch.device("cpu"))
+    assert [m.raw.data_ptr() for m in memory.layers] == [address for address, _ in store.buffers()]
+    assert memory.nbytes == 3 * 2 * store.expert_nbytes
+    assert torch.equal(memory.layers[2].raw[1], torch.from_numpy(np.array(store.expert_view(2, 1))))
+
+
+def test_expert_matrix_views_dequantize_to_the_quantized_weights():
     e, h, i = 2, 128, 128
     gate = [quantize_cpu_layout(randn(i, h), 4, 64) for _ in range(e)]
     up = [quantize_cpu_layout(randn(i, h), 4, 64) for _ in range(e)]
@@ -222,13 +251,21 @@ def test_fused_moe_runs_without_host_sync_and_inside_a_cuda_graph(tokens, fresh_
 
 
 @pytest.mark.gpu
-def test_layer_bytes_repack_on_cuda_equals_cpu_repack():
+def test_the_expert_store_is_registered_for_dma_in_place():
+    """The GPU engine's host experts are the store's own memory, page-locked, not a copy; a copy to VRAM gives
+    the store's bytes."""
+    from krasis.engine.store_memory import StoreMemory
+
     e, h, i, bits, group = 4, 256, 384, 4, 128
-    store = _core.ExpertStore(1, e, h, i, bits, group, numa="off")
-    for x in range(e):
-        store.set_expert(0, x, randn(i, h).numpy(), randn(i, h).numpy(), randn(h, i).numpy())
-    raw = torch.stack([torch.from_numpy(np.array(store.expert_view(0, x))) for x in range(e)])
-    cpu = experts_from_layer_bytes(raw, store.layout(), bits, group)
-    gpu = experts_from_layer_bytes(raw.cuda(), store.layout(), bits, group)
-    for part in ("w13", "s13", "w2", "s2"):
-        assert torch.equal(getattr(gpu, part).cpu(), getattr(cpu, part)), part
+    store = _core.ExpertStore(2, e, h, i, bits, group, numa="off")
+    for layer in range(2):
+        for x in range(e):
+            store.set_expert(layer, x, randn(i, h).numpy(), randn(i, h).numpy(), randn(h, i).numpy())
+    memory = StoreMemory(store, ExpertLayout.from_store(store.layout(), bits, group), torch.device("cuda"))
+    assert memory.copied == 0
+    for layer, (address, _) in zip(memory.layers, store.buffers(), strict=True):
+        assert layer.raw.data_ptr() == address and layer.raw.is_pinned()
+    on_gpu = memory.layers[1].to("cuda", non_blocking=True)
+    want = torch.stack([torch.from_numpy(np.array(store.expert_view(1, x))) for x in range(e)])
+    assert torch.equal(on_gpu.raw.cpu(), want)
+    memory.close()

@@ -266,12 +266,13 @@ def test_hot_cache_serves_the_share_of_decode_calls_it_holds(hybrid, tiny_checkp
 
 
 def _random_host_experts(layers: int, experts: int) -> list:
-    """Host experts with random bytes in the GPU layout's shapes (bookkeeping tests: the values are not run)."""
-    from krasis.kernels import GPUExperts
+    """Host experts of random bytes in the store layout (bookkeeping tests: the values are not run)."""
+    from krasis.kernels import ExpertLayout, GPUExperts
+
+    layout = ExpertLayout.of(64, 128, 4, 64)
 
     def one():
-        w13, w2 = (torch.randint(0, 256, (experts, 32, n), dtype=torch.uint8) for n in (128, 64))
-        return GPUExperts(w13, torch.rand(experts, 1, 128), w2, torch.rand(experts, 1, 64), 4, 64)
+        return GPUExperts(torch.randint(0, 256, (experts, layout.nbytes), dtype=torch.uint8), layout)
 
     return [one() for _ in range(layers)]
 
@@ -289,8 +290,7 @@ def test_hot_cache_update_swaps_its_coldest_residents_for_the_hottest_others():
     assert sorted(r for r in cache.resident) == [(0, 0), (0, 1), (1, 5)]
     for slot, (layer, expert) in enumerate(cache.resident):
         assert cache.table_host[layer, expert] == slot
-        assert torch.equal(cache.experts.w13[slot], host[layer].w13[expert])
-        assert torch.equal(cache.experts.s2[slot], host[layer].s2[expert])
+        assert torch.equal(cache.experts.raw[slot], host[layer].raw[expert])
     assert torch.equal(cache.table, torch.from_numpy(cache.table_host).to(torch.int32))
     assert (cache.table_host >= 0).sum() == 3
 
@@ -307,7 +307,7 @@ def test_hot_cache_decay_lets_recent_routing_outweigh_old():
     assert cache.update_between_steps() == 1 and cache.resident == [None]  # out at once; the copy is in flight
     assert cache.table_host[0].tolist() == [-1, -1, -1, -1]
     assert cache.install_copied() == 1 and cache.resident == [(0, 3)] and cache.table_host[0, 3] == 0
-    assert torch.equal(cache.experts.w13[0], cache.host[0].w13[3])
+    assert torch.equal(cache.experts.raw[0], cache.host[0].raw[3])
 
 
 def test_hot_cache_keeps_a_recency_tail_for_experts_just_routed():
@@ -341,11 +341,11 @@ def test_hot_cache_updates_between_decode_steps_change_no_token(hybrid, tiny_che
 
 
 def test_lent_slots_fill_with_the_hottest_after_the_ones_always_usable_and_are_emptied_when_taken_back():
-    from krasis.engine.expert_stream import empty_experts_like
     from krasis.engine.hot_cache import HotExpertCache
+    from krasis.kernels import empty_experts
 
     host = _random_host_experts(layers=2, experts=4)
-    storage = empty_experts_like(host[0], 5, "cpu")
+    storage = empty_experts(host[0].layout, 5, "cpu")
     cache = HotExpertCache(host, 2, torch.device("cpu"), storage=storage, lendable=range(3, 5))
     assert cache.lent and cache.slots == 4, "lent from the start; slot 2 is never usable"
     cache.record_step([0, 1], np.array([[0, 0, 0, 0, 1, 1], [2, 2, 2, 3, 3, 1]]))
@@ -358,33 +358,33 @@ def test_lent_slots_fill_with_the_hottest_after_the_ones_always_usable_and_are_e
     assert cache.refill() == 0 and cache.resident[3:] == [None, None], "nothing goes into slots taken back"
     assert cache.lend(True) == 2 and cache.refill() == 2
     for slot, (layer, expert) in ((s, r) for s, r in enumerate(cache.resident) if r is not None):
-        assert cache.table_host[layer, expert] == slot and torch.equal(storage.w13[slot], host[layer].w13[expert])
+        assert cache.table_host[layer, expert] == slot and torch.equal(storage.raw[slot], host[layer].raw[expert])
 
 
 def test_extra_slots_are_allocated_when_lent_as_far_as_the_allocator_allows_and_freed_when_taken_back(monkeypatch):
     import krasis.engine.hot_cache as hot_cache
-    from krasis.engine.expert_stream import empty_experts_like
+    from krasis.kernels import empty_experts
 
     host = _random_host_experts(layers=2, experts=4)
     allocations = []
 
-    def allocate(template, count, device):
+    def allocate(layout, count, device):
         if len(allocations) == 2:
             raise torch.OutOfMemoryError("the VRAM cap")
         allocations.append(count)
-        return empty_experts_like(template, count, device)
+        return empty_experts(layout, count, device)
 
     monkeypatch.setattr(hot_cache, "EXTRA_CHUNK", 2)
-    monkeypatch.setattr(hot_cache, "empty_experts_like", allocate)
-    cache = hot_cache.HotExpertCache(host, 1, torch.device("cpu"), storage=empty_experts_like(host[0], 1, "cpu"),
+    monkeypatch.setattr(hot_cache, "empty_experts", allocate)
+    cache = hot_cache.HotExpertCache(host, 1, torch.device("cpu"), storage=empty_experts(host[0].layout, 1, "cpu"),
                                      extra_slots=5)
     assert allocations == [2, 2] and cache.slots == 5 and cache.capacity == 6, "the third chunk was refused"
     cache.record_step([0, 1], np.array([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 2, 2]]))
     assert cache.refill() == 5
     for slot, (layer, expert) in ((s, r) for s, r in enumerate(cache.resident) if r is not None):
         assert cache.table_host[layer, expert] == slot
-        assert torch.equal(cache._slot(slot).w13[0], host[layer].w13[expert])
-    assert cache.extra_table[:4, 0].tolist() == [cache._slot(s).w13.data_ptr() for s in range(1, 5)]
+        assert torch.equal(cache._slot(slot).raw[0], host[layer].raw[expert])
+    assert cache.extra_table[:4, 0].tolist() == [cache._slot(s).raw.data_ptr() for s in range(1, 5)]
     assert cache.lend(False) == 4 and cache.slots == 1 and cache._extra_parts == []
     assert (cache.table_host >= 0).sum() == 1
     allocations.clear()
@@ -403,11 +403,11 @@ def test_a_background_refill_leaves_the_tables_until_its_copies_are_installed():
 
 
 def test_a_hot_cache_with_no_slots_of_its_own_still_fills_the_lent_ones():
-    from krasis.engine.expert_stream import empty_experts_like
     from krasis.engine.hot_cache import HotExpertCache
+    from krasis.kernels import empty_experts
 
     host = _random_host_experts(layers=1, experts=4)
-    cache = HotExpertCache(host, 0, torch.device("cpu"), storage=empty_experts_like(host[0], 2, "cpu"),
+    cache = HotExpertCache(host, 0, torch.device("cpu"), storage=empty_experts(host[0].layout, 2, "cpu"),
                            lendable=range(0, 2))
     assert cache.slots == 2
     cache.record_step([0], np.array([[3, 3, 3, 1]]))

@@ -205,8 +205,8 @@ class LLM:
             if self._link_rates is None:
                 cpu = cpu_read_gbps()
                 # on the CPU (the interpreter test mode) there is no link to measure: the experts are split in half
-                self._link_rates = {"cpu_gbps": cpu, "stream_gbps": gather_gbps(self.device)
-                                    if self.device.type == "cuda" else cpu}
+                stream = gather_gbps(self.runtime.host[0].layout, self.device) if self.device.type == "cuda" else cpu
+                self._link_rates = {"cpu_gbps": cpu, "stream_gbps": stream}
             rates = self._link_rates
         self.runtime.set_decode_mode(mode, **rates)
         share = self.runtime.gpu_share

@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..engine.cpu_quant import CPUExpertLayer, CPUQuantLinear
 from ..engine.weights import ModelWeights, load_weights
 from ..models.spec import ArchSpec
-from .parts import expert_file, expert_group, separate_gpu_experts
+from .parts import expert_file, expert_group
 from .quant_config import QuantConfig
 
 log = logging.getLogger("krasis")
@@ -53,17 +53,13 @@ def open_expert_store(spec: ArchSpec, quant: QuantConfig, directory: Path) -> tu
     return store, paths
 
 
-def gpu_expert_files(spec: ArchSpec, quant: QuantConfig, directory: Path,
-                     cpu_experts: bool = True) -> tuple[_core.ExpertStore, list[Path]]:
-    """The files the GPU engine repacks its routed experts from, and a one-expert store describing their layout:
-    the CPU files when both sides use the same width, else the GPU expert files (``ensure_cache(...,
-    gpu_experts=True)`` builds them, and always when the CPU experts are not in the cache: ``cpu_experts`` False)."""
-    side = "gpu" if separate_gpu_experts(quant) or not cpu_experts else "cpu"
+def open_gpu_expert_store(spec: ArchSpec, quant: QuantConfig, directory: Path) -> _core.ExpertStore:
+    """The cache's GPU expert files (``ensure_cache(..., gpu_experts=True)`` builds them: a width other than the
+    CPU's, or no CPU experts in the cache) as an ExpertStore, memory-mapped."""
     moe_layers = [i for i, layer in enumerate(spec.layers) if layer.is_moe]
-    paths = [directory / expert_file(spec, quant, i, side) for i in moe_layers]
-    layout = _core.ExpertStore(1, 1, spec.hidden_size, spec.moe.intermediate_size, quant.gpu_expert_bits,
-                               expert_group(spec, quant), numa="off")
-    return layout, paths
+    paths = [str(directory / expert_file(spec, quant, i, "gpu")) for i in moe_layers]
+    return _core.ExpertStore.open(paths, spec.moe.num_experts, spec.hidden_size, spec.moe.intermediate_size,
+                                  quant.gpu_expert_bits, expert_group(spec, quant))
 
 
 def load_cached_weights(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: QuantConfig,

@@ -5,29 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import GPUExperts
+from ..kernels import GPUExperts, copy_experts, empty_experts
 from .device_sync import current_stream, new_event, on_stream, side_stream, wait_event
-
-PARTS = ("w13", "s13", "w2", "s2")
-
-
-def empty_experts_like(template: GPUExperts, count: int, device: torch.device | str,
-                       pin_memory: bool = False) -> GPUExperts:
-    """Uninitialised GPUExperts with ``count`` experts shaped like ``template``'s."""
-    tensors = {p: torch.empty((count, *getattr(template, p).shape[1:]), dtype=getattr(template, p).dtype,
-                              device=device, pin_memory=pin_memory) for p in PARTS}
-    return GPUExperts(**tensors, bits=template.bits, group=template.group)
-
-
-def slice_experts(experts: GPUExperts, start: int, stop: int) -> GPUExperts:
-    """A view of experts [start, stop)."""
-    return GPUExperts(**{p: getattr(experts, p)[start:stop] for p in PARTS}, bits=experts.bits, group=experts.group)
-
-
-def copy_experts(dst: GPUExperts, src: GPUExperts) -> None:
-    """dst <- src, asynchronously on the current stream when src is pinned."""
-    for p in PARTS:
-        getattr(dst, p).copy_(getattr(src, p), non_blocking=True)
 
 
 class ExpertStreamer:
@@ -40,7 +19,7 @@ class ExpertStreamer:
         self.num_groups = -(-len(host) // group_size)
         per_layer = host[0].num_experts
         self.per_layer = per_layer
-        self.buffers = buffers or [empty_experts_like(host[0], group_size * per_layer, device) for _ in range(2)]
+        self.buffers = buffers or [empty_experts(host[0].layout, group_size * per_layer, device) for _ in range(2)]
         self.copy_stream = side_stream(device)
         self.loaded: list[int | None] = [None, None]
         self.copied = [new_event(device), new_event(device)]
@@ -56,7 +35,7 @@ class ExpertStreamer:
             wait_event(self.copy_stream, self.released[b])
             first = group * self.group_size
             for i, src in enumerate(self.host[first:first + self.group_size]):
-                copy_experts(slice_experts(self.buffers[b], i * self.per_layer, (i + 1) * self.per_layer), src)
+                copy_experts(self.buffers[b].slice(i * self.per_layer, (i + 1) * self.per_layer), src)
                 self.bytes_copied += src.nbytes
             self.copied[b].record(self.copy_stream)
         self.loaded[b] = group
@@ -74,7 +53,7 @@ class ExpertStreamer:
         if slot % self.group_size == 0 and group + 1 < self.num_groups:
             self._issue(group + 1)
         i = slot - group * self.group_size
-        return slice_experts(self.buffers[b], i * self.per_layer, (i + 1) * self.per_layer)
+        return self.buffers[b].slice(i * self.per_layer, (i + 1) * self.per_layer)
 
     def release(self, slot: int) -> None:
         """Layer ``slot`` has been computed (enqueued); the last layer of a group frees its buffer."""

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..kernels import GPUExperts
+from ..kernels import GPUExperts, copy_experts, empty_experts
 from ..kernels.moe_decode import extra_slot_addresses
 from .device_sync import fork, new_event, on_stream, side_stream
-from .expert_stream import PARTS, copy_experts, empty_experts_like, slice_experts
 
 log = logging.getLogger("krasis")
 # A refill after a prompt happens when at least this share of the slots would change hands.
@@ -51,14 +50,10 @@ class HotExpertCache:
         self.num_layers, self.num_experts = len(host), host[0].num_experts if host else 0
         self.slots = min(slots, self.num_layers * self.num_experts)
         if storage is None:
-            storage = empty_experts_like(host[0], max(self.slots, 1), device) if host else None
+            storage = empty_experts(host[0].layout, max(self.slots, 1), device) if host else None
         self.experts = storage
         self.stored = storage.num_experts if storage is not None else 0  # slots in ``experts``; extra ones follow
         self.extra = extra_slots if host else 0
-        if self.extra and any(getattr(host[0], p)[0].nbytes % 16 for p in PARTS):
-            # the decode kernels load an extra slot's parts 16 bytes at a time (``extra_slot_addresses``)
-            log.info("hot-expert cache: no extra slots (an expert's parts are not whole multiples of 16 bytes)")
-            self.extra = 0
         total = self.stored + self.extra
         self.usable = np.zeros(total, dtype=bool)  # slots that may hold an expert now
         self.usable[: self.slots] = True
@@ -120,7 +115,7 @@ class HotExpertCache:
         while len(rows) * EXTRA_CHUNK < self.extra:
             count = min(EXTRA_CHUNK, self.extra - len(rows) * EXTRA_CHUNK)
             try:
-                part = empty_experts_like(self.host[0], count, self.device)
+                part = empty_experts(self.host[0].layout, count, self.device)
             except torch.OutOfMemoryError:
                 break
             self._extra_parts.append(part)
@@ -138,9 +133,9 @@ class HotExpertCache:
     def _slot(self, s: int) -> GPUExperts:
         """Slot ``s`` as a one-expert view of the storage or of its extra chunk."""
         if s < self.stored:
-            return slice_experts(self.experts, s, s + 1)
+            return self.experts.slice(s, s + 1)
         chunk, at = divmod(s - self.stored, EXTRA_CHUNK)
-        return slice_experts(self._extra_parts[chunk], at, at + 1)
+        return self._extra_parts[chunk].slice(at, at + 1)
 
     def record_gpu(self, layer: int, ids: torch.Tensor) -> None:
         """Count routing decisions held on the GPU (prefill), without synchronising."""
@@ -220,7 +215,7 @@ class HotExpertCache:
     def _copy_in(self, plan: list[tuple[int, tuple[int, int]]]) -> None:
         """Queue the copies of the plan's newcomers into their slots on the current stream."""
         for s, (layer, expert) in plan:
-            copy_experts(self._slot(s), slice_experts(self.host[layer], expert, expert + 1))
+            copy_experts(self._slot(s), self.host[layer].slice(expert, expert + 1))
 
     def _install(self, plan: list[tuple[int, tuple[int, int]]]) -> None:
         """Make the plan's newcomers resident in both tables (the GPU's queued on the current stream)."""

@@ -1,6 +1,7 @@
-"""Putting a cached, quantised model on one GPU plus host memory: non-expert weights resident in VRAM,
-routed experts repacked into the GPU layout in pinned host memory (streamed for prefill, a hot subset kept
-in VRAM) and memory-mapped for the CPU kernels (decode), all sized by the VRAM plan."""
+"""Putting a cached, quantised model on one GPU plus host memory: non-expert weights resident in VRAM; routed
+experts memory-mapped from the cache into the expert store the CPU kernels read (decode), whose memory is also
+registered for DMA and streamed to VRAM as it is (prefill, the hot subset kept in VRAM, streamed decode); all
+sized by the VRAM plan."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..cache.loader import gpu_expert_files, load_cached_weights, open_expert_store
+from .. import _core
+from ..cache.loader import load_cached_weights, open_expert_store, open_gpu_expert_store
+from ..cache.parts import separate_gpu_experts
 from ..cache.quant_config import QuantConfig
 from ..checkpoint import Checkpoint
-from ..kernels import GPUExperts, experts_from_layer_bytes, to_gpu_layout
+from ..kernels import ExpertLayout, to_gpu_layout
 from ..models.spec import ArchSpec, GQASpec
-from .device_sync import pinned
-from .expert_stream import empty_experts_like
 from .gpu_quant import GPUQuantLinear
 from .hybrid_moe import HybridExpertLayer, HybridExperts
 from .kv_cache import kv_bytes_per_token, linear_state_bytes
+from .store_memory import StoreMemory
 from .vram_budget import MiB, VramNeeds, VramPlan, plan_vram
 from .weights import ModelWeights
 
@@ -85,22 +86,15 @@ def gpu_matrix(device: torch.device):
     return make
 
 
-def pinned_gpu_experts(store, paths: list[Path], num_experts: int, device: torch.device,
-                       progress: bool) -> list[GPUExperts]:
-    """Every MoE layer's routed experts in the GPU layout, in pinned host memory: each layer's cache file (in
-    the layout ``store`` describes) is repacked on the GPU, a transpose of the same quantised bytes (so where
-    the widths match, GPU and CPU compute identical weights)."""
-    layout, e, nbytes, pin = store.layout(), num_experts, store.expert_nbytes, pinned(device)
-    host: list[GPUExperts] = []
-    for path in tqdm(paths, desc="krasis: experts to pinned memory", unit="layer", disable=not progress):
-        raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(e, nbytes)))
-        on_gpu = experts_from_layer_bytes(raw.to(device), layout, store.bits, store.group_size)
-        staged = empty_experts_like(on_gpu, e, "cpu", pin_memory=pin)
-        for part in ("w13", "s13", "w2", "s2"):
-            getattr(staged, part).copy_(getattr(on_gpu, part))
-        host.append(staged)
-        del on_gpu
-    return host
+def host_experts(spec: ArchSpec, quant: QuantConfig, directory: Path, cpu_store: _core.ExpertStore | None,
+                 device: torch.device) -> StoreMemory:
+    """The routed experts the GPU copies from: ``cpu_store``, the cache's store the CPU kernels read, where both
+    sides use the same format (registered for DMA, no copy); else a store over the cache's GPU expert files (a
+    GGUF's experts on the CPU, or another width on the GPU)."""
+    if cpu_store is None or separate_gpu_experts(quant):
+        cpu_store = open_gpu_expert_store(spec, quant, directory)
+    layout = ExpertLayout.from_store(cpu_store.layout(), cpu_store.bits, cpu_store.group_size)
+    return StoreMemory(cpu_store, layout, device)
 
 
 def _budget(device: torch.device, budget_mb: int | None) -> tuple[int, int]:
@@ -160,10 +154,8 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
     weights = load_cached_weights(ckpt, spec, dtype, quant, directory, device, experts_factory=experts_factory,
                                   matrix_factory=gpu_matrix(device))
     resident = resident_bytes(weights)
-    host = []
-    if moe:
-        gpu_layout, gpu_paths = gpu_expert_files(spec, quant, directory, cpu_experts=cpu_store is None)
-        host = pinned_gpu_experts(gpu_layout, gpu_paths, spec.moe.num_experts, device, progress)
+    memory = host_experts(spec, quant, directory, store if cpu_store is None else None, device) if moe else None
+    host = memory.layers if memory else []
     if device.type == "cuda":
         torch.cuda.empty_cache()
     per_token, per_context = activation_bytes(spec)
@@ -188,6 +180,7 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         extra = int(plan.activation_bytes * EXTRA_SHARE) // needs.expert if lend else 0
         runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device, lend_buffers=lend,
                                 extra_slots=extra)
+        runtime.host_memory = memory  # owns the store ``host`` views
         hcs = runtime.hcs
         if len(hcs.lendable):
             log.info("hot-expert cache: %d more experts in prefill's streaming buffers between prompts (decode "
@@ -201,9 +194,11 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
                      100 * EXTRA_SHARE)
         for layer in layers:
             layer.owner = runtime
-        log.info("routed experts: %d layers x %d in pinned host memory (%.2f GB, GPU layout, INT%d) for "
+        shared = memory.store is store
+        log.info("routed experts: %d layers x %d INT%d (%.2f GB) in host memory registered for DMA (%s), for "
                  "streaming and the hot cache; decode runs the non-resident ones on the CPU (%s)", len(host),
-                 spec.moe.num_experts, len(host) * layer_bytes / 1e9, host[0].bits,
+                 spec.moe.num_experts, host[0].bits, memory.nbytes / 1e9,
+                 "the CPU kernels' own store, no copy" if shared else "the cache's GPU expert files",
                  f"INT{store.bits}" if cpu_store is None else "GGUF")
     weights.runtime = runtime
     return weights, runtime, plan

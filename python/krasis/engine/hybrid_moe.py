@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from .._core import ExpertStore, GgufExpertStore
-from ..kernels import GPUExperts, fused_moe
+from ..kernels import GPUExperts, copy_experts, empty_experts, fused_moe
 from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
 from .decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD, AutoSplit
 from .device_sync import current_stream, join, new_event, pinned
-from .expert_stream import ExpertStreamer, copy_experts, empty_experts_like, slice_experts
+from .expert_stream import ExpertStreamer
 from .hot_cache import UPDATE_EVERY, HotExpertCache
 
 # Up to this many tokens a forward is a decode step (hot cache + CPU); above it the layer's experts are
@@ -55,8 +55,8 @@ class HybridExperts:
             # one allocation: the hot cache's own slots, then prefill's two buffers, whose slots past decode's
             # staging the cache holds experts in between prompts
             base = min(hcs_slots, len(host) * e)
-            storage = empty_experts_like(host[0], base + 2 * per_buffer, self.device)
-            buffers = [slice_experts(storage, base + i * per_buffer, base + (i + 1) * per_buffer) for i in range(2)]
+            storage = empty_experts(host[0].layout, base + 2 * per_buffer, self.device)
+            buffers = [storage.slice(base + i * per_buffer, base + (i + 1) * per_buffer) for i in range(2)]
             lendable = [*range(base + self.prefetch_slots, base + per_buffer),
                         *range(base + per_buffer + self.staging_slots, base + 2 * per_buffer)]
             self.streamer = ExpertStreamer(host, group_size, self.device, buffers=buffers)
@@ -88,7 +88,7 @@ class HybridExperts:
         self.auto: AutoSplit | None = None  # "auto": picks gpu_share by the time of whole decode steps
         self._last_step: float | None = None  # when the last one-token forward began (auto)
         self._last_copying = False  # whether the hot cache's copies were in flight then
-        self._staging = slice_experts(self.streamer.buffers[1], 0, self.staging_slots) if host else None
+        self._staging = self.streamer.buffers[1].slice(0, self.staging_slots) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
         # The one-graph step (decode_graph) streams the experts ``pcie_map`` names (its own index, -1 elsewhere)
@@ -292,7 +292,7 @@ class HybridExperts:
         # the staging buffer is the second prefill buffer: prefill must re-copy it, and wait for decode's use
         self.streamer.loaded[1] = None
         for j, e in enumerate(experts.tolist()):
-            copy_experts(slice_experts(self._staging, j, j + 1), slice_experts(self.host[slot], e, e + 1))
+            copy_experts(self._staging.slice(j, j + 1), self.host[slot].slice(e, e + 1))
         self.counters["decode_bytes_streamed"] += len(experts) * (self.host[slot].nbytes // self.host[slot].num_experts)
         mapping = self._stage_map_host.numpy()
         mapping[:] = -1
@@ -375,7 +375,7 @@ class HybridExperts:
     def _pcie_staging(self, k: int) -> GPUExperts:
         if k > self.staging_slots:
             raise ValueError(f"a decode step streams up to {self.staging_slots} experts a layer, not {k}")
-        return slice_experts(self.streamer.buffers[1], 0, k)  # the second prefill buffer's staging slots
+        return self.streamer.buffers[1].slice(0, k)  # the second prefill buffer's staging slots
 
     @property
     def cpu_expert_nbytes(self) -> int:

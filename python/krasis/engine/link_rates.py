@@ -4,11 +4,13 @@ streaming) and the rate at which the decode step's gather kernel reads pinned me
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .. import _core
 from ..kernels.expert_gather import gather_experts
-from ..kernels.gpu_layout import GPUExperts
+from ..kernels.expert_layout import ExpertLayout, GPUExperts, empty_experts
 
 PROBE_BYTES = 256 << 20
 
@@ -38,14 +40,13 @@ def _median_seconds(run, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gather_gbps(device: torch.device, experts: int = 4) -> float:
+def gather_gbps(layout: ExpertLayout, device: torch.device, experts: int = 4) -> float:
     """Rate at which ``gather_experts`` reads experts from pinned host memory into VRAM, GB/s (median of 3
-    gathers of ``experts`` experts, 256 MiB in all)."""
-    shape = (experts, PROBE_BYTES // (4 * experts))
-    parts = [torch.ones(shape, dtype=torch.uint8, pin_memory=True) for _ in range(4)]
-    host = GPUExperts(*parts, bits=4, group=128)
-    staging = GPUExperts(*(torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(4)), bits=4, group=128)
+    gathers of ``experts`` blocks, 256 MiB in all: a model's own experts may be too small to time a rate)."""
+    probe = replace(layout, nbytes=PROBE_BYTES // experts)  # only the bytes per expert matter to a copy
+    host = GPUExperts(torch.ones((experts, probe.nbytes), dtype=torch.uint8, pin_memory=True), probe)
+    staging = empty_experts(probe, experts, device)
     ids = torch.arange(experts, device=device)
     expert_map = ids.to(torch.int32)
     slots = torch.empty(experts, dtype=torch.int32, device=device)
-    return PROBE_BYTES / _median_seconds(lambda: gather_experts(host, expert_map, ids, staging, slots)) / 1e9
+    return staging.nbytes / _median_seconds(lambda: gather_experts(host, expert_map, ids, staging, slots)) / 1e9

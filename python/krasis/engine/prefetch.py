@@ -23,7 +23,6 @@ from ..kernels.moe_decode import moe_gemv
 from ..kernels.prefetch_decode import copy_predicted, predict_experts
 from ..models.spec import RouterSpec
 from .device_sync import current_stream, fork, new_event, on_stream, side_stream, wait_event
-from .expert_stream import slice_experts
 from .hybrid_moe import HybridExperts
 
 
@@ -43,7 +42,7 @@ class Prefetcher:
         if buffer.num_experts < 2 * count:
             raise ValueError(f"prefetching {count} experts a layer needs {2 * count} staging slots; the prefill "
                              f"buffer has {buffer.num_experts}")
-        self.staging = [slice_experts(buffer, 0, count), slice_experts(buffer, count, 2 * count)]
+        self.staging = [buffer.slice(0, count), buffer.slice(count, 2 * count)]
         self.maps = torch.full((2, experts), -1, dtype=torch.int32, device=device)  # expert -> staging slot
         self.ids = torch.full((2, count), -1, dtype=torch.int64, device=device)
         self.logits = torch.empty((1, experts), dtype=torch.float32, device=device)

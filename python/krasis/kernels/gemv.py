@@ -1,4 +1,5 @@
-"""Weight-only INT4 / INT8 matrix-vector products in the GPU layout (``gpu_layout``), for a few rows.
+"""Weight-only INT4 / INT8 matrix-vector products for a few rows, weights read as [K_packed, N] at any strides
+(the GPU layout of ``gpu_layout``, or the store layout of routed experts, ``expert_layout``).
 
 The grouped GEMM of ``quant_moe`` pads rows to a 16-row tensor-core tile; for one token (decode) a plain
 dot per column block reads the same bytes without the padding. ``dequant_tile`` is one K step of it, shared
@@ -45,20 +46,21 @@ def dequant_tile(x_ptr, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS: tl.constexp
 
 
 @triton.jit
-def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, stride_sk, stride_y,
+def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, stride_wn, stride_sk, stride_sn,
+                        stride_y,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
+    w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     for k1 in range(0, K, BLOCK_K * UNROLL):
         for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
             k0 = k1 + u * BLOCK_K
             acc += dequant_tile(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
-                                s_ptr + offs_n + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS, BLOCK_KP,
-                                SPLIT_SCALE)
+                                s_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
+                                BLOCK_KP, SPLIT_SCALE)
     tl.store(y_ptr + row * stride_y + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -93,6 +95,6 @@ def linear_gemv(x: torch.Tensor, m: GPUQuantMatrix) -> torch.Tensor:
         x = x.to(torch.bfloat16).contiguous()
         bn, consts = gemv_block_n(t, m.n, x.device), gemv_consts(m.bits, m.group, m.k)
         _linear_gemv_kernel[(t, triton.cdiv(m.n, bn))](x, m.qweight, m.scales, y, m.k, m.n, x.stride(0),
-                                                      m.qweight.stride(0), m.scales.stride(0), y.stride(0),
+                                                      *m.qweight.stride(), *m.scales.stride(), y.stride(0),
                                                       BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
     return y

@@ -18,14 +18,12 @@ The GPU layout is the transpose of those same bytes (N contiguous, so kernels lo
 INT4 row r (block b = r // 32, j = r % 32) holds k = 64*b + j in its low nibble and k = 64*b + 32 + j in
 its high nibble. CPU and GPU therefore compute with bit-identical weights.
 
-Routed experts are stacked along a leading expert dim (``GPUExperts``): w13 [E, Kp(H), 2I] holds gate
-(columns [0, I)) then up (columns [I, 2I)), s13 [E, H/g, 2I], w2 [E, Kp(I), H], s2 [E, I/g, H]. The
-leading dim may have any stride; the last two dims are contiguous.
+Routed experts stay in the CPU layout itself (``expert_layout``): the kernels read it through transposed
+views, so the expert store's memory is copied to VRAM unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +37,7 @@ def _qmax(bits: int) -> int:
     return 127 if bits == 8 else 7
 
 
-def _check_shape(k: int, bits: int, group: int) -> None:
+def check_shape(k: int, bits: int, group: int) -> None:
     _qmax(bits)
     if group not in GROUP_SIZES:
         raise ValueError(f"group must be one of {GROUP_SIZES}, got {group}")
@@ -82,50 +80,6 @@ class GPUQuantMatrix:
         return self.qweight.nbytes + self.scales.nbytes
 
 
-@dataclass
-class GPUExperts:
-    """E routed experts in the GPU layout (see the module docstring for shapes)."""
-
-    w13: torch.Tensor  # uint8 [E, Kp(H), 2I]
-    s13: torch.Tensor  # float32 [E, H/g, 2I]
-    w2: torch.Tensor  # uint8 [E, Kp(I), H]
-    s2: torch.Tensor  # float32 [E, I/g, H]
-    bits: int
-    group: int
-
-    @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
-
-    @property
-    def hidden(self) -> int:
-        return self.w2.shape[2]
-
-    @property
-    def intermediate(self) -> int:
-        return self.w13.shape[2] // 2
-
-    @property
-    def device(self) -> torch.device:
-        return self.w13.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.w13, self.s13, self.w2, self.s2))
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> GPUExperts:
-        return GPUExperts(*(t.to(device, non_blocking=non_blocking) for t in (self.w13, self.s13, self.w2, self.s2)),
-                          bits=self.bits, group=self.group)
-
-    def matrices(self, e: int) -> tuple[GPUQuantMatrix, GPUQuantMatrix, GPUQuantMatrix]:
-        """Expert e's (gate [I, H], up [I, H], down [H, I]) as GPUQuantMatrix views."""
-        h, i = self.hidden, self.intermediate
-        gate = GPUQuantMatrix(self.w13[e, :, :i], self.s13[e, :, :i], i, h, self.bits, self.group)
-        up = GPUQuantMatrix(self.w13[e, :, i:], self.s13[e, :, i:], i, h, self.bits, self.group)
-        down = GPUQuantMatrix(self.w2[e], self.s2[e], h, i, self.bits, self.group)
-        return gate, up, down
-
-
 def quantize_cpu_layout(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise w [N, K] -> (packed uint8 [N, row_bytes], scales float32 [N, K/group]) in the CPU layout.
 
@@ -134,7 +88,7 @@ def quantize_cpu_layout(w: torch.Tensor, bits: int, group: int) -> tuple[torch.T
     a group of zeros gets scale 0 and q = 0.
     """
     n, k = w.shape
-    _check_shape(k, bits, group)
+    check_shape(k, bits, group)
     qmax = _qmax(bits)
     wg = w.to(torch.float32).reshape(n, k // group, group)
     scales = wg.abs().amax(dim=2) / qmax
@@ -153,7 +107,7 @@ def quantize_cpu_layout(w: torch.Tensor, bits: int, group: int) -> tuple[torch.T
 
 def to_gpu_layout(packed: torch.Tensor, scales: torch.Tensor, n: int, k: int, bits: int, group: int) -> GPUQuantMatrix:
     """CPU-layout packed uint8 [N, row_bytes] + scales float32 [N, K/group] -> GPUQuantMatrix (on their device)."""
-    _check_shape(k, bits, group)
+    check_shape(k, bits, group)
     kp = packed_rows(k, bits)
     if tuple(packed.shape) != (n, kp) or tuple(scales.shape) != (n, k // group):
         raise ValueError(f"expected packed [{n}, {kp}] and scales [{n}, {k // group}], "
@@ -176,58 +130,3 @@ def dequantize_gpu(m: GPUQuantMatrix) -> torch.Tensor:
     q = unpack_gpu(m.qweight, m.k, m.bits).to(torch.float32)
     s = m.scales.to(torch.float32).repeat_interleave(m.group, dim=0)
     return (q * s).t().contiguous()
-
-
-def experts_from_cpu_layout(gate: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                            up: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                            down: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                            bits: int, group: int) -> GPUExperts:
-    """Per-expert CPU-layout (packed, scales) of gate [I, H], up [I, H], down [H, I] -> GPUExperts (stacked)."""
-    if not (len(gate) == len(up) == len(down)) or not gate:
-        raise ValueError("gate, up and down need the same, non-zero number of experts")
-    i = gate[0][0].shape[0]
-    h = down[0][0].shape[0]
-    w13, s13, w2, s2 = [], [], [], []
-    for (gq, gs), (uq, us), (dq, ds) in zip(gate, up, down, strict=True):
-        g, u, d = (to_gpu_layout(gq, gs, i, h, bits, group), to_gpu_layout(uq, us, i, h, bits, group),
-                   to_gpu_layout(dq, ds, h, i, bits, group))
-        w13.append(torch.cat((g.qweight, u.qweight), dim=1))
-        s13.append(torch.cat((g.scales, u.scales), dim=1))
-        w2.append(d.qweight)
-        s2.append(d.scales)
-    return GPUExperts(torch.stack(w13), torch.stack(s13), torch.stack(w2), torch.stack(s2), bits, group)
-
-
-def _matrix_from_layer(raw: torch.Tensor, part: Mapping[str, int], bits: int, group: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight [E, K_packed, N], scales [E, K/group, N]) of one matrix of every expert in raw [E, nbytes]."""
-    e, n, k = raw.shape[0], part["n"], part["k"]
-    kp = packed_rows(k, bits)
-    off, so, sn = part["offset"], part["scales_offset"], part["scales_nbytes"]
-    if part["weights_nbytes"] != n * kp or sn != n * (k // group) * 4:
-        raise ValueError(f"layout entry {dict(part)} does not match bits={bits}, group={group}")
-    q = raw[:, off:off + n * kp].reshape(e, n, kp).transpose(1, 2).contiguous()
-    # scales_offset counts from the start of the expert (ExpertStore.layout() adds the matrix offset);
-    # viewing bytes as f32 needs a 4-byte aligned start, which expert_nbytes (a page multiple) keeps.
-    s = raw[:, so:so + sn].view(torch.float32).reshape(e, n, k // group).transpose(1, 2).contiguous()
-    return q, s
-
-
-def experts_from_layer_bytes(raw: torch.Tensor, layout: Mapping[str, Mapping[str, int]], bits: int,
-                             group: int) -> GPUExperts:
-    """A whole layer's raw expert bytes uint8 [E, expert_nbytes] (CPU cache / ExpertStore order) -> GPUExperts.
-
-    ``layout`` is ``ExpertStore.layout()``: for "gate", "up", "down" the matrix's offset in the expert, n, k,
-    weights_nbytes, scales_offset (from the start of the expert) and scales_nbytes. Slicing and transposes
-    only, so on a CUDA tensor the whole layer is repacked on the GPU in a few kernels.
-    """
-    if raw.dtype != torch.uint8 or raw.dim() != 2:
-        raise ValueError(f"raw must be uint8 [E, expert_nbytes], got {raw.dtype} {tuple(raw.shape)}")
-    if raw.stride(1) != 1 or raw.stride(0) % 4 or raw.storage_offset() % 4:
-        raw = raw.contiguous()
-    _check_shape(layout["gate"]["k"], bits, group)
-    _check_shape(layout["down"]["k"], bits, group)
-    gq, gs = _matrix_from_layer(raw, layout["gate"], bits, group)
-    uq, us = _matrix_from_layer(raw, layout["up"], bits, group)
-    dq, ds = _matrix_from_layer(raw, layout["down"], bits, group)
-    return GPUExperts(torch.cat((gq, uq), dim=2), torch.cat((gs, us), dim=2), dq, ds, bits, group)

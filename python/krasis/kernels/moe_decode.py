@@ -7,8 +7,9 @@ programs: ``gate_up`` computes act[pair] = silu(x W_g^T) * (x W_u^T) over a bloc
 adds a token's pairs (into an output that may already hold a share, e.g. the hot cache's, so a CUDA graph
 needs no extra add). Three launches whatever k is; pairs whose id is outside [0, E) read no weights.
 
-Weights are the GPU layout (``gpu_layout``): N contiguous, so a program's loads run along its column block.
-Dequantisation is the grouped kernel's: integers exact in float32, scale per (group, column).
+Weights are the store layout (``expert_layout``): each column's packed K values contiguous, so a program's loads
+run along K, a row of bytes per column. Dequantisation is the grouped kernel's: integers exact in float32, scale
+per (group, column).
 
 Slots past the experts' own (``extra``) live in separate allocations named by a device table of addresses, so
 the hot cache can hold experts in memory it takes and gives back between prompts while a captured CUDA graph
@@ -21,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .expert_layout import GPUExperts
 from .gemv import dequant_tile, gemv_block_n, gemv_consts, gemv_warps
-from .gpu_layout import GPUExperts
 
 
 @triton.jit
@@ -41,8 +42,8 @@ def _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, COL: tl.con
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E_EXTRA,
-                    stride_x, stride_we, stride_wk, stride_se, stride_sk, stride_act,
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E_EXTRA, UP_W, UP_S,
+                    stride_x, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_act,
                     TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
                     UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
@@ -54,8 +55,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E
     n_mask = offs_n < I
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
     w_e, s_e = _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, 0, HAS_EXTRA)
-    w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
-    s_base = s_e + offs_n
+    w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    s_base = s_e + offs_n * stride_sn
     gate = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     for k1 in range(0, K, BLOCK_K * UNROLL):
@@ -64,7 +65,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E
             w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
             s_ptrs = s_base + (k0 // GROUP) * stride_sk
             gate += dequant_tile(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
-            up += dequant_tile(x_row, k0, w_ptrs + I, s_ptrs + I, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+            up += dequant_tile(x_row, k0, w_ptrs + UP_W, s_ptrs + UP_S, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
     gate_sum = tl.sum(gate, axis=0)
     act = gate_sum / (1.0 + tl.exp(-gate_sum)) * tl.sum(up, axis=0)
     # rounded to bf16 as the grouped kernel's activations are
@@ -73,7 +74,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E
 
 @triton.jit
 def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, extra_ptr, out_ptr, K, H, E, E_EXTRA,
-                 stride_act, stride_we, stride_wk, stride_se, stride_sk, stride_out,
+                 stride_act, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_out,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
     pair = tl.program_id(0)
@@ -84,8 +85,8 @@ def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, extra_ptr, out_ptr, K, 
     if (e >= 0) & (e < E + E_EXTRA):
         a_row = act_ptr + pair * stride_act
         w_e, s_e = _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, 2, HAS_EXTRA)
-        w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :]
-        s_base = s_e + offs_n
+        w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        s_base = s_e + offs_n * stride_sn
         tile = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
         for k1 in range(0, K, BLOCK_K * UNROLL):
             for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
@@ -112,10 +113,10 @@ def _sum_pairs_kernel(pairs_ptr, out_ptr, H, stride_pairs, stride_out, TOP_K: tl
 
 
 def extra_slot_addresses(slots: GPUExperts) -> torch.Tensor:
-    """Rows for ``moe_gemv``'s ``extra`` table: int64 [n, 4] byte addresses of each of ``slots``' experts' w13, s13,
-    w2 and s2 (on the host; copy them into the table)."""
+    """Rows for ``moe_gemv``'s ``extra`` table: int64 [n, 4] byte addresses of each of ``slots``' experts' gate
+    weights, gate scales, down weights and down scales (on the host; copy them into the table)."""
     cols = [t.data_ptr() + t.stride(0) * t.element_size() * torch.arange(slots.num_experts, dtype=torch.int64)
-            for t in (slots.w13, slots.s13, slots.w2, slots.s2)]
+            for t in (*slots.gate_up()[:2], *slots.down())]
     table = torch.stack(cols, dim=1)
     if (table % 16).any():
         raise ValueError("extra expert slots must start at 16-byte aligned addresses (the kernels load them wide)")
@@ -130,8 +131,8 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
 
     x [T, H] (cast to bf16), topk_weights [T, k] float, topk_ids [T, k] integer. ``out`` [T, H] float32 or
     bf16 (a new float32 tensor when None); with ``accumulate`` the experts' sum is added to what it holds.
-    ``extra`` int64 [X, 4] on the device (``extra_slot_addresses``): ids E + j name the expert whose w13, s13, w2,
-    s2 start at row j's addresses, laid out as ``experts``' are within a slot; a row must point at live memory
+    ``extra`` int64 [X, 4] on the device (``extra_slot_addresses``): ids E + j name the expert whose matrices start
+    at row j's addresses, laid out as ``experts``' are within a slot; a row must point at live memory
     while ids name it. (The kernels then compile with the table: their float sums may differ in the last bits from
     the kernels without one.) No host sync: a CUDA graph may hold it."""
     t, h = x.shape
@@ -153,18 +154,18 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     ids = topk_ids.reshape(-1).contiguous()
     table = ids if extra is None else extra  # (never read without extra slots)
     act = torch.empty((pairs, i), dtype=torch.bfloat16, device=x.device)
+    w, s, up_w, up_s = experts.gate_up()
     bn, consts = gemv_block_n(pairs, i, x.device), gemv_consts(bits, group, h)
     _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
-        x, ids, experts.w13, experts.s13, table, act, h, i, e, n_extra,
-        x.stride(0), experts.w13.stride(0), experts.w13.stride(1), experts.s13.stride(0), experts.s13.stride(1),
+        x, ids, w, s, table, act, h, i, e, n_extra, up_w, up_s, x.stride(0), *w.stride(), *s.stride(),
         act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
         num_warps=gemv_warps(consts, bn))
     per_pair = torch.empty((pairs, h), dtype=torch.float32, device=x.device)
     routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    w, s = experts.down()
     bn, consts = gemv_block_n(pairs, h, x.device), gemv_consts(bits, group, i)
     _down_kernel[(pairs, triton.cdiv(h, bn))](
-        act, ids, routing, experts.w2, experts.s2, table, per_pair, i, h, e, n_extra,
-        act.stride(0), experts.w2.stride(0), experts.w2.stride(1), experts.s2.stride(0), experts.s2.stride(1),
+        act, ids, routing, w, s, table, per_pair, i, h, e, n_extra, act.stride(0), *w.stride(), *s.stride(),
         per_pair.stride(0), BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
         num_warps=gemv_warps(consts, bn))
     block = 1024

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ..models.spec import RouterSpec
-from .expert_gather import part_words
-from .gpu_layout import GPUExperts
+from .expert_gather import expert_words
+from .expert_layout import GPUExperts
 from .route_decode import router_logits, scores_and_choice
 
 COPY_BLOCK = 4096  # int32 words a program moves per iteration (16 KiB)
@@ -54,7 +54,8 @@ def _predict_kernel(logits_ptr, bias_ptr, resident_ptr, pcie_ptr, ids_ptr, map_p
 
 
 @triton.jit
-def _copy_kernel(ids_ptr, src_ptr, dst_ptr, n, COUNT: tl.constexpr, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr):
+def _copy_kernel(ids_ptr, src_ptr, dst_ptr, n, stride_src, stride_dst, COUNT: tl.constexpr, PROGRAMS: tl.constexpr,
+                 BLOCK: tl.constexpr):
     chunks = tl.cdiv(n, BLOCK)
     for w in range(tl.program_id(0), COUNT * chunks, PROGRAMS):
         j = w // chunks
@@ -62,8 +63,8 @@ def _copy_kernel(ids_ptr, src_ptr, dst_ptr, n, COUNT: tl.constexpr, PROGRAMS: tl
         if e >= 0:
             offs = (w % chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
-            v = tl.load(src_ptr + e * n + offs, mask=mask)
-            tl.store(dst_ptr + j.to(tl.int64) * n + offs, v, mask=mask)
+            v = tl.load(src_ptr + e * stride_src + offs, mask=mask)
+            tl.store(dst_ptr + j.to(tl.int64) * stride_dst + offs, v, mask=mask)
 
 
 def predict_experts(h: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
@@ -98,6 +99,5 @@ def copy_predicted(src: GPUExperts, ids: torch.Tensor, staging: GPUExperts) -> N
     count = ids.numel()
     if staging.num_experts < count:
         raise ValueError(f"staging holds {staging.num_experts} experts, {count} asked for")
-    for s, d, n in part_words(src, staging):
-        _copy_kernel[(COPY_PROGRAMS,)](ids, s, d, n, COUNT=count, PROGRAMS=COPY_PROGRAMS, BLOCK=COPY_BLOCK,
-                                       num_warps=8)
+    _copy_kernel[(COPY_PROGRAMS,)](ids, *expert_words(src, staging), COUNT=count, PROGRAMS=COPY_PROGRAMS,
+                                   BLOCK=COPY_BLOCK, num_warps=8)

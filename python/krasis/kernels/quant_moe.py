@@ -1,4 +1,5 @@
-"""Triton weight-only INT4 / INT8 GEMMs in the GPU layout (``gpu_layout``): the routed-expert MoE and a linear.
+"""Triton weight-only INT4 / INT8 GEMMs: the routed-expert MoE (experts in the store layout, ``expert_layout``)
+and a linear (the GPU layout, ``gpu_layout``). Both read a matrix as [K_packed, N] at any strides.
 
 One kernel, three modes:
   dense    C [M, N] = A [M, K] @ W^T                               (``quant_linear``)
@@ -30,8 +31,9 @@ except ImportError:  # pragma: no cover - older layouts of the package
     OutOfResources = RuntimeError
 
 from .device import num_sms
+from .expert_layout import GPUExperts
 from .gemv import GEMV_MAX_TOKENS, linear_gemv
-from .gpu_layout import GPUExperts, GPUQuantMatrix, k_step, packed_rows
+from .gpu_layout import GPUQuantMatrix, k_step
 from .moe_align import align_by_expert
 from .moe_decode import moe_gemv
 
@@ -78,8 +80,8 @@ def _dequant_dot(a_lo, a_hi, w_ptrs, w_mask, s_ptrs, stride_sk, n_mask, BITS: tl
 def _quant_gemm_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr,
     sorted_ptr, block_expert_ptr, rw_ptr,
-    num_rows, N, K, n_up, num_pid_m,
-    stride_am, stride_ak, stride_we, stride_wk, stride_se, stride_sk, stride_cm, stride_cn,
+    num_rows, N, K, UP_W, UP_S, num_pid_m,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_cm, stride_cn,
     MODE: tl.constexpr, TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
     SPLIT_SCALE: tl.constexpr, SWAP_AB: tl.constexpr, GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -128,18 +130,18 @@ def _quant_gemm_kernel(
     if SWAP_AB:
         a_base = a_ptr + a_rows[None, :] * stride_am + a_cols[:, None] * stride_ak
         a_mask = row_ok[None, :]
-        w_base = w_ptr_e + offs_kp[None, :] * stride_wk + offs_n[:, None]
+        w_base = w_ptr_e + offs_kp[None, :] * stride_wk + offs_n[:, None] * stride_wn
         w_mask = n_mask[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         a_base = a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak
         a_mask = row_ok[:, None]
-        w_base = w_ptr_e + offs_kp[:, None] * stride_wk + offs_n[None, :]
+        w_base = w_ptr_e + offs_kp[:, None] * stride_wk + offs_n[None, :] * stride_wn
         w_mask = n_mask[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s_base = s_ptr_e + offs_n
+    s_base = s_ptr_e + offs_n * stride_sn
 
     for k0 in range(0, K, BLOCK_K):
         a_lo = tl.load(a_base + k0 * stride_ak, mask=a_mask, other=0.0).to(DOT_DTYPE)
@@ -153,7 +155,7 @@ def _quant_gemm_kernel(
         acc += _dequant_dot(a_lo, a_hi, w_ptrs, w_mask, s_ptrs, stride_sk, n_mask, BITS, SPLIT_SCALE, SWAP_AB,
                             DOT_DTYPE)
         if MODE == 1:
-            acc_up += _dequant_dot(a_lo, a_hi, w_ptrs + n_up, w_mask, s_ptrs + n_up, stride_sk, n_mask, BITS,
+            acc_up += _dequant_dot(a_lo, a_hi, w_ptrs + UP_W, w_mask, s_ptrs + UP_S, stride_sk, n_mask, BITS,
                                    SPLIT_SCALE, SWAP_AB, DOT_DTYPE)
 
     if MODE == 1:
@@ -229,17 +231,16 @@ def _dot_dtype(device: torch.device):
 
 
 def _launch(mode: int, a: torch.Tensor, w: torch.Tensor, s: torch.Tensor, c: torch.Tensor, *, bits: int, group: int,
-            num_rows: int, n: int, k: int, num_pid_m: int, cfg: GemmConfig, top_k: int = 1, n_up: int = 0,
+            num_rows: int, n: int, k: int, num_pid_m: int, cfg: GemmConfig, top_k: int = 1,
+            up: tuple[int, int] = (0, 0),
             sorted_pairs: torch.Tensor | None = None, block_expert: torch.Tensor | None = None,
             routing: torch.Tensor | None = None) -> None:
-    if w.stride(-1) != 1 or s.stride(-1) != 1:
-        raise ValueError("weights and scales need a contiguous last (N) dimension")
     bk, bkp, split = k_step(bits, group)
     stride_we, stride_se = (w.stride(0), s.stride(0)) if w.dim() == 3 else (0, 0)
     unused = c  # pointer arguments the mode does not read
     args = (a, w, s, c, *(unused if t is None else t for t in (sorted_pairs, block_expert, routing)),
-            num_rows, n, k, n_up, num_pid_m,
-            a.stride(0), a.stride(1), stride_we, w.stride(-2), stride_se, s.stride(-2), c.stride(0), c.stride(1))
+            num_rows, n, k, *up, num_pid_m, a.stride(0), a.stride(1), stride_we, w.stride(-2), w.stride(-1), stride_se,
+            s.stride(-2), s.stride(-1), c.stride(0), c.stride(1))
     consts = dict(MODE=mode, TOP_K=top_k, BITS=bits, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split, SWAP_AB=cfg.swap_ab, GROUP_M=cfg.group_m,
                   DOT_DTYPE=_dot_dtype(c.device))
@@ -264,7 +265,8 @@ _stages_that_fit: dict[tuple, int] = {}
 
 
 def quant_linear(x: torch.Tensor, m: GPUQuantMatrix, config: GemmConfig | None = None) -> torch.Tensor:
-    """y [M, N] bf16 = x [M, K] @ W^T for a GPU-layout INT8/INT4 matrix (x is cast to bf16). Up to
+    """y [M, N] bf16 = x [M, K] @ W^T for a GPU-layout INT8/INT4 matrix (x is cast to bf16; the tensor-core
+    path also takes an expert's matrix views, ``GPUExperts.matrices``). Up to
     GEMV_MAX_TOKENS rows (without an explicit ``config``) it runs the matrix-vector kernel of ``gemv``."""
     if x.dim() != 2 or x.shape[1] != m.k:
         raise ValueError(f"x must be [M, {m.k}], got {tuple(x.shape)}")
@@ -295,10 +297,6 @@ def fused_moe(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, 
     if h != experts.hidden or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != t:
         raise ValueError(f"x {tuple(x.shape)}, weights {tuple(topk_weights.shape)}, ids {tuple(topk_ids.shape)} "
                          f"do not fit experts with hidden={experts.hidden}")
-    if experts.w13.shape[1:] != (packed_rows(h, experts.bits), 2 * i) or experts.w2.shape[1] != packed_rows(
-            i, experts.bits):
-        raise ValueError(f"experts w13 {tuple(experts.w13.shape)} / w2 {tuple(experts.w2.shape)} do not match "
-                         f"bits={experts.bits}")
     if t == 0:
         return torch.empty((0, h), dtype=torch.bfloat16, device=x.device)
     if config is None and t <= GEMV_MAX_TOKENS:
@@ -310,13 +308,14 @@ def fused_moe(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, 
     num_pid_m = p_max // cfg.block_m
     x = x.to(torch.bfloat16)
     act = torch.empty((p_max, i), dtype=torch.bfloat16, device=x.device)  # indexed by sorted slot
-    _launch(MODE_GATE_UP, x, experts.w13, experts.s13, act, bits=experts.bits, group=experts.group,
-            num_rows=num_pairs, n=i, k=h, num_pid_m=num_pid_m, cfg=cfg, top_k=k, n_up=i,
+    w, s, up_w, up_s = experts.gate_up()
+    _launch(MODE_GATE_UP, x, w, s, act, bits=experts.bits, group=experts.group,
+            num_rows=num_pairs, n=i, k=h, num_pid_m=num_pid_m, cfg=cfg, top_k=k, up=(up_w, up_s),
             sorted_pairs=align.sorted_pairs, block_expert=align.block_expert)
     # skipped pairs are never written, so they must read as zero in the per-pair sum
     per_pair = torch.zeros((num_pairs, h), dtype=torch.bfloat16, device=x.device)
     routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _launch(MODE_DOWN, act, experts.w2, experts.s2, per_pair, bits=experts.bits, group=experts.group,
+    _launch(MODE_DOWN, act, *experts.down(), per_pair, bits=experts.bits, group=experts.group,
             num_rows=num_pairs, n=h, k=i, num_pid_m=num_pid_m, cfg=cfg, top_k=k,
             sorted_pairs=align.sorted_pairs, block_expert=align.block_expert, routing=routing)
     if k == 1:
