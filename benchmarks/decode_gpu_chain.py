@@ -172,6 +172,8 @@ def step_edges(events: list[dict], moe_layers: int) -> None:
     head (the input, the dense layers and the first attention), each a mean over the traced step boundaries."""
     waits = [i for i, e in enumerate(events) if WAIT in e["name"]]
     tails, gaps, heads, periods = [], [], [], []
+    tail_kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    head_kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for k in range(moe_layers - 1, len(waits) - moe_layers, moe_layers):
         last = waits[k]
         first_signal = next((i for i in range(last + 1, len(events)) if SIGNAL in events[i]["name"]), None)
@@ -187,6 +189,10 @@ def step_edges(events: list[dict], moe_layers: int) -> None:
         tails.append(ends[cut] - start)
         gaps.append(max(idle[cut], 0.0))
         heads.append(float(edge[-1]["ts"]) - float(edge[cut]["ts"]))
+        for j, e in enumerate(edge[:-1]):  # the next step's first signal kernel is not its head's work
+            entry = (tail_kernels if j < cut else head_kernels)[short(e["name"])]
+            entry[0] += 1
+            entry[1] += float(e["dur"])
         periods.append(float(edge[-1]["ts"]) - start)
     if not tails:
         print("fewer than two whole steps traced: no step boundary to show")
@@ -196,6 +202,11 @@ def step_edges(events: list[dict], moe_layers: int) -> None:
           f"{sum(periods) / n:.1f} µs = GPU tail {sum(tails) / n:.1f} µs (final norm, lm_head, logits) + host gap "
           f"{sum(gaps) / n:.1f} µs (sampling, the next step's start) + GPU head {sum(heads) / n:.1f} µs (input, dense "
           "layers, first attention)")
+    for title, kernels in (("tail", tail_kernels), ("head", head_kernels)):
+        busy = sum(d for _, d in kernels.values()) / n
+        print(f"  GPU {title}: kernels and copies {busy:.1f} µs a boundary; the longest:")
+        for name, (count, dur) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:8]:
+            print(f"    {name:<60} {count / n:6.2f} x {dur / count:8.2f} µs")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def decode_run(llm, prompt: list[int], tokens: int) -> dict:
 
 
 def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
-            link_gbps: float, prefetch: int = 0, read_ahead: int | None = 0) -> dict:
+            link_gbps: float, prefetch: int = 0, read_ahead: int | None = 0, pipeline: bool = True) -> dict:
     llm.set_decode_mode("cpu" if mode == LAYER_BY_LAYER else mode)
+    llm.pipeline_decode = pipeline
     llm.set_prefetch(prefetch)
     if read_ahead is not None:  # (None: an engine from before read-ahead, when comparing versions)
         llm.runtime.set_read_ahead(read_ahead)
@@ -77,7 +78,8 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     nonres_bytes = (calls - on_gpu) * expert_nbytes / steps
     tok_s = statistics.mean(r["tok_s"] for r in runs)
     bound = link_gbps * 1e9 / nonres_bytes if nonres_bytes else None
-    return {"mode": mode, "prefetch": prefetch, "read_ahead": read_ahead, "prompt_tokens": length, "tok_s": tok_s,
+    return {"mode": mode, "prefetch": prefetch, "read_ahead": read_ahead, "pipeline": pipeline,
+            "prompt_tokens": length, "tok_s": tok_s,
             # of the experts hinted for reading ahead, the share the CPU then ran; of the CPU's calls, the share
             # hinted; the bytes actually read ahead per token (reading stops when the next layer is staged)
             "read_ahead_mb_per_token": read_ahead_bytes / 1e6 / steps,
@@ -139,6 +141,9 @@ def main() -> None:
     p.add_argument("--read-ahead", type=int, nargs="+", default=None, metavar="N",
                    help="experts of each next MoE layer the host reads ahead; each mode and prefetch runs with each N "
                         "(default: the engine's default)")
+    p.add_argument("--pipeline", nargs="+", choices=("on", "off"), default=["on"],
+                   help="greedy steps queued before the host has read the previous token (on, the engine's default) "
+                        "or one at a time (off); each value measured in turn")
     p.add_argument("--label", default="", help="printed with the table (e.g. the routing skew)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--probe-cpu-store", type=int, default=0, metavar="K",
@@ -166,10 +171,11 @@ def main() -> None:
         for mode in args.modes:
             for prefetch in args.prefetch:
                 for read_ahead in args.read_ahead or [getattr(llm.runtime, "read_ahead", None)]:
-                    r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes,
-                                moe_layers, dram + h2d, prefetch, read_ahead)
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+                    for pipeline in args.pipeline:
+                        r = measure(llm, mode, length, args.prompts, args.tokens, llm.runtime.cpu_expert_nbytes,
+                                    moe_layers, dram + h2d, prefetch, read_ahead, pipeline == "on")
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
     print()
     print(f"decode, {args.tokens} tokens x {args.prompts} prompts, VRAM budget {args.vram_budget_mb} MiB, "
           f"{torch.cuda.get_device_name()} {args.label}")
@@ -180,6 +186,7 @@ def main() -> None:
         bound = r["bound_tok_s"]
         pct = f"{bound:.0f} ({100 * r['tok_s'] / bound:.0f}%)" if bound else "n/a"
         mode = r["mode"] + (f" + prefetch {r['prefetch']}" if r["prefetch"] else "")
+        mode += "" if r["pipeline"] else " (steps one at a time)"
         if r["read_ahead"]:
             mode += (f" + read-ahead {r['read_ahead']} ({r['read_ahead_share'] or 0:.0%} of CPU calls hinted, "
                      f"{r['read_ahead_mb_per_token']:.0f} MB/token read)")

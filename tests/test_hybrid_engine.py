@@ -692,6 +692,76 @@ def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, ti
     assert rms_rel_err(logits[0], want) < 3e-2
 
 
+def _greedy_steps(graphs, cache, token: int, count: int) -> list[int]:
+    """``count`` greedy tokens after ``token``, one step at a time (each step's logits read back first)."""
+    out = []
+    for _ in range(count):
+        token = int(torch.argmax(graphs.step(token, cache.length)[0]))
+        out.append(token)
+    return out
+
+
+def test_pipelined_greedy_steps_choose_what_steps_one_at_a_time_choose(hybrid, tiny_checkpoint, monkeypatch):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)  # every expert the CPU's: one arithmetic
+    token = random_prompt(1, seed=25)[0]
+    graphs, cache = _graph_decoder(llm)
+    want = _greedy_steps(graphs, cache, token, 5)
+    graphs, cache = _graph_decoder(llm)
+    assert graphs.pipeline_unsupported() is None
+    graphs.set_token(token)
+    graphs.launch(cache.length)
+    got = []
+    for _ in range(5):
+        graphs.serve()
+        graphs.launch(cache.length)  # queued on the token just chosen, before the host has read it
+        got.append(graphs.chosen())
+    graphs.serve(extend=False)  # the sixth step, not wanted
+    assert got == want
+    assert cache.length == 20 + 5
+
+
+def test_a_pipelined_step_served_unextended_leaves_the_cache_as_it_was(hybrid, tiny_checkpoint, monkeypatch):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)
+    first, second = random_prompt(2, seed=26)
+    graphs, cache = _graph_decoder(llm)
+    want = _greedy_steps(graphs, cache, second, 3)
+    graphs, cache = _graph_decoder(llm)
+    graphs.set_token(first)
+    graphs.launch(cache.length)
+    graphs.serve(extend=False)  # e.g. queued on a token that turned out to be EOS
+    assert cache.length == 20
+    assert _greedy_steps(graphs, cache, second, 3) == want, "the unwanted step's entries are overwritten"
+
+
+@pytest.mark.gpu
+def test_greedy_generation_is_the_same_pipelined_or_not(tiny_checkpoint):
+    path = tiny_checkpoint("deepseek_v2_lite_like")[1]
+    # no hot cache and every expert on the CPU: both runs compute with the same kernels, so they agree exactly
+    llm = krasis.LLM(path, device="cuda", expert_bits=4, dtype="bfloat16", progress=False, kv_dtype="bf16",
+                     hcs=False, decode_mode="cpu")
+    assert llm._pipelined(llm._kv)
+    from krasis.engine.decode_graph import SMALLEST_BUCKET
+
+    # pipelined first, so that its steps capture their graphs (the first bucket's, then the next one's) while the
+    # step before is still in flight
+    prompt = random_prompt(SMALLEST_BUCKET - 3, seed=27)
+    got = llm.generate(prompt, 12)
+    llm.pipeline_decode = False
+    want = llm.generate(prompt, 12)
+    assert got == want
+    llm.pipeline_decode = True
+    assert llm.generate(prompt, 1) == want[:1] and llm.generate(prompt, 2) == want[:2]
+    llm.eos_token_ids = {want[4]}  # generation stops at the EOS token, its queued next step unused
+    assert llm.generate(prompt, 12) == want[: want.index(want[4]) + 1]
+    llm.eos_token_ids = set()
+    stream = llm.stream(prompt, max_new_tokens=12)
+    assert [next(stream) for _ in range(3)] == want[:3]
+    stream.close()  # the caller stops early: the step queued meanwhile is served, unused
+    assert llm.generate(prompt, 12) == want
+
+
 def test_graph_bucket_is_the_next_power_of_two_within_the_capacity():
     from krasis.engine.decode_graph import graph_bucket
 

@@ -165,6 +165,9 @@ class LLM:
         self._session: tuple[KVCache, list[int]] | None = None  # (cache, the tokens it holds) for prefix reuse
         self._kv: KVCache | None = None  # the one fixed cache that decode graphs captured (see new_cache)
         self._graphs = None
+        # greedy decode through one-graph steps queues each step before the host has read the previous token
+        # (``_greedy_pipelined``); False: one step at a time, as sampled decode runs (a baseline)
+        self.pipeline_decode = True
         self.last_cached_tokens = 0
         if self.runtime is None and prefetch_experts:
             log.warning("prefetch_experts=%d is ignored: prefetch belongs to the GPU engine (device='cuda' with "
@@ -447,6 +450,9 @@ class LLM:
         if presence_penalty or frequency_penalty:
             counts = torch.zeros(self.spec.vocab_size, dtype=torch.float32, device=self.device)
         logits = self._forward.logits(hidden[-1:])[0]
+        if temperature <= 0 and counts is None and self._pipelined(cache):
+            yield from self._greedy_pipelined(logits, cache, history, max_new_tokens)
+            return
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator, min_p=min_p,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, counts=counts)
@@ -460,6 +466,42 @@ class LLM:
                 return
             history.append(token)
             logits = self._decode_step(token, cache)
+
+    def _pipelined(self, cache: KVCache) -> bool:
+        """Whether greedy decode into ``cache`` launches each step before the host has seen the previous token."""
+        return (self.pipeline_decode and self._graphs is not None and cache is self._kv
+                and self._graphs.pipeline_unsupported() is None)
+
+    def _greedy_pipelined(self, logits: torch.Tensor, cache: KVCache, history: list[int],
+                          max_new_tokens: int) -> Iterator[int]:
+        """Greedy decode with each step queued on the device's token as soon as the previous step's CPU experts
+        are done: the GPU goes from one step's end into the next while the host reads the token back and hands it
+        out. A step queued on a token that turns out to end the generation (EOS, or the caller stops) still runs
+        to its end, unused."""
+        g = self._graphs
+        token = int(torch.argmax(logits))
+        self.runtime.end_prefill()  # the hot cache's refill after the first token, as in ``stream``
+        g.set_token(token)
+        pending = False  # a step on ``token`` is queued and not served
+        try:
+            for step in range(max_new_tokens):
+                last = step == max_new_tokens - 1
+                if not last and not pending and token not in self.eos_token_ids:
+                    g.launch(cache.length)
+                    pending = True
+                yield token
+                if token in self.eos_token_ids or last:
+                    return
+                history.append(token)
+                g.serve()
+                pending = False
+                if step + 2 < max_new_tokens:  # the token the served step chose is not the last one asked for
+                    g.launch(cache.length)
+                    pending = True
+                token = g.chosen()
+        finally:
+            if pending:
+                g.serve(extend=False)
 
     def _decode_step(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits [vocab] after appending ``token`` to ``cache``."""

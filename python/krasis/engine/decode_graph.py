@@ -35,6 +35,7 @@ from typing import Protocol
 
 import torch
 
+from ..kernels.embed_lookup import embed_token
 from ..kernels.fused_norm import add_rms_norm
 from ..kernels.mla_decode import mla_decode_attention
 from ..kernels.rotary import rotary_pair
@@ -75,6 +76,10 @@ class _Buffers:
 
     def __init__(self, hidden: int, rope_dim: int, top_k: int, dtype: torch.dtype, device: torch.device):
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        # the step's input token (whole-step graphs look its embedding up themselves), then the token it chose
+        # (greedy), and the (position, chosen token) the graph copies to the host at its end
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.chosen = torch.zeros(2, dtype=torch.long, pin_memory=device.type == "cuda")
         self.cos = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)  # the step's rotary angles
         self.sin = torch.zeros(1, rope_dim // 2, dtype=torch.float32, device=device)
         self.x = torch.zeros(1, hidden, dtype=dtype, device=device)  # residual stream before the pending sums
@@ -133,6 +138,15 @@ class DecodeGraphs:
         self._gather_stream = side_stream(self.device)  # the PCIe share's copies, beside the VRAM-bound work
         self._embed_row = torch.empty(spec.hidden_size, dtype=forward.w.embed.dtype,
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
+        # whole-step graphs start from the token id on the device when they can read the embedding table: in
+        # VRAM, page-locked host memory, or anywhere off CUDA (the interpreter reads host tensors)
+        embed = forward.w.embed
+        self._graph_input = embed.device == self.device or not self.capturing or runtime.embed_registered
+        self._token_row = torch.zeros(1, dtype=torch.long, pin_memory=self.capturing)
+        self._done = [new_event(self.device), new_event(self.device)]  # a launched step's end, by parity
+        self._launched: tuple[int, object] | None = None  # (position, end event) of the step launch() queued
+        self._served: tuple[int, object] | None = None  # the same of the step serve() finished
+        self._kept: tuple[int, int] | None = None  # (position, choice) of a served step, read before a capture
 
     # -- the work captured -------------------------------------------------------------------------------------
     def prefetch_unsupported(self) -> str | None:
@@ -250,6 +264,10 @@ class DecodeGraphs:
 
     def _whole_step(self, bucket: int, pcie: bool, pf: Prefetcher | None = None, read_ahead: int = 0) -> None:
         b, j = self.buf, 0  # j: the MoE layer's index among the MoE layers
+        if self._graph_input:
+            embed_token(self.f.w.embed, b.token, b.x)
+            b.shares.zero_()
+            b.extra.zero_()
         if pf is not None:
             pf.start_step()
         for index, layer in enumerate(self.f.w.layers):
@@ -270,6 +288,10 @@ class DecodeGraphs:
             self.link.take_back(b.cpu)
             j += 1
         self._final_norm()
+        if self._graph_input:  # the greedy choice, for a next step launched before the host has seen it
+            b.token.copy_(torch.argmax(b.logits, dim=-1))
+            b.chosen[:1].copy_(b.position, non_blocking=True)
+            b.chosen[1:].copy_(b.token, non_blocking=True)
 
     def _final_norm(self) -> None:
         f, b = self.f, self.buf
@@ -327,8 +349,12 @@ class DecodeGraphs:
                  f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "",
                  f", the host reads {read_ahead} likely experts of each next MoE layer ahead" if read_ahead else "")
 
-    def _set_input(self, token: int) -> None:
-        """The token's embedding as the residual stream, nothing pending from a previous layer."""
+    def _set_input(self, token: int, whole_step: bool) -> None:
+        """The token's embedding as the residual stream, nothing pending from a previous layer (a whole step that
+        looks the embedding up itself gets the token's id)."""
+        if whole_step and self._graph_input:
+            self.set_token(token)
+            return
         b, embed = self.buf, self.f.w.embed
         if embed.device.type == "cpu":  # through a pinned row, so the copy to the GPU is asynchronous
             self._embed_row.copy_(embed[token])
@@ -341,30 +367,108 @@ class DecodeGraphs:
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, vocab] of ``token`` at ``position`` (the cache holds positions before it); extends the
         cache."""
+        if self.one_graph and self.link is not None:
+            key, pf, read_ahead = self._prepare(position)
+            self._set_input(token, whole_step=True)
+            self.link.run(self._steps[key].replay, threaded=not self.capturing,
+                          prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
+        else:
+            bucket = graph_bucket(position + 1, self.cache.capacity)
+            self.buf.position.fill_(position)
+            self.rt.begin_forward(1)
+            if bucket not in self._graphs:
+                self._capture_bucket(bucket)
+            self._set_input(token, whole_step=False)
+            self._layer_by_layer(bucket)
+        self.cache.length = position + 1
+        return self.buf.logits
+
+    def _prepare(self, position: int) -> tuple[tuple, Prefetcher | None, int]:
+        """Set up the whole step at ``position``: its key in ``_steps`` (captured now if new), prefetch, read-ahead."""
         b, rt = self.buf, self.rt
         bucket = graph_bucket(position + 1, self.cache.capacity)
         b.position.fill_(position)
         rt.begin_forward(1)  # may change the decode mode's split ("auto")
-        if self.one_graph and self.link is not None:
-            self.link.check()
-            pf = self._prefetcher()
-            read_ahead = self._read_ahead(pf)
-            # a step that reads no expert over PCIe leaves its kernels out
-            key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None, read_ahead
-            if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
-                rt.streamer.loaded[0] = None
-            if key not in self._steps:
-                self._capture_step(key, pf)  # its warm-up run writes the buffers: the input is set after
-            self._set_input(token)
-            self.link.run(self._steps[key].replay, threaded=not self.capturing,
-                          prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
+        self.link.check()
+        pf = self._prefetcher()
+        read_ahead = self._read_ahead(pf)
+        # a step that reads no expert over PCIe leaves its kernels out
+        key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None, read_ahead
+        if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
+            rt.streamer.loaded[0] = None
+        if key not in self._steps:
+            self._keep_choice()  # the capture's warm-up run overwrites the last served step's choice
+            self._capture_step(key, pf)  # its warm-up run writes the buffers: the input is set after
+        return key, pf, read_ahead
+
+    # -- pipelined greedy decode -----------------------------------------------------------------------------
+    def pipeline_unsupported(self) -> str | None:
+        """Why a step cannot be launched before the host has seen the previous step's token (None when it can:
+        ``launch``, ``serve``, ``chosen``)."""
+        if self.link is None:
+            return "the model has no MoE layer with experts outside VRAM"
+        if not self.one_graph:
+            return "decode steps replay each layer's graphs (one_graph off)"
+        if not self._graph_input:
+            return "the GPU cannot read the embedding table (its host memory is not page-locked)"
+        return None
+
+    def set_token(self, token: int) -> None:
+        """The input token of the next launched step (otherwise the last step's greedy choice, on the device)."""
+        self._token_row[0] = token
+        self.buf.token.copy_(self._token_row, non_blocking=True)
+
+    def launch(self, position: int) -> None:
+        """Queue the whole step at ``position`` on the token the device holds (``set_token``, or the greedy choice
+        of the step queued before) and return: ``serve`` runs its CPU experts, ``chosen`` then reads its choice.
+        The step may be queued before the previous one has ended; a step whose token turns out unwanted (EOS) is
+        served with ``extend=False``. Off CUDA the step runs in ``serve``."""
+        b = self.buf
+        token = b.token.clone()  # a capture's warm-up run below overwrites it
+        key, pf, read_ahead = self._prepare(position)
+        b.token.copy_(token)
+        replay, done = self._steps[key].replay, self._done[position % 2]
+
+        def work() -> None:
+            replay()
+            done.record()
+
+        self._launched = position, done
+        self._launch_args = work, pf.count if pf is not None else 0, read_ahead
+        if self.capturing:
+            self.link.launch(work, self._launch_args[1], read_ahead)
+
+    def serve(self, extend: bool = True) -> None:
+        """Run the CPU experts of the step ``launch`` queued, to its last MoE layer; with ``extend`` the cache then
+        counts its position (without, the step is one not wanted: its entries lie past the cache's length)."""
+        position, done = self._launched
+        self._launched = None
+        if self.capturing:
+            self.link.serve(count=extend)
         else:
-            if bucket not in self._graphs:
-                self._capture_bucket(bucket)
-            self._set_input(token)
-            self._layer_by_layer(bucket)
-        self.cache.length = position + 1
-        return b.logits
+            work, prefetch, read_ahead = self._launch_args
+            self.link.run(work, threaded=True, count=extend, prefetch=prefetch, read_ahead=read_ahead)
+        self._served = position, done
+        if extend:
+            self.cache.length = position + 1
+
+    def _keep_choice(self) -> None:
+        """Read the last served step's choice now (waiting for its end), for ``chosen``: before anything else writes
+        the buffers it is read from."""
+        if self._served is not None and (self._kept is None or self._kept[0] != self._served[0]):
+            self._served[1].synchronize()
+            self._kept = tuple(self.buf.chosen.tolist())
+
+    def chosen(self) -> int:
+        """The greedy choice of the step ``serve`` finished last (waits for the step's end)."""
+        position, done = self._served
+        if self._kept is not None and self._kept[0] == position:
+            return self._kept[1]
+        done.synchronize()
+        at, token = self.buf.chosen.tolist()
+        if at != position:
+            raise RuntimeError(f"decode pipeline: the chosen token read back is for position {at}, not {position}")
+        return token
 
     def _layer_by_layer(self, bucket: int) -> None:
         """A step whose decode mode streams experts: the host decides each MoE layer's copies between graphs."""

@@ -51,6 +51,7 @@ class HostLink:
         self._hints = self.hints.numpy()
         self._predict_scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # logits, (unused) expert -> slot
         self._launcher: _Launcher | None = None
+        self._to_serve: tuple[int, np.ndarray | None] = (0, None)  # what ``launch`` left for ``serve``
 
     # -- inside the graph ----------------------------------------------------------------------------------------
     def hand_over(self) -> None:
@@ -82,36 +83,46 @@ class HostLink:
     def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0,
             read_ahead: int = 0) -> None:
         """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
-        when ``work`` only queues (a graph replay), or on a second thread meanwhile when ``work`` may wait for
-        the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not ``count``ed;
-        ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry claims);
-        ``read_ahead``: the experts a layer ``work`` hints (``hint``) for the host to read ahead."""
-        hints = self._hints[: 1 + read_ahead] if read_ahead else None
+        when ``work`` only queues (a graph replay: ``launch`` then ``serve``), or on a second thread meanwhile when
+        ``work`` may wait for the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not
+        ``count``ed; ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry
+        claims); ``read_ahead``: the experts a layer ``work`` hints (``hint``) for the host to read ahead."""
+        if not threaded:
+            self.launch(work, prefetch, read_ahead)
+            self.serve(count)
+            return
         try:
-            if threaded:
-                self._serve_beside(work, count, prefetch, hints)
-            else:
-                self._serve_while_launching(work, count, prefetch, hints)
+            self._serve_beside(work, count, prefetch, self._hints[: 1 + read_ahead] if read_ahead else None)
         except BaseException:
             self._abort()
             raise
         self.check()
 
-    def _serve_while_launching(self, work: Callable[[], None], count: bool, prefetch: int,
-                               hints: np.ndarray | None) -> None:
-        """Queue ``work`` (a replay) from the launcher thread, on this thread's stream, while this thread answers
-        the handshakes; a failed launch is raised in place of the wait it caused."""
+    def launch(self, work: Callable[[], None], prefetch: int = 0, read_ahead: int = 0) -> None:
+        """Queue ``work`` (a replay; ``prefetch`` and ``read_ahead`` as in ``run``) from the launcher thread, on this
+        thread's stream, and return: ``serve`` answers its handshakes. The launch overlaps the GPU's work."""
         if self._launcher is None:
             self._launcher = _Launcher()
+        self._to_serve = prefetch, self._hints[: 1 + read_ahead] if read_ahead else None
         self._launcher.start(work, current_stream(self.device))
+
+    def serve(self, count: bool = True) -> None:
+        """Answer the handshakes of the work ``launch`` queued, until its last MoE layer; a failed launch is raised
+        in place of the wait it caused, and any failure resets the link."""
+        prefetch, hints = self._to_serve
         try:
-            self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch, hints)
-        except BaseException as served:
-            launched = self._launcher.finish(raise_error=False)
-            if launched is not None:
-                raise launched from served
+            try:
+                self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch, hints)
+            except BaseException as served:
+                launched = self._launcher.finish(raise_error=False)
+                if launched is not None:
+                    raise launched from served
+                raise
+            self._launcher.finish()
+        except BaseException:
+            self._abort()
             raise
-        self._launcher.finish()
+        self.check()
 
     def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int, hints: np.ndarray | None) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""

@@ -181,6 +181,16 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         runtime = HybridExperts(host, store, plan.layer_group_size, plan.hcs_slots, device, lend_buffers=lend,
                                 extra_slots=extra)
         runtime.host_memory = memory  # owns the store ``host`` views
+        if device.type == "cuda":
+            # decode graphs look up each step's token in the host-side embedding table themselves (page-locked).
+            # A private copy first: as loaded, the table may be pages of the checkpoint file's mapping, and on the
+            # GPU machine registering those hung the load (anonymous memory, like the expert store's, registers at
+            # once); the file's mapping goes when the checkpoint is closed after the load
+            weights.embed = weights.embed.clone()
+            runtime.embed_registered = memory.register(weights.embed)
+            if not runtime.embed_registered:
+                log.info("decode: the embedding table could not be page-locked; greedy decode steps run one at a "
+                         "time")
         hcs = runtime.hcs
         if len(hcs.lendable):
             log.info("hot-expert cache: %d more experts in prefill's streaming buffers between prompts (decode "

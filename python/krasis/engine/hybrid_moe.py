@@ -108,6 +108,10 @@ class HybridExperts:
         self.prefetch_invert = False
         # experts of the next MoE layer the host reads ahead per layer in one-graph decode steps (0: off)
         self.read_ahead = READ_AHEAD
+        # set by the loader: what owns ``host``'s memory (engine.store_memory), and whether the host-side embedding
+        # table is page-locked too (decode graphs then read each step's token row themselves)
+        self.host_memory = None
+        self.embed_registered = False
 
     def set_prefetch(self, count: int, invert: bool = False) -> None:
         """Prefetch ``count`` experts of the next MoE layer per layer in one-graph decode steps (0: off)."""

@@ -56,6 +56,16 @@ class StoreMemory:
                         "those layers are copied into pinned memory instead (%.2f GB more host RAM)", self.copied,
                         len(self.layers), self.copied * self.layers[0].nbytes / 1e9)
 
+    def register(self, tensor: torch.Tensor) -> bool:
+        """Also page-lock ``tensor``'s host memory (contiguous; it must outlive this object, or be closed with
+        it), e.g. the embedding table a decode graph reads; whether CUDA took it."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or not torch.cuda.is_available():
+            return False
+        if not _register(tensor.data_ptr(), tensor.nbytes):
+            return False
+        self._registered.append(tensor.data_ptr())
+        return True
+
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
