@@ -38,6 +38,7 @@ from krasis.kernels import (
     quantize_cpu_layout,
     to_gpu_layout,
 )
+from krasis.kernels.embed_lookup import embed_token
 from krasis.kernels.expert_gather import gather_experts
 from krasis.kernels.fused_norm import add_rms_norm
 from krasis.kernels.host_signal import signal_host, wait_host
@@ -432,6 +433,18 @@ def check_predict_experts_with_few_candidates(size: Size, device: torch.device) 
     assert sorted(slot[[1, 6]].tolist()) == [0, 1] and (slot[[0, 2, 3, 4, 5, 7]] == -1).all()
 
 
+def check_embed_token(size: Size, device: torch.device) -> None:
+    """embed_token copies the token's row (the id read on the device) from a host table (page-locked on a GPU),
+    cast to the output's dtype."""
+    table = torch.randn(50, size.hidden).to(torch.bfloat16)
+    if device.type == "cuda":
+        table = table.pin_memory()
+    out = torch.zeros(1, size.hidden, dtype=torch.float32, device=device)
+    for token in (0, 37, 49):
+        embed_token(table, torch.tensor([token], device=device), out)
+        assert torch.equal(out.cpu(), table[token:token + 1].float()), token
+
+
 def check_copy_predicted(size: Size, device: torch.device) -> None:
     """copy_predicted copies expert ids[j] into staging slot j (from pinned host memory on a GPU); -1 copies
     nothing."""
@@ -537,6 +550,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
                 size, d, n, i)
     out["predict_experts_few_candidates"] = lambda d: check_predict_experts_with_few_candidates(size, d)
     out["copy_predicted"] = lambda d: check_copy_predicted(size, d)
+    out["embed_token"] = lambda d: check_embed_token(size, d)
     out["host_handshake"] = check_host_handshake
     out["host_wait_gives_up"] = check_host_wait_gives_up
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)

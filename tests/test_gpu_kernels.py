@@ -130,6 +130,35 @@ def test_a_store_layout_other_than_the_kernels_is_refused():
         ExpertLayout.from_store(layout, 4, 64)
 
 
+@pytest.mark.gpu
+def test_a_store_cuda_will_not_register_is_copied_into_pinned_memory(monkeypatch):
+    import krasis.engine.store_memory as store_memory
+
+    monkeypatch.setattr(store_memory, "_register", lambda address, nbytes: False)
+    store = _core.ExpertStore(2, 2, 128, 128, 4, 64, numa="off")
+    store.set_expert(1, 0, randn(128, 128).numpy(), randn(128, 128).numpy(), randn(128, 128).numpy())
+    memory = store_memory.StoreMemory(store, ExpertLayout.from_store(store.layout(), 4, 64), torch.device("cuda"))
+    assert memory.copied == 2
+    for layer, (address, _) in zip(memory.layers, store.buffers(), strict=True):
+        assert layer.raw.is_pinned() and layer.raw.data_ptr() != address
+    assert torch.equal(memory.layers[1].raw[0], torch.from_numpy(np.array(store.expert_view(1, 0))))
+
+
+@pytest.mark.gpu
+def test_registered_host_memory_is_released_on_close():
+    from krasis.engine.store_memory import StoreMemory
+
+    store = _core.ExpertStore(1, 1, 128, 128, 4, 64, numa="off")
+    table = torch.randn(1000, 256)
+    memory = StoreMemory(store, ExpertLayout.from_store(store.layout(), 4, 64), torch.device("cuda"))
+    assert memory.register(table) and table.is_pinned()
+    memory.close()
+    assert not table.is_pinned() and not memory.layers[0].raw.is_pinned()
+    again = StoreMemory(store, ExpertLayout.from_store(store.layout(), 4, 64), torch.device("cuda"))
+    assert again.copied == 0 and again.register(table), "registered again once released"
+    again.close()
+
+
 def test_the_store_memory_wraps_each_layer_in_place():
     """Off CUDA (the interpreter test mode) the host experts are the store's buffers too, nothing copied."""
     from krasis.engine.store_memory import StoreMemory

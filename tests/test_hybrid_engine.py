@@ -5,6 +5,7 @@ Every test runs twice: on the CPU, with the engine's Triton kernels in the inter
 set by conftest.py when there is no GPU), which checks the orchestration everywhere; and on CUDA (-m gpu)."""
 
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -735,8 +736,63 @@ def test_a_pipelined_step_served_unextended_leaves_the_cache_as_it_was(hybrid, t
     assert _greedy_steps(graphs, cache, second, 3) == want, "the unwanted step's entries are overwritten"
 
 
+def test_a_choice_read_before_a_capture_is_not_handed_to_a_later_step(hybrid, tiny_checkpoint, monkeypatch):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)
+    first, second = random_prompt(2, seed=30)
+    graphs, cache = _graph_decoder(llm)
+    want = [int(torch.argmax(graphs.step(token, 20)[0])) for token in (first, second)]
+    graphs.set_token(first)
+    graphs.launch(20)
+    graphs.serve()
+    graphs._steps.clear()  # the next launch captures its step (a new bucket, split or prefetch does so)
+    graphs.launch(21)
+    assert graphs.chosen() == want[0]
+    graphs.discard()
+    cache.length = 20  # another generation over the same positions
+    graphs.set_token(second)
+    graphs.launch(20)
+    graphs.serve()
+    assert graphs.chosen() == want[1]
+
+
+def test_a_failing_cpu_side_in_a_pipelined_step_resets_the_link_and_decode_goes_on(hybrid, tiny_checkpoint,
+                                                                                    monkeypatch):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)
+    token = random_prompt(1, seed=31)[0]
+    graphs, cache = _graph_decoder(llm)
+    want = _greedy_steps(graphs, cache, token, 2)
+    graphs, cache = _graph_decoder(llm)
+    store = llm.runtime.store
+
+    class Failing:  # the store, whose first step's CPU side fails
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def serve_decode_graph(self, *args, **kwargs):
+            llm.runtime.store = store
+            raise RuntimeError("CPU experts failed")
+
+    graphs.set_token(token)
+    ticket = graphs.launch(cache.length)  # (on CUDA its capture's warm-up run is answered here, by the store)
+    llm.runtime.store = Failing()
+    with pytest.raises(RuntimeError, match="CPU experts failed"):
+        graphs.serve()
+    graphs.discard(ticket)  # nothing left to serve: the failed step is gone with the link's reset
+    assert cache.length == 20 and graphs.link.flags.tolist() == [0, 0, 0]
+    graphs.set_token(token)
+    graphs.launch(cache.length)
+    graphs.serve()
+    graphs.launch(cache.length)
+    got = [graphs.chosen()]
+    graphs.serve()
+    got.append(graphs.chosen())
+    assert got == want
+
+
 @pytest.mark.gpu
-def test_greedy_generation_is_the_same_pipelined_or_not(tiny_checkpoint):
+def test_greedy_generation_is_the_same_pipelined_or_not(tiny_checkpoint, monkeypatch):
     path = tiny_checkpoint("deepseek_v2_lite_like")[1]
     # no hot cache and every expert on the CPU: both runs compute with the same kernels, so they agree exactly
     llm = krasis.LLM(path, device="cuda", expert_bits=4, dtype="bfloat16", progress=False, kv_dtype="bf16",
@@ -759,6 +815,13 @@ def test_greedy_generation_is_the_same_pipelined_or_not(tiny_checkpoint):
     stream = llm.stream(prompt, max_new_tokens=12)
     assert [next(stream) for _ in range(3)] == want[:3]
     stream.close()  # the caller stops early: the step queued meanwhile is served, unused
+    assert llm.generate(prompt, 12) == want
+    abandoned = llm.stream(prompt, max_new_tokens=12)
+    assert [next(abandoned) for _ in range(3)] == want[:3]
+    assert llm.generate(prompt, 12) == want, "a new generation serves the step an abandoned one left queued"
+    abandoned.close()  # its queued step is long gone: nothing to serve
+    # every token held "too long": each queued step is run again from the token
+    monkeypatch.setattr(sys.modules["krasis.llm"], "PIPELINE_PAUSE_S", 0.0)
     assert llm.generate(prompt, 12) == want
 
 

@@ -34,6 +34,9 @@ NO_HOT_CACHE = "the hot-expert cache exists only in the GPU engine (device='cuda
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_BITS = (16, 8, 4)
 LOGIT_ROWS = 512
+# A caller holding a token longer than this (seconds) while pipelined decode has the next step queued gets that
+# step run again: the step's GPU side waits for the host only so long (tens of seconds, ``kernels.host_signal``).
+PIPELINE_PAUSE_S = 1.0
 
 
 def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer) -> set[int]:
@@ -429,6 +432,8 @@ class LLM:
         layers (Qwen3-Next) reuse only when the common prefix covers everything cached or at least the previous
         prompt (their recurrent state is kept at both points), and otherwise prefill the whole prompt.
         """
+        if self._graphs is not None:
+            self._graphs.discard()  # a step a pipelined generation left queued when its caller abandoned it
         tokens = self._check_tokens(token_ids, max_new_tokens)
         generator = None
         if seed is not None:
@@ -482,26 +487,31 @@ class LLM:
         token = int(torch.argmax(logits))
         self.runtime.end_prefill()  # the hot cache's refill after the first token, as in ``stream``
         g.set_token(token)
-        pending = False  # a step on ``token`` is queued and not served
+        ticket = None  # the queued step on ``token`` not yet served
         try:
             for step in range(max_new_tokens):
                 last = step == max_new_tokens - 1
-                if not last and not pending and token not in self.eos_token_ids:
-                    g.launch(cache.length)
-                    pending = True
+                if not last and ticket is None and token not in self.eos_token_ids:
+                    ticket = g.launch(cache.length)
+                handed = time.perf_counter()
                 yield token
                 if token in self.eos_token_ids or last:
                     return
                 history.append(token)
+                if ticket is not None and time.perf_counter() - handed > PIPELINE_PAUSE_S:
+                    # the caller held the token long enough for the queued step's GPU side to stop waiting for
+                    # the host: run it again, from the token
+                    g.discard(ticket)
+                    g.set_token(token)
+                    ticket = g.launch(cache.length)
+                ticket = None  # served below, or failed (a failure resets the link)
                 g.serve()
-                pending = False
                 if step + 2 < max_new_tokens:  # the token the served step chose is not the last one asked for
-                    g.launch(cache.length)
-                    pending = True
+                    ticket = g.launch(cache.length)
                 token = g.chosen()
         finally:
-            if pending:
-                g.serve(extend=False)
+            if ticket is not None:
+                g.discard(ticket)
 
     def _decode_step(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits [vocab] after appending ``token`` to ``cache``."""

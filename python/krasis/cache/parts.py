@@ -1,7 +1,7 @@
 """The parts a cache is made of: one file of CPU routed experts per MoE layer (the Rust ExpertStore layout),
 one safetensors file of INT8-quantised dense matrices per layer (plus lm_head) where the config asks, and, for
 a GPU engine run whose GPU expert width differs from the CPU one, one file of GPU routed experts per MoE layer
-(the same byte layout at the GPU width, repacked into the GPU layout when loaded)."""
+(the same byte layout at the GPU width, which the GPU reads as it is)."""
 
 from __future__ import annotations
 

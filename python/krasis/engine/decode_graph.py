@@ -144,7 +144,9 @@ class DecodeGraphs:
         self._graph_input = embed.device == self.device or not self.capturing or runtime.embed_registered
         self._token_row = torch.zeros(1, dtype=torch.long, pin_memory=self.capturing)
         self._done = [new_event(self.device), new_event(self.device)]  # a launched step's end, by parity
-        self._launched: tuple[int, object] | None = None  # (position, end event) of the step launch() queued
+        # (position, end event, ticket) of the step launch() queued and serve() has not run
+        self._launched: tuple[int, object, int] | None = None
+        self._tickets = 0
         self._served: tuple[int, object] | None = None  # the same of the step serve() finished
         self._kept: tuple[int, int] | None = None  # (position, choice) of a served step, read before a capture
 
@@ -418,31 +420,36 @@ class DecodeGraphs:
         self._token_row[0] = token
         self.buf.token.copy_(self._token_row, non_blocking=True)
 
-    def launch(self, position: int) -> None:
+    def launch(self, position: int) -> int:
         """Queue the whole step at ``position`` on the token the device holds (``set_token``, or the greedy choice
         of the step queued before) and return: ``serve`` runs its CPU experts, ``chosen`` then reads its choice.
         The step may be queued before the previous one has ended; a step whose token turns out unwanted (EOS) is
-        served with ``extend=False``. Off CUDA the step runs in ``serve``."""
+        served with ``extend=False`` (``discard``). Off CUDA the step runs in ``serve``. Returns the step's ticket
+        (for ``discard``)."""
         b = self.buf
-        token = b.token.clone()  # a capture's warm-up run below overwrites it
+        token = b.token.clone() if self.capturing else None  # a capture's warm-up run in _prepare overwrites it
         key, pf, read_ahead = self._prepare(position)
-        b.token.copy_(token)
+        if token is not None:
+            b.token.copy_(token)
         replay, done = self._steps[key].replay, self._done[position % 2]
 
         def work() -> None:
             replay()
             done.record()
 
-        self._launched = position, done
+        self._tickets += 1
+        self._launched = position, done, self._tickets
         self._launch_args = work, pf.count if pf is not None else 0, read_ahead
         if self.capturing:
             self.link.launch(work, self._launch_args[1], read_ahead)
+        return self._tickets
 
     def serve(self, extend: bool = True) -> None:
         """Run the CPU experts of the step ``launch`` queued, to its last MoE layer; with ``extend`` the cache then
         counts its position (without, the step is one not wanted: its entries lie past the cache's length)."""
-        position, done = self._launched
+        position, done, _ = self._launched
         self._launched = None
+        self._kept = None  # a choice read before a capture belongs to the step served before this one
         if self.capturing:
             self.link.serve(count=extend)
         else:
@@ -451,6 +458,18 @@ class DecodeGraphs:
         self._served = position, done
         if extend:
             self.cache.length = position + 1
+
+    def discard(self, ticket: int | None = None) -> None:
+        """Serve, unextended, the step ``launch`` queued (only if it is the one of ``ticket``, when given): a step
+        queued on a token that ended its generation, or left by a generation its caller abandoned. A step the
+        GPU gave up waiting for (its host away too long) resets the link instead of raising: its work is unused."""
+        if self._launched is None or (ticket is not None and self._launched[2] != ticket):
+            return
+        try:
+            self.serve(extend=False)
+        except RuntimeError as e:
+            if "gave up waiting" not in str(e):
+                raise
 
     def _keep_choice(self) -> None:
         """Read the last served step's choice now (waiting for its end), for ``chosen``: before anything else writes

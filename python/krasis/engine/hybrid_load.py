@@ -184,8 +184,9 @@ def load_hybrid(ckpt: Checkpoint, spec: ArchSpec, dtype: torch.dtype, quant: Qua
         if device.type == "cuda":
             # decode graphs look up each step's token in the host-side embedding table themselves (page-locked).
             # A private copy first: as loaded, the table may be pages of the checkpoint file's mapping, and on the
-            # GPU machine registering those hung the load (anonymous memory, like the expert store's, registers at
-            # once); the file's mapping goes when the checkpoint is closed after the load
+            # GPU machine registering those hung the load (a private copy in anonymous memory registers at once, as
+            # the expert store's privately mapped, populated pages do); the file's mapping goes when the checkpoint
+            # is closed after the load
             weights.embed = weights.embed.clone()
             runtime.embed_registered = memory.register(weights.embed)
             if not runtime.embed_registered:

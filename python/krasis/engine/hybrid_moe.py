@@ -36,9 +36,9 @@ DECODE_STAGING = 16
 
 
 class HybridExperts:
-    """All MoE layers' routed experts: pinned host copies in the GPU layout (for streaming and the hot
-    cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore, both indexed by MoE
-    layer), and the statistics that say how decode was served."""
+    """All MoE layers' routed experts: the page-locked expert store's layers in host memory (``host``, for
+    streaming and the hot cache), the CPU store (for decode: the cache's ExpertStore, or a GGUF's GgufExpertStore,
+    both indexed by MoE layer), and the statistics that say how decode was served."""
 
     def __init__(self, host: list[GPUExperts], store: ExpertStore | GgufExpertStore, group_size: int, hcs_slots: int,
                  device: torch.device, lend_buffers: bool = True, extra_slots: int = 0):

@@ -6,6 +6,7 @@ streamed experts then copy straight from the bytes the CPU kernels read: one cop
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 import torch
@@ -14,21 +15,53 @@ from ..kernels import ExpertLayout, GPUExperts
 
 log = logging.getLogger("krasis")
 
-# cudaHostRegister flags: read-only (the device only reads the experts; no write access asked of the pages),
-# else the default.
+# cuMemHostRegister flags: read-only (the device only reads the experts; no write access asked of the pages),
+# else none.
 _READ_ONLY, _DEFAULT = 8, 0
 
 
+@functools.cache
+def _driver() -> ctypes.CDLL | None:
+    """The CUDA driver library (None without one). Registration goes through the driver API: a refused call there
+    returns its error, where the runtime's would also stay behind as its "last error" for the next kernel launch
+    check to report."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    lib.cuMemHostRegister_v2.restype = ctypes.c_int
+    lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    lib.cuMemHostUnregister.restype = ctypes.c_int
+    return lib
+
+
+# (address, what keeps its memory alive) left registered because their owner went while a CUDA graph was being
+# captured on this thread (the garbage collector runs anywhere): unregistering then would break the capture
+_deferred: list[tuple[int, object]] = []
+
+
+def _unregister(address: int, owner: object) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        _deferred.append((address, owner))
+    else:
+        _driver().cuMemHostUnregister(address)
+
+
+def _unregister_deferred() -> None:
+    if _deferred and not torch.cuda.is_current_stream_capturing():
+        for address, _ in _deferred:
+            _driver().cuMemHostUnregister(address)
+        _deferred.clear()
+
+
 def _register(address: int, nbytes: int) -> bool:
-    cudart = torch.cuda.cudart()
-    for flags in (_READ_ONLY, _DEFAULT):
-        if cudart.cudaHostRegister(address, nbytes, flags) == cudart.cudaError.success:
-            return True
-    # a failed runtime call is also the runtime's "last error", which the next kernel launch check would report
-    last_error = getattr(cudart, "cudaGetLastError", None)
-    if last_error is not None:
-        last_error()
-    return False
+    driver = _driver()
+    if driver is None:
+        return False
+    _unregister_deferred()
+    torch.cuda.synchronize()  # a runtime call on this thread: the device's context is current for the driver's
+    return any(driver.cuMemHostRegister_v2(address, nbytes, flags) == 0 for flags in (_READ_ONLY, _DEFAULT))
 
 
 class StoreMemory:
@@ -39,9 +72,11 @@ class StoreMemory:
         self.layers: list[GPUExperts] = []
         self._registered: list[int] = []
         self.copied = 0  # layers that could not be registered and were copied into pinned memory
+        self._kept: list[torch.Tensor] = []  # other tensors registered here (``register``)
         for address, nbytes in store.buffers():
             # a view of memory the store owns: valid while ``self.store`` lives
             buf = (ctypes.c_uint8 * nbytes).from_address(address)
+            buf._owner = store  # the tensor below keeps ``buf``, and so the store, alive
             raw = torch.frombuffer(buf, dtype=torch.uint8).view(nbytes // layout.nbytes, layout.nbytes)
             if device.type == "cuda":
                 if _register(address, nbytes):
@@ -57,13 +92,14 @@ class StoreMemory:
                         len(self.layers), self.copied * self.layers[0].nbytes / 1e9)
 
     def register(self, tensor: torch.Tensor) -> bool:
-        """Also page-lock ``tensor``'s host memory (contiguous; it must outlive this object, or be closed with
-        it), e.g. the embedding table a decode graph reads; whether CUDA took it."""
+        """Also page-lock ``tensor``'s host memory (contiguous; kept alive here until unregistered), e.g. the
+        embedding table a decode graph reads; whether CUDA took it."""
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or not torch.cuda.is_available():
             return False
         if not _register(tensor.data_ptr(), tensor.nbytes):
             return False
         self._registered.append(tensor.data_ptr())
+        self._kept.append(tensor)  # registered memory must not be freed before it is unregistered
         return True
 
     @property
@@ -72,11 +108,11 @@ class StoreMemory:
 
     def close(self) -> None:
         """Unregister the memory (before the store that owns it is dropped)."""
-        if self._registered:
-            cudart = torch.cuda.cudart()
-            for address in self._registered:
-                cudart.cudaHostUnregister(address)
-            self._registered = []
+        owner = self.store, self._kept  # kept alive until unregistered, if that has to wait
+        for address in self._registered:
+            _unregister(address, owner)
+        self._registered = []
+        self._kept = []
 
     def __del__(self):
         try:

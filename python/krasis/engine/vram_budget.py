@@ -27,8 +27,8 @@ class VramNeeds:
     """What the model asks of the GPU, in bytes."""
 
     resident: int  # non-expert weights (attention, norms, routers, shared/dense MLPs, lm_head)
-    layer_experts: int  # one MoE layer's routed experts in the GPU layout
-    expert: int  # one routed expert in the GPU layout
+    layer_experts: int  # one MoE layer's routed experts (the expert store's layout, each padded to a page)
+    expert: int  # one routed expert, likewise
     moe_layers: int
     kv_per_token: int
     activation_per_token: int  # prefill scratch per token of a chunk

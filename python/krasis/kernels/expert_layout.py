@@ -153,6 +153,8 @@ def empty_experts(layout: ExpertLayout, count: int, device: torch.device | str, 
 
 def copy_experts(dst: GPUExperts, src: GPUExperts) -> None:
     """dst <- src (as many experts), asynchronously on the current stream when src is pinned host memory."""
+    if dst.layout != src.layout or dst.num_experts != src.num_experts:
+        raise ValueError(f"copy of {src.num_experts} experts into {dst.num_experts} slots of another layout")
     n = src.layout.nbytes
     dst.raw[:, :n].copy_(src.raw[:, :n], non_blocking=True)
 
