@@ -670,12 +670,11 @@ def test_prefetch_beyond_the_routers_top_k_is_refused(hybrid, tiny_checkpoint):
         llm.set_prefetch(k + 1)
 
 
-def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, tiny_checkpoint):
-    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
-    graphs, cache = _graph_decoder(llm)
+def _fail_the_next_cpu_side(llm) -> None:
+    """Make the CPU side of ``llm``'s next decode step fail (once: the store is put back as it fails)."""
     store = llm.runtime.store
 
-    class Failing:  # the store, whose first step's CPU side fails
+    class Failing:
         def __getattr__(self, name):
             return getattr(store, name)
 
@@ -683,8 +682,14 @@ def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, ti
             llm.runtime.store = store
             raise RuntimeError("CPU experts failed")
 
-    token, position = random_prompt(1, seed=23)[0], cache.length
     llm.runtime.store = Failing()
+
+
+def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    graphs, cache = _graph_decoder(llm)
+    token, position = random_prompt(1, seed=23)[0], cache.length
+    _fail_the_next_cpu_side(llm)
     with pytest.raises(RuntimeError, match="CPU experts failed"):
         graphs.step(token, position)
     assert int(graphs.link.seq) == 0 and graphs.link.flags.tolist() == [0, 0, 0]
@@ -764,19 +769,9 @@ def test_a_failing_cpu_side_in_a_pipelined_step_resets_the_link_and_decode_goes_
     graphs, cache = _graph_decoder(llm)
     want = _greedy_steps(graphs, cache, token, 2)
     graphs, cache = _graph_decoder(llm)
-    store = llm.runtime.store
-
-    class Failing:  # the store, whose first step's CPU side fails
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def serve_decode_graph(self, *args, **kwargs):
-            llm.runtime.store = store
-            raise RuntimeError("CPU experts failed")
-
     graphs.set_token(token)
     ticket = graphs.launch(cache.length)  # (on CUDA its capture's warm-up run is answered here, by the store)
-    llm.runtime.store = Failing()
+    _fail_the_next_cpu_side(llm)
     with pytest.raises(RuntimeError, match="CPU experts failed"):
         graphs.serve()
     graphs.discard(ticket)  # nothing left to serve: the failed step is gone with the link's reset
