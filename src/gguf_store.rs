@@ -7,11 +7,8 @@
 
 use crate::ggml_quants::{GgmlType, GgufMatRef};
 use crate::kernels::WeightRef;
-use crate::moe::{moe_forward, ExpertRef, RoutedExperts};
-use crate::pool::Pool;
-use crate::simd::SimdPath;
-use crate::store::{check_expert_index, check_forward_args};
-use crate::warm::warm;
+use crate::moe::{ExpertRef, RoutedExperts};
+use crate::store::check_expert_index;
 use memmap2::Mmap;
 use std::path::PathBuf;
 
@@ -183,52 +180,21 @@ impl GgufExpertStore {
     }
 }
 
+/// The blocks are read as stored. `act_int8` in the forward: activations quantised per token to INT8 in groups
+/// of 32 and integer dot products for the types that have them (`GgmlType::has_int_kernel`); else f32
+/// activations throughout.
 impl RoutedExperts for GgufExpertStore {
-    /// The blocks are read as stored. `act_int8`: activations quantised per token to INT8 in groups
-    /// of 32 and integer dot products for the types that have them (`GgmlType::has_int_kernel`);
-    /// else f32 activations throughout.
-    fn forward_add(
-        &self,
-        pool: &Pool,
-        path: SimdPath,
-        layer: usize,
-        x: &[f32],
-        ids: &[usize],
-        weights: &[f32],
-        act_int8: bool,
-        out: &mut [f32],
-    ) -> Result<(), String> {
-        self.expert(layer, 0)?;
-        check_forward_args(self.hidden, self.num_experts, x, ids, weights, out)?;
-        let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
-        moe_forward(
-            pool,
-            path,
-            &get,
-            self.hidden,
-            self.inter,
-            x,
-            ids,
-            weights,
-            act_int8,
-            false,
-            out,
-        );
-        Ok(())
+    fn sizes(&self) -> (usize, usize, usize) {
+        (self.hidden, self.inter, self.num_experts)
     }
 
-    fn read_ahead(
-        &self,
-        pool: &Pool,
-        layer: usize,
-        ids: &[usize],
-        stop: &(dyn Fn() -> bool + Sync),
-    ) -> usize {
-        let experts: Vec<ExpertRef> = ids
-            .iter()
-            .filter_map(|&e| self.expert(layer, e).ok())
-            .collect();
-        warm(pool, &experts, false, stop) // its forward places no work by NUMA node (`numa` false above)
+    fn expert_ref(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, String> {
+        self.expert(layer, expert)
+    }
+
+    /// Its experts are not placed by NUMA node.
+    fn numa_placed(&self) -> bool {
+        false
     }
 }
 
@@ -236,6 +202,8 @@ impl RoutedExperts for GgufExpertStore {
 mod tests {
     use super::*;
     use crate::ggml_quants::tests::random_blocks;
+    use crate::pool::Pool;
+    use crate::simd::SimdPath;
     use crate::testutil::{expert_f64, rel_err, Rng};
     use crate::topology::Topology;
 

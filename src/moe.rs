@@ -23,6 +23,8 @@ use crate::numa::order_by_node;
 use crate::pool::{split_range, Disjoint, HomeQueue, Pool, WorkQueue};
 use crate::quant::{quantize_act, ActRef, ActSlices, QuantActs};
 use crate::simd::SimdPath;
+use crate::store::check_forward_args;
+use crate::warm::warm;
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -138,6 +140,15 @@ pub fn forward_nodes(pool: &Pool, numa: bool) -> usize {
 
 /// A store of routed experts whose layers `moe_forward` runs (Krasis INT4/INT8, GGUF blocks).
 pub trait RoutedExperts {
+    /// (hidden, intermediate, experts per layer).
+    fn sizes(&self) -> (usize, usize, usize);
+
+    /// Views of expert `expert` of `layer`; an error names an index out of range.
+    fn expert_ref(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, String>;
+
+    /// Whether the forward places work by the experts' NUMA nodes (`forward_nodes`).
+    fn numa_placed(&self) -> bool;
+
     /// The routed-expert forward of `layer`, adding y to `out` ([M, H]): x [M, H], ids and
     /// weights [M, k] (ids SKIP where a pair is skipped).
     #[allow(clippy::too_many_arguments)]
@@ -151,7 +162,26 @@ pub trait RoutedExperts {
         weights: &[f32],
         act_int8: bool,
         out: &mut [f32],
-    ) -> Result<(), String>;
+    ) -> Result<(), String> {
+        self.expert_ref(layer, 0)?;
+        let (hidden, inter, experts) = self.sizes();
+        check_forward_args(hidden, experts, x, ids, weights, out)?;
+        let get = |e: usize| self.expert_ref(layer, e).expect("expert id checked above");
+        moe_forward(
+            pool,
+            path,
+            &get,
+            hidden,
+            inter,
+            x,
+            ids,
+            weights,
+            act_int8,
+            self.numa_placed(),
+            out,
+        );
+        Ok(())
+    }
 
     /// The routed-expert forward of `layer`: x [M, H], ids/weights [M, k] -> y [M, H].
     #[allow(clippy::too_many_arguments)]
@@ -171,14 +201,21 @@ pub trait RoutedExperts {
     }
 
     /// Read the weights of experts `ids` of `layer` into the CPU caches for the next forward, until `stop()`
-    /// (`warm::warm`); returns the bytes read. Ids out of range are left out.
+    /// (`warm::warm`, reading each worker's share as the forward places it); returns the bytes read. Ids out
+    /// of range are left out.
     fn read_ahead(
         &self,
         pool: &Pool,
         layer: usize,
         ids: &[usize],
         stop: &(dyn Fn() -> bool + Sync),
-    ) -> usize;
+    ) -> usize {
+        let experts: Vec<ExpertRef> = ids
+            .iter()
+            .filter_map(|&e| self.expert_ref(layer, e).ok())
+            .collect();
+        warm(pool, &experts, self.numa_placed(), stop)
+    }
 }
 
 /// An expert id without a slot in `Scratch::slot_of`.

@@ -8,12 +8,10 @@
 
 use crate::kernels::WeightRef;
 use crate::matmul::{quantize_parallel, WeightSrc};
-use crate::moe::{moe_forward, ExpertRef, RoutedExperts, SKIP};
+use crate::moe::{ExpertRef, RoutedExperts, SKIP};
 use crate::numa::{expert_node, mbind, NumaPolicy};
 use crate::pool::Pool;
 use crate::quant::{align_up, MatLayout, MatRef};
-use crate::simd::SimdPath;
-use crate::warm::warm;
 use memmap2::MmapMut;
 
 pub const PAGE: usize = 4096;
@@ -332,49 +330,16 @@ impl ExpertStore {
 }
 
 impl RoutedExperts for ExpertStore {
-    fn forward_add(
-        &self,
-        pool: &Pool,
-        path: SimdPath,
-        layer: usize,
-        x: &[f32],
-        ids: &[usize],
-        weights: &[f32],
-        act_int8: bool,
-        out: &mut [f32],
-    ) -> Result<(), String> {
-        self.check(layer, 0)?;
-        let h = self.layout.hidden;
-        check_forward_args(h, self.num_experts, x, ids, weights, out)?;
-        let get = |e: usize| self.expert(layer, e).expect("expert id checked above");
-        moe_forward(
-            pool,
-            path,
-            &get,
-            h,
-            self.layout.inter,
-            x,
-            ids,
-            weights,
-            act_int8,
-            self.numa(),
-            out,
-        );
-        Ok(())
+    fn sizes(&self) -> (usize, usize, usize) {
+        (self.layout.hidden, self.layout.inter, self.num_experts)
     }
 
-    fn read_ahead(
-        &self,
-        pool: &Pool,
-        layer: usize,
-        ids: &[usize],
-        stop: &(dyn Fn() -> bool + Sync),
-    ) -> usize {
-        let experts: Vec<ExpertRef> = ids
-            .iter()
-            .filter_map(|&e| self.expert(layer, e).ok())
-            .collect();
-        warm(pool, &experts, self.numa(), stop)
+    fn expert_ref(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, String> {
+        self.expert(layer, expert)
+    }
+
+    fn numa_placed(&self) -> bool {
+        self.numa()
     }
 }
 
@@ -429,6 +394,7 @@ pub(crate) fn check_expert_index(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simd::SimdPath;
     use crate::testutil::{expert_f64, rel_err, Rng};
     use crate::topology::Topology;
 
