@@ -484,7 +484,7 @@ class LLM:
         out. A step queued on a token that turns out to end the generation (EOS, or the caller stops) still runs
         to its end, unused."""
         g = self._graphs
-        token = int(torch.argmax(logits))
+        token = sample(logits, 0.0, 1.0, 0, None)
         self.runtime.end_prefill()  # the hot cache's refill after the first token, as in ``stream``
         g.set_token(token)
         ticket = None  # the queued step on ``token`` not yet served
@@ -503,7 +503,7 @@ class LLM:
                     # the host: run it again, from the token
                     g.discard(ticket)
                     g.set_token(token)
-                    ticket = g.launch(cache.length)
+                    g.launch(cache.length)
                 ticket = None  # served below, or failed (a failure resets the link)
                 g.serve()
                 if step + 2 < max_new_tokens:  # the token the served step chose is not the last one asked for

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -45,7 +45,7 @@ from ..ops.linear import linear
 from ..ops.mlp import swiglu
 from .device_sync import fork, join, new_event, on_stream, side_stream
 from .forward import MLA_NORM_EPS, Forward
-from .graph_link import HostLink
+from .graph_link import GPUGaveUp, HostLink
 from .hybrid_moe import HybridExperts
 from .kv_cache import KVCache
 from .prefetch import Prefetcher
@@ -96,6 +96,17 @@ class _Buffers:
         self.logits: torch.Tensor | None = None  # allocated by the first (eager) warm-up run
 
 
+class _Launched(NamedTuple):
+    """A step ``DecodeGraphs.launch`` queued: where, its end event, its ticket, and what serving it runs."""
+
+    position: int
+    done: object
+    ticket: int
+    work: Callable[[], None]
+    prefetch: int
+    read_ahead: int
+
+
 class _Replay(Protocol):
     def replay(self) -> None: ...
 
@@ -144,19 +155,24 @@ class DecodeGraphs:
         self._graph_input = embed.device == self.device or not self.capturing or runtime.embed_registered
         self._token_row = torch.zeros(1, dtype=torch.long, pin_memory=self.capturing)
         self._done = [new_event(self.device), new_event(self.device)]  # a launched step's end, by parity
-        # (position, end event, ticket) of the step launch() queued and serve() has not run
-        self._launched: tuple[int, object, int] | None = None
+        self._launched: _Launched | None = None  # the step launch() queued and serve() has not run
         self._tickets = 0
         self._served: tuple[int, object] | None = None  # the same of the step serve() finished
         self._kept: tuple[int, int] | None = None  # (position, choice) of a served step, read before a capture
 
     # -- the work captured -------------------------------------------------------------------------------------
-    def prefetch_unsupported(self) -> str | None:
-        """Why this model's decode steps cannot prefetch experts (None when they can)."""
+    def _whole_steps_unsupported(self) -> str | None:
+        """Why this model's decode steps are not whole-step graphs meeting the host (None when they are)."""
         if self.link is None:
             return "the model has no MoE layer with experts outside VRAM"
         if not self.one_graph:
             return "decode steps replay each layer's graphs (one_graph off)"
+        return None
+
+    def prefetch_unsupported(self) -> str | None:
+        """Why this model's decode steps cannot prefetch experts (None when they can)."""
+        if (why := self._whole_steps_unsupported()) is not None:
+            return why
         if not self._predictable:
             return "group-limited routing is not predicted"
         return None
@@ -375,9 +391,7 @@ class DecodeGraphs:
             self.link.run(self._steps[key].replay, threaded=not self.capturing,
                           prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
         else:
-            bucket = graph_bucket(position + 1, self.cache.capacity)
-            self.buf.position.fill_(position)
-            self.rt.begin_forward(1)
+            bucket = self._begin(position)
             if bucket not in self._graphs:
                 self._capture_bucket(bucket)
             self._set_input(token, whole_step=False)
@@ -385,12 +399,17 @@ class DecodeGraphs:
         self.cache.length = position + 1
         return self.buf.logits
 
+    def _begin(self, position: int) -> int:
+        """Start the step at ``position``: its position on the device, the runtime told; returns its bucket."""
+        self.buf.position.fill_(position)
+        self.rt.begin_forward(1)  # may change the decode mode's split ("auto")
+        return graph_bucket(position + 1, self.cache.capacity)
+
     def _prepare(self, position: int) -> tuple[tuple, Prefetcher | None, int]:
-        """Set up the whole step at ``position``: its key in ``_steps`` (captured now if new), prefetch, read-ahead."""
-        b, rt = self.buf, self.rt
-        bucket = graph_bucket(position + 1, self.cache.capacity)
-        b.position.fill_(position)
-        rt.begin_forward(1)  # may change the decode mode's split ("auto")
+        """Set up the whole step at ``position``: its key in ``_steps`` (captured now if new), prefetch, read-ahead.
+        A capture keeps the device's input token (a pipelined step's) and the last served step's choice."""
+        rt = self.rt
+        bucket = self._begin(position)
         self.link.check()
         pf = self._prefetcher()
         read_ahead = self._read_ahead(pf)
@@ -398,19 +417,19 @@ class DecodeGraphs:
         key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None, read_ahead
         if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh
             rt.streamer.loaded[0] = None
-        if key not in self._steps:
-            self._keep_choice()  # the capture's warm-up run overwrites the last served step's choice
-            self._capture_step(key, pf)  # its warm-up run writes the buffers: the input is set after
+        if key not in self._steps:  # its warm-up run writes the buffers
+            self._keep_choice()
+            token = self.buf.token.clone()
+            self._capture_step(key, pf)
+            self.buf.token.copy_(token)
         return key, pf, read_ahead
 
     # -- pipelined greedy decode -----------------------------------------------------------------------------
     def pipeline_unsupported(self) -> str | None:
         """Why a step cannot be launched before the host has seen the previous step's token (None when it can:
         ``launch``, ``serve``, ``chosen``)."""
-        if self.link is None:
-            return "the model has no MoE layer with experts outside VRAM"
-        if not self.one_graph:
-            return "decode steps replay each layer's graphs (one_graph off)"
+        if (why := self._whole_steps_unsupported()) is not None:
+            return why
         if not self._graph_input:
             return "the GPU cannot read the embedding table (its host memory is not page-locked)"
         return None
@@ -426,11 +445,7 @@ class DecodeGraphs:
         The step may be queued before the previous one has ended; a step whose token turns out unwanted (EOS) is
         served with ``extend=False`` (``discard``). Off CUDA the step runs in ``serve``. Returns the step's ticket
         (for ``discard``)."""
-        b = self.buf
-        token = b.token.clone() if self.capturing else None  # a capture's warm-up run in _prepare overwrites it
         key, pf, read_ahead = self._prepare(position)
-        if token is not None:
-            b.token.copy_(token)
         replay, done = self._steps[key].replay, self._done[position % 2]
 
         def work() -> None:
@@ -438,53 +453,47 @@ class DecodeGraphs:
             done.record()
 
         self._tickets += 1
-        self._launched = position, done, self._tickets
-        self._launch_args = work, pf.count if pf is not None else 0, read_ahead
+        self._launched = _Launched(position, done, self._tickets, work, pf.count if pf is not None else 0,
+                                   read_ahead)
         if self.capturing:
-            self.link.launch(work, self._launch_args[1], read_ahead)
+            self.link.launch(work, self._launched.prefetch, read_ahead)
         return self._tickets
 
     def serve(self, extend: bool = True) -> None:
         """Run the CPU experts of the step ``launch`` queued, to its last MoE layer; with ``extend`` the cache then
         counts its position (without, the step is one not wanted: its entries lie past the cache's length)."""
-        position, done, _ = self._launched
-        self._launched = None
+        step, self._launched = self._launched, None
         self._kept = None  # a choice read before a capture belongs to the step served before this one
         if self.capturing:
             self.link.serve(count=extend)
         else:
-            work, prefetch, read_ahead = self._launch_args
-            self.link.run(work, threaded=True, count=extend, prefetch=prefetch, read_ahead=read_ahead)
-        self._served = position, done
+            self.link.run(step.work, threaded=True, count=extend, prefetch=step.prefetch, read_ahead=step.read_ahead)
+        self._served = step.position, step.done
         if extend:
-            self.cache.length = position + 1
+            self.cache.length = step.position + 1
 
     def discard(self, ticket: int | None = None) -> None:
         """Serve, unextended, the step ``launch`` queued (only if it is the one of ``ticket``, when given): a step
         queued on a token that ended its generation, or left by a generation its caller abandoned. A step the
         GPU gave up waiting for (its host away too long) resets the link instead of raising: its work is unused."""
-        if self._launched is None or (ticket is not None and self._launched[2] != ticket):
+        if self._launched is None or (ticket is not None and self._launched.ticket != ticket):
             return
         try:
             self.serve(extend=False)
-        except RuntimeError as e:
-            if "gave up waiting" not in str(e):
-                raise
+        except GPUGaveUp:
+            pass
 
     def _keep_choice(self) -> None:
-        """Read the last served step's choice now (waiting for its end), for ``chosen``: before anything else writes
-        the buffers it is read from."""
+        """Read the last served step's (position, choice) now (waiting for its end), unless already read: before
+        anything else writes the buffer it is read from."""
         if self._served is not None and (self._kept is None or self._kept[0] != self._served[0]):
             self._served[1].synchronize()
             self._kept = tuple(self.buf.chosen.tolist())
 
     def chosen(self) -> int:
         """The greedy choice of the step ``serve`` finished last (waits for the step's end)."""
-        position, done = self._served
-        if self._kept is not None and self._kept[0] == position:
-            return self._kept[1]
-        done.synchronize()
-        at, token = self.buf.chosen.tolist()
+        self._keep_choice()
+        (at, token), position = self._kept, self._served[0]
         if at != position:
             raise RuntimeError(f"decode pipeline: the chosen token read back is for position {at}, not {position}")
         return token

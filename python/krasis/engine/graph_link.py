@@ -36,6 +36,11 @@ from .hybrid_moe import HybridExperts
 _RELEASE_ALL = 1 << 62
 
 
+class GPUGaveUp(RuntimeError):
+    """The graph stopped waiting for the host's answer (the host away too long): the step's output is not to be
+    trusted, and the link has been reset."""
+
+
 class HostLink:
     """Flags, handshake counter and routing record of the one-graph decode step of ``runtime``'s MoE layers
     (``slots``, in layer order)."""
@@ -149,8 +154,8 @@ class HostLink:
         if self._flags[2]:
             handshake = int(self._flags[2])
             self._abort()
-            raise RuntimeError(f"decode step: the GPU gave up waiting for the CPU experts at handshake {handshake}; "
-                               "the step was abandoned and the link reset")
+            raise GPUGaveUp(f"decode step: the GPU gave up waiting for the CPU experts at handshake {handshake}; "
+                            "the step was abandoned and the link reset")
 
     def _abort(self) -> None:
         """Let a step in flight finish at once (its remaining waits pass), then start both counters afresh."""
