@@ -103,11 +103,14 @@ def main() -> None:
     p.add_argument("--no-hcs", action="store_true", help="no hot-expert cache (every routed expert on the CPU)")
     p.add_argument("--prefetch", type=int, default=0, help="experts of each next MoE layer prefetched (0: off)")
     p.add_argument("--trace", type=Path, default=None, help="keep the Chrome trace here")
+    p.add_argument("--pipeline", choices=("on", "off"), default="on",
+                   help="pipelined greedy decode (each step queued before the host has read the previous token)")
     args = p.parse_args()
 
     llm = load_decode_bench(args.model_dir, args.vram_budget_mb, hcs=not args.no_hcs)
     llm.set_decode_mode(args.mode)
     llm.set_prefetch(args.prefetch)
+    llm.pipeline_decode = args.pipeline == "on"
     vocab = llm.spec.vocab_size
     llm.generate(random_prompt(args.prompt_tokens, vocab, 7), max_new_tokens=16)  # graphs captured
     stream = llm.stream(random_prompt(args.prompt_tokens, vocab, 8), max_new_tokens=args.steps + 4)

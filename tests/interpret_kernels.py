@@ -41,6 +41,7 @@ from krasis.kernels import (
 from krasis.kernels.embed_lookup import embed_token
 from krasis.kernels.expert_gather import gather_experts
 from krasis.kernels.fused_norm import add_rms_norm
+from krasis.kernels.greedy_choice import GreedyChoice
 from krasis.kernels.host_signal import signal_host, wait_host
 from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
@@ -246,6 +247,28 @@ def check_quant_linear(size: Size, device: torch.device, bits: int, group: int, 
         assert err < REL_TOL, f"relative error {err:.3g} (bits={bits}, group={group}, M={rows})"
 
 
+def check_linear_gemv_split(size: Size, device: torch.device, bits: int, group: int) -> None:
+    """A narrow matrix splits K between programs: the result is within the bound, the same on a second call (the
+    block counters are left at zero), for one row and for several, with K's steps a multiple of the split count
+    and not (the last program's share shorter)."""
+    from krasis.kernels.gemv import gemv_splits, linear_gemv
+    from krasis.kernels.gpu_layout import k_step
+
+    n, step = 64, k_step(bits, group)[0]
+    for k in (4 * size.hidden, 4 * size.hidden + 64):  # whole 64-value blocks; an odd step count but for INT8 g32
+        m = to_gpu_layout(*random_matrix(n, k, bits, group, device), n, k, bits, group)
+        w = dequantize_gpu(m)
+        assert gemv_splits(1, k // step, device) > 1, "the split path is taken"
+        for rows in (1, 3):
+            x = torch.randn(rows, k, device=device).to(torch.bfloat16)
+            y = linear_gemv(x, m)
+            err = rel_norm_err(y, x.float() @ w.t())
+            assert err < REL_TOL, f"relative error {err:.3g} (bits={bits}, group={group}, K={k}, M={rows})"
+            assert torch.equal(linear_gemv(x, m), y), "a second call gives the same sums"
+        for _, counts in m._gemv_split.values():
+            assert not counts.any(), "every counter is back at zero"
+
+
 def check_add_rms_norm(size: Size, device: torch.device, offset: float) -> None:
     """The fused residual sums and norm give torch's rounding: the sums exactly, the norm within an ulp."""
     from krasis.ops.norms import rms_norm
@@ -445,6 +468,27 @@ def check_embed_token(size: Size, device: torch.device) -> None:
         assert torch.equal(out.cpu(), table[token:token + 1].float()), token
 
 
+def check_greedy_choice(size: Size, device: torch.device) -> None:
+    """GreedyChoice writes torch.argmax's token (the first of equal maxima, across the programs' blocks) to the
+    device token and [position, token] to the host row, call after call (its counter is left at zero)."""
+    vocab = 3 * 1024 + 5 * size.hidden + 3  # a partial last block
+    choose = GreedyChoice(vocab, device)
+    token = torch.zeros(1, dtype=torch.int64, device=device)
+    chosen = torch.zeros(2, dtype=torch.int64, pin_memory=device.type == "cuda")
+    for step, top in enumerate((vocab - 1, 5, 2048, 1500)):
+        logits = torch.randn(1, vocab, device=device).to(torch.bfloat16)
+        logits[0, top] = 30.0
+        if step == 3:
+            logits[0, 3500] = 30.0  # a tie in a later block: the lower index wins
+        position = torch.tensor([100 + step], device=device)
+        choose(logits, position, token, chosen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        want = int(torch.argmax(logits))
+        assert want == top and int(token) == want and chosen.tolist() == [100 + step, want], (step, chosen.tolist())
+    assert int(choose._count) == 0
+
+
 def check_copy_predicted(size: Size, device: torch.device) -> None:
     """copy_predicted copies expert ids[j] into staging slot j (from pinned host memory on a GPU); -1 copies
     nothing."""
@@ -464,9 +508,10 @@ def _host_flags(device: torch.device) -> torch.Tensor:
     return torch.zeros(3, dtype=torch.int64, pin_memory=device.type == "cuda")
 
 
-def check_host_handshake(device: torch.device) -> None:
+def check_host_handshake(device: torch.device, copy: bool = False) -> None:
     """signal_host counts the handshake and raises flags[0]; wait_host holds the stream until the host (another
-    thread, answering late) raises flags[1], and work queued after it sees what the host wrote first."""
+    thread, answering late) raises flags[1], and work queued after it sees what the host wrote first (``copy``:
+    the wait kernel itself copies the host's answer)."""
     seq, flags = torch.full((1,), 4, dtype=torch.int64, device=device), _host_flags(device)
     flags[:2] = 4
     answer = torch.randn(8).pin_memory() if device.type == "cuda" else torch.randn(8)
@@ -487,8 +532,11 @@ def check_host_handshake(device: torch.device) -> None:
     got = torch.zeros(8, device=device)
     try:
         signal_host(seq, flags)
-        wait_host(seq, flags)
-        got.copy_(answer, non_blocking=True)
+        if copy:
+            wait_host(seq, flags, src=answer, dst=got)
+        else:
+            wait_host(seq, flags)
+            got.copy_(answer, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -532,6 +580,9 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["quant_linear[int4-g64-4-steps]"] = lambda d: check_quant_linear(wide, d, 4, 64)
     out["moe_gemv[int4-g64-4-steps]"] = lambda d: check_moe_gemv(wide, d, 4, 64)
     out["moe_gemv_extra_slots"] = lambda d: check_moe_gemv_extra_slots(size, d)
+    for bits, group in ((8, 32), (8, 64), (4, 64), (4, 32)):
+        out[f"linear_gemv_split[int{bits}-g{group}]"] = lambda d, b=bits, g=group: check_linear_gemv_split(size, d, b,
+                                                                                                           g)
     out["skipped_pairs"] = lambda d: check_skipped_pairs(size, d)
     for offset in (0.0, 1.0):
         out[f"add_rms_norm[offset={offset:g}]"] = lambda d, o=offset: check_add_rms_norm(size, d, o)
@@ -551,7 +602,9 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["predict_experts_few_candidates"] = lambda d: check_predict_experts_with_few_candidates(size, d)
     out["copy_predicted"] = lambda d: check_copy_predicted(size, d)
     out["embed_token"] = lambda d: check_embed_token(size, d)
+    out["greedy_choice"] = lambda d: check_greedy_choice(size, d)
     out["host_handshake"] = check_host_handshake
+    out["host_handshake_copies_the_answer"] = lambda d: check_host_handshake(d, copy=True)
     out["host_wait_gives_up"] = check_host_wait_gives_up
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)
     out["strided_expert_view"] = lambda d: check_strided_expert_view(size, d)

@@ -3,7 +3,7 @@
 
 use super::avx2::prefetch;
 use super::dispatch_tokens;
-use crate::quant::{ActRef, MatRef};
+use crate::quant::{ActRef, MatRef, HI_WEIGHT};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -18,25 +18,12 @@ unsafe fn load_block<const BITS: u32>(row: *const u8, blk: usize) -> __m512i {
         _mm512_loadu_si512(row.add(blk * 64) as *const _)
     } else {
         prefetch(row.add(blk * 32));
-        let raw = _mm256_loadu_si256(row.add(blk * 32) as *const __m256i);
-        let m = _mm256_set1_epi8(0x0F);
-        let lo = _mm256_and_si256(raw, m);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
-        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        // Byte j of the block holds value j (low nibble) and value j + 32 (high nibble): the 32
+        // bytes go to both halves (a load, no shuffle), the upper half's shifted down by 4.
+        let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(row.add(blk * 32) as *const __m256i));
+        let shifted = _mm512_mask_srli_epi16(raw, 0xFFFF_0000, raw, 4);
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
     }
-}
-
-/// 254 * hi + lo as (hi << 8) - (hi << 1) + lo; |result| < 2^31 for groups of at most 128.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-fn combine(hi: __m512i, lo: __m512i) -> __m512i {
-    _mm512_add_epi32(
-        _mm512_sub_epi32(_mm512_slli_epi32(hi, 8), _mm512_slli_epi32(hi, 1)),
-        lo,
-    )
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// # Safety
@@ -63,7 +50,10 @@ unsafe fn dot_int<const BITS: u32, const T: usize>(
         let g = l.group;
         let row = m.row(r).as_ptr();
         let ws = m.row_scales(r);
-        let mut facc = [_mm512_setzero_ps(); T];
+        // The sums against the high and the low terms go to two f32 accumulators, joined once per
+        // row as 254 * high + low: fewer operations per group than joining the integer sums.
+        let mut fhi = [_mm512_setzero_ps(); T];
+        let mut flo = [_mm512_setzero_ps(); T];
         // vpdpbusd multiplies the stored unsigned weights (q + offset) by signed activations; the
         // offset * sum(x) part is removed once per row below.
         if g == 32 {
@@ -86,11 +76,9 @@ unsafe fn dot_int<const BITS: u32, const T: usize>(
                         _mm512_set1_ps(a.scales[2 * blk]),
                         _mm512_set1_ps(a.scales[2 * blk + 1]),
                     );
-                    facc[t] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(combine(ih, il)),
-                        _mm512_mul_ps(sw, sx),
-                        facc[t],
-                    );
+                    let s = _mm512_mul_ps(sw, sx);
+                    fhi[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih), s, fhi[t]);
+                    flo[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), s, flo[t]);
                 }
             }
         } else {
@@ -110,16 +98,36 @@ unsafe fn dot_int<const BITS: u32, const T: usize>(
                 }
                 for t in 0..T {
                     let s = _mm512_set1_ps(ws[gi] * acts[t].scales[gi]);
-                    facc[t] =
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(combine(ih[t], il[t])), s, facc[t]);
+                    fhi[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih[t]), s, fhi[t]);
+                    flo[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il[t]), s, flo[t]);
                 }
             }
         }
         let offset = if BITS == 8 { 128.0 } else { 8.0 };
         for t in 0..T {
-            out[t] = _mm512_reduce_add_ps(facc[t]) - offset * dot(ws, acts[t].scaled_sums);
+            let joined = _mm512_fmadd_ps(fhi[t], _mm512_set1_ps(HI_WEIGHT as f32), flo[t]);
+            out[t] = _mm512_reduce_add_ps(joined) - offset * dot16(ws, acts[t].scaled_sums);
         }
     }
+}
+
+/// sum(a[i] * b[i]) over the shorter slice, 16 lanes at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let m: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+        // SAFETY: the mask covers only lanes i..n, within both slices; masked-off lanes are not read.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(i));
+            let y = _mm512_maskz_loadu_ps(m, b.as_ptr().add(i));
+            acc = _mm512_fmadd_ps(x, y, acc);
+        }
+        i += 16;
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// # Safety

@@ -37,6 +37,7 @@ import torch
 
 from ..kernels.embed_lookup import embed_token
 from ..kernels.fused_norm import add_rms_norm
+from ..kernels.greedy_choice import GreedyChoice
 from ..kernels.mla_decode import mla_decode_attention
 from ..kernels.rotary import rotary_pair
 from ..kernels.route_decode import fusable, route_and_stage
@@ -154,6 +155,7 @@ class DecodeGraphs:
         embed = forward.w.embed
         self._graph_input = embed.device == self.device or not self.capturing or runtime.embed_registered
         self._token_row = torch.zeros(1, dtype=torch.long, pin_memory=self.capturing)
+        self._choose: GreedyChoice | None = None  # the in-graph greedy choice's scratch (the first run makes it)
         self._done = [new_event(self.device), new_event(self.device)]  # a launched step's end, by parity
         self._launched: _Launched | None = None  # the step launch() queued and serve() has not run
         self._tickets = 0
@@ -228,9 +230,9 @@ class DecodeGraphs:
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
         router, m = spec.moe.router, layer.mlp
         if fusable(router, m["router"]):
-            rows = route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids),
-                                   claims=claims)[2]
-            self.rt.stage_rows(rows)
+            columns = b.h.shape[1] + (2 if claims is None else 3) * router.top_k
+            route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids), claims=claims,
+                            staged=self.rt.staging_rows(1, columns))
         else:
             weights, ids = f.route(layer, b.h)
             b.weights.copy_(weights)
@@ -307,9 +309,9 @@ class DecodeGraphs:
             j += 1
         self._final_norm()
         if self._graph_input:  # the greedy choice, for a next step launched before the host has seen it
-            b.token.copy_(torch.argmax(b.logits, dim=-1))
-            b.chosen[:1].copy_(b.position, non_blocking=True)
-            b.chosen[1:].copy_(b.token, non_blocking=True)
+            if self._choose is None:
+                self._choose = GreedyChoice(b.logits.numel(), self.device)
+            self._choose(b.logits, b.position, b.token, b.chosen)
 
     def _final_norm(self) -> None:
         f, b = self.f, self.buf

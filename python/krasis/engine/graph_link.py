@@ -80,9 +80,8 @@ class HostLink:
         mark_hints(self.seq, self.hints)
 
     def take_back(self, out: torch.Tensor) -> None:
-        """Wait for the host's answer and copy its sum (float32 [1, hidden]) into ``out``."""
-        wait_host(self.seq, self.flags)
-        out.copy_(self.rt.cpu_out_row, non_blocking=True)
+        """Wait for the host's answer and copy its sum (float32 [1, hidden]) into ``out`` (one launch)."""
+        wait_host(self.seq, self.flags, src=self.rt.cpu_out_row, dst=out)
 
     # -- on the host ---------------------------------------------------------------------------------------------
     def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0,

@@ -239,6 +239,11 @@ class HybridExperts:
         pinned host memory. No host sync, fixed shapes: a CUDA graph may hold it."""
         self.stage_rows(torch.cat((x.float(), weights, ids.float()), dim=1))
 
+    def staging_rows(self, tokens: int, columns: int) -> torch.Tensor:
+        """The pinned rows ``stage_rows`` fills, float32 [tokens, columns], for a kernel to write in place (the
+        device reaches page-locked memory directly): no copy queued after it."""
+        return self._in[:tokens, :columns]
+
     def stage_rows(self, rows: torch.Tensor) -> None:
         """``stage`` for inputs already packed as float32 rows [T, H + 2k] = [x | weights | ids]."""
         self._in[: rows.shape[0], : rows.shape[1]].copy_(rows, non_blocking=True)

@@ -19,6 +19,11 @@ from .gpu_layout import GPUQuantMatrix, k_step
 # Up to this many rows quant_linear and fused_moe use the matrix-vector kernels (every row re-reads the
 # weights, so with more rows the tensor-core GEMM wins).
 GEMV_MAX_TOKENS = 4
+# A narrow matrix (few column blocks) splits K between up to MAX_SPLITS programs per block, aiming at
+# SPLIT_TARGET programs per SM (not tuned: chosen so that the dense MLP's down projection and the shared
+# experts' linears of DeepSeek-V2-Lite, 64-88 programs unsplit, spread over every SM).
+MAX_SPLITS = 8
+SPLIT_TARGET = 2
 
 
 @triton.jit
@@ -64,6 +69,39 @@ def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, s
     tl.store(y_ptr + row * stride_y + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _linear_gemv_split_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, K, K_SPLIT, N, stride_x, stride_wk,
+                              stride_wn, stride_sk, stride_sn, stride_y, SPLIT: tl.constexpr, BITS: tl.constexpr,
+                              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
+    """``_linear_gemv_kernel`` with K divided between SPLIT programs per column block, K_SPLIT values each (the
+    last may have fewer; UNROLL divides every program's steps): each writes its partial sums, and the last of them
+    to finish (a counter per block, left at zero again) adds them up in split order."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.num_programs(0)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    for k1 in range(split * K_SPLIT, tl.minimum((split + 1) * K_SPLIT, K), BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            k0 = k1 + u * BLOCK_K
+            acc += dequant_tile(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
+                                s_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
+                                BLOCK_KP, SPLIT_SCALE)
+    tl.store(part_ptr + (split * rows + row) * N + offs_n, tl.sum(acc, axis=0), mask=n_mask)
+    tl.debug_barrier()  # every thread's partials stored before the counter says so (release, below)
+    counter = count_ptr + row * tl.num_programs(1) + block
+    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(SPLIT):  # .cg: the other programs' partials are in L2, not in this SM's L1
+            total += tl.load(part_ptr + (s * rows + row) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + row * stride_y + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(counter, 0)
+
+
 def gemv_consts(bits: int, group: int, k: int) -> dict:
     """The kernels' K-step constants for a format (``gpu_layout.k_step``) and a K of ``k`` values: UNROLL, the
     steps a loop iteration takes, divides k's steps (at most 2 for INT8, whose steps are twice the rows)."""
@@ -85,16 +123,55 @@ def gemv_warps(consts: dict, block_n: int) -> int:
     return 8 if consts["BLOCK_KP"] * block_n > 2048 else 4
 
 
+def gemv_splits(programs: int, steps: int, device: torch.device) -> int:
+    """How many programs share each column block's K steps: 1 when ``programs`` (rows x column blocks) already
+    give every SM a program; otherwise the power of two (at most MAX_SPLITS) that brings them to about
+    SPLIT_TARGET per SM, leaving each at least 2 of the ``steps`` of K."""
+    sms = num_sms(device)
+    split = 1
+    while split < MAX_SPLITS and programs * split < SPLIT_TARGET * sms and triton.cdiv(steps, 2 * split) >= 2:
+        split *= 2
+    return split
+
+
+def _split_workspace(m: GPUQuantMatrix, rows: int, blocks: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial sums (float32 [splits, rows, N]) and counters (int32 [rows, blocks], zero between calls) of
+    ``m``'s split kernel for ``rows`` rows, kept with the matrix: fixed addresses, so a CUDA graph may hold the
+    call (the graphs' warm-up run allocates them before capture)."""
+    cache = m.__dict__.setdefault("_gemv_split", {})
+    key = rows, blocks, splits
+    if key not in cache:
+        device = m.qweight.device
+        cache[key] = (torch.empty((splits, rows, m.n), dtype=torch.float32, device=device),
+                      torch.zeros((rows, blocks), dtype=torch.int32, device=device))
+    return cache[key]
+
+
 def linear_gemv(x: torch.Tensor, m: GPUQuantMatrix) -> torch.Tensor:
-    """y [T, N] bf16 = x [T, K] @ W^T for a few rows (x is cast to bf16, as ``quant_linear`` does)."""
+    """y [T, N] bf16 = x [T, K] @ W^T for a few rows (x is cast to bf16, as ``quant_linear`` does). With too few
+    column blocks to occupy the GPU (a narrow matrix), K is split between programs (``gemv_splits``)."""
     if x.dim() != 2 or x.shape[1] != m.k:
         raise ValueError(f"x must be [T, {m.k}], got {tuple(x.shape)}")
     t = x.shape[0]
     y = torch.empty((t, m.n), dtype=torch.bfloat16, device=x.device)
     if t:
         x = x.to(torch.bfloat16).contiguous()
-        bn, consts = gemv_block_n(t, m.n, x.device), gemv_consts(m.bits, m.group, m.k)
-        _linear_gemv_kernel[(t, triton.cdiv(m.n, bn))](x, m.qweight, m.scales, y, m.k, m.n, x.stride(0),
-                                                      *m.qweight.stride(), *m.scales.stride(), y.stride(0),
-                                                      BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
+        bn = gemv_block_n(t, m.n, x.device)
+        blocks = triton.cdiv(m.n, bn)
+        step = k_step(m.bits, m.group)[0]
+        steps = m.k // step
+        splits = gemv_splits(t * blocks, steps, x.device)
+        per_split = triton.cdiv(steps, splits)
+        consts = gemv_consts(m.bits, m.group, per_split * step)
+        if steps % splits:
+            consts["UNROLL"] = 1  # the last program's fewer steps need not be a multiple of it
+        strides = x.stride(0), *m.qweight.stride(), *m.scales.stride(), y.stride(0)
+        if splits == 1:
+            _linear_gemv_kernel[(t, blocks)](x, m.qweight, m.scales, y, m.k, m.n, *strides, BLOCK_N=bn, **consts,
+                                             num_warps=gemv_warps(consts, bn))
+        else:
+            parts, counts = _split_workspace(m, t, blocks, splits)
+            _linear_gemv_split_kernel[(t, blocks, splits)](x, m.qweight, m.scales, y, parts, counts, m.k,
+                                                           per_split * step, m.n, *strides, SPLIT=splits,
+                                                           BLOCK_N=bn, **consts, num_warps=gemv_warps(consts, bn))
     return y

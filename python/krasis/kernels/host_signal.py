@@ -1,4 +1,4 @@
-"""Two one-program kernels through which a CUDA graph hands work to the host and waits for it to be done.
+"""One-program kernels through which a CUDA graph hands work to the host and waits for it to be done.
 
 ``flags`` is an int64 [3] tensor in page-locked host memory, which the GPU reads and writes directly (unified
 addressing maps it): [0] the last handshake the GPU staged, [1] the last the host answered, [2] nonzero when the
@@ -26,7 +26,8 @@ def _signal_kernel(seq_ptr, flags_ptr):
 
 
 @triton.jit
-def _wait_kernel(seq_ptr, flags_ptr, POLLS: tl.constexpr):
+def _wait_kernel(seq_ptr, flags_ptr, src_ptr, dst_ptr, N, POLLS: tl.constexpr, COPY: tl.constexpr,
+                 BLOCK: tl.constexpr):
     s = tl.load(seq_ptr)
     # volatile: each poll reads host memory again instead of a value the compiler kept
     answered = tl.load(flags_ptr + 1, volatile=True)
@@ -36,6 +37,10 @@ def _wait_kernel(seq_ptr, flags_ptr, POLLS: tl.constexpr):
         polls += 1
     if answered < s:
         tl.store(flags_ptr + 2, s)
+    if COPY:  # the host's answer, written before it raised the flag
+        for i in range(0, N, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < N, volatile=True), mask=offs < N)
 
 
 @triton.jit
@@ -55,6 +60,16 @@ def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
     _signal_kernel[(1,)](seq, flags)
 
 
-def wait_host(seq: torch.Tensor, flags: torch.Tensor, polls: int = WAIT_POLLS) -> None:
-    """Hold the stream until the host has answered the current handshake (flags[1] reaches seq)."""
-    _wait_kernel[(1,)](seq, flags, POLLS=polls)
+def wait_host(seq: torch.Tensor, flags: torch.Tensor, polls: int = WAIT_POLLS, src: torch.Tensor | None = None,
+              dst: torch.Tensor | None = None) -> None:
+    """Hold the stream until the host has answered the current handshake (flags[1] reaches seq); then copy
+    ``src`` (the host's answer, page-locked) into ``dst`` (same shape and dtype, contiguous) when given: one
+    launch instead of a wait and a copy."""
+    if src is None:
+        _wait_kernel[(1,)](seq, flags, flags, flags, 0, POLLS=polls, COPY=False, BLOCK=16)
+        return
+    if dst is None or src.shape != dst.shape or src.dtype != dst.dtype or not (src.is_contiguous()
+                                                                               and dst.is_contiguous()):
+        raise ValueError("src and dst must be contiguous tensors of one shape and dtype")
+    n = src.numel()
+    _wait_kernel[(1,)](seq, flags, src, dst, n, POLLS=polls, COPY=True, BLOCK=min(triton.next_power_of_2(n), 4096))

@@ -120,13 +120,14 @@ def fusable(spec: RouterSpec, router: object) -> bool:
 
 def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
                     out: tuple[torch.Tensor, torch.Tensor] | None = None, claims: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    staged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing of x [T, H] by the router weight [E, H]: (weights float32 [T, k], ids int64 [T, k], the staging
     rows float32 [T, H + 2k] = [x | weights | ids]), as ``Forward.route`` (then ``.float()``) and
     ``HybridExperts.stage`` give them; the weights and ids are written to ``out`` when given (fixed buffers
     that later CUDA graphs read). With ``claims`` (int32 [E]: >= 0 where the GPU has the expert from a
-    prefetch) the rows gain k columns, [x | weights | ids | claimed], claimed 1.0 or 0.0 per pair. No host
-    sync."""
+    prefetch) the rows gain k columns, [x | weights | ids | claimed], claimed 1.0 or 0.0 per pair. ``staged``:
+    where the rows go (float32 [T, columns], rows contiguous; page-locked host memory the CPU experts read, so no
+    copy follows). No host sync."""
     if not fusable(spec, router):
         raise ValueError("group-limited routing is not fused; use ops.router.route")
     if spec.correction_bias and correction_bias is None:
@@ -148,7 +149,11 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
             raise ValueError(f"out must be float32 and int64 tensors of [{t}, {k}]")
     if claims is not None and claims.shape != (e,):
         raise ValueError(f"claims must be int32 [{e}], got {tuple(claims.shape)}")
-    staged = torch.empty((t, h + (2 if claims is None else 3) * k), dtype=torch.float32, device=x.device)
+    columns = h + (2 if claims is None else 3) * k
+    if staged is None:
+        staged = torch.empty((t, columns), dtype=torch.float32, device=x.device)
+    elif staged.shape != (t, columns) or staged.dtype != torch.float32 or staged.stride(1) != 1:
+        raise ValueError(f"staged must be float32 [{t}, {columns}] with contiguous rows, got {tuple(staged.shape)}")
     bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
     claims_ptr = claims if claims is not None else ids  # unused pointer without claims
     _select_kernel[(t,)](logits, bias, x, weights, ids, staged, claims_ptr, e, h, float(spec.routed_scaling_factor),
