@@ -155,6 +155,7 @@ class DecodeGraphs:
         embed = forward.w.embed
         self._graph_input = embed.device == self.device or not self.capturing or runtime.embed_registered
         self._token_row = torch.zeros(1, dtype=torch.long, pin_memory=self.capturing)
+        self._warm_stream: torch.cuda.Stream | None = None  # where captures' warm-up runs go (``_capture``)
         self._choose: GreedyChoice | None = None  # the in-graph greedy choice's scratch (the first run makes it)
         self._done = [new_event(self.device), new_event(self.device)]  # a launched step's end, by parity
         self._launched: _Launched | None = None  # the step launch() queued and serve() has not run
@@ -330,8 +331,12 @@ class DecodeGraphs:
         hinted experts a layer ahead."""
         if not self.capturing:
             return _Eager(work)
-        # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS
-        side = torch.cuda.Stream(self.device)
+        # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS; the
+        # same stream every time: cuBLAS keeps a workspace (32 MiB) per stream it ran on, so a new stream per
+        # capture took another workspace out of the VRAM budget each time
+        if self._warm_stream is None:
+            self._warm_stream = torch.cuda.Stream(self.device)
+        side = self._warm_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if linked:  # the host answers from another thread: an eager run may wait for the GPU on the way
