@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple, Protocol
 
 import torch
@@ -349,6 +350,11 @@ class DecodeGraphs:
             work()
         return graph
 
+    def _room_for_capture(self) -> AbstractContextManager:
+        """Around a capture on CUDA: the hot cache's borrowed memory handed back meanwhile (the plan lends it all
+        between prompts, and a capture's warm-up allocates beyond the plan)."""
+        return self.rt.hot_cache_lent_back() if self.capturing else nullcontext()
+
     def _capture_bucket(self, bucket: int) -> None:
         graphs = []
         for index, layer in enumerate(self.f.w.layers):
@@ -400,7 +406,8 @@ class DecodeGraphs:
         else:
             bucket = self._begin(position)
             if bucket not in self._graphs:
-                self._capture_bucket(bucket)
+                with self._room_for_capture():
+                    self._capture_bucket(bucket)
             self._set_input(token, whole_step=False)
             self._layer_by_layer(bucket)
         self.cache.length = position + 1
@@ -427,7 +434,8 @@ class DecodeGraphs:
         if key not in self._steps:  # its warm-up run writes the buffers
             self._keep_choice()
             token = self.buf.token.clone()
-            self._capture_step(key, pf)
+            with self._room_for_capture():
+                self._capture_step(key, pf)
             self.buf.token.copy_(token)
         return key, pf, read_ahead
 

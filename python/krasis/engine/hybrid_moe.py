@@ -8,6 +8,8 @@ decisions and the CPU's result cross PCIe."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -207,6 +209,20 @@ class HybridExperts:
             join(self.streamer.copy_stream, self.device)
         # copied behind the first decode steps, which run the experts not yet in on the CPU
         self.hcs.refill(background=True)
+
+    @contextmanager
+    def hot_cache_lent_back(self) -> Iterator[None]:
+        """The memory the hot cache borrows (prefill's buffers, the extra slots) handed back for the duration, then
+        lent and refilled (in the background) again: room for a decode graph's capture, whose eager warm-up
+        allocates beyond the plan (cuBLAS workspaces, the attention's split partials of a new length)."""
+        lent = self.hcs.lent
+        if lent and self.hcs.lend(False):
+            self.streamer.loaded = [None, None]
+        try:
+            yield
+        finally:
+            if lent:
+                self.end_prefill()
 
     def forward(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         weights = weights.float()
