@@ -118,7 +118,11 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let mut i = 0;
     while i < n {
-        let m: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+        let m: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - i)) - 1
+        };
         // SAFETY: the mask covers only lanes i..n, within both slices; masked-off lanes are not read.
         unsafe {
             let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(i));
