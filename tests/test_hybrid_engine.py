@@ -417,18 +417,24 @@ def test_a_hot_cache_with_no_slots_of_its_own_still_fills_the_lent_ones():
     assert cache.lend(False) == 2 and cache.slots == 0 and (cache.table_host < 0).all()
 
 
+def _hot_cache_of_three_own_slots(monkeypatch) -> None:
+    """The tiny model's buffers hold 8 experts: decode keeps 2 of the first and 4 (its top-k) of the second for
+    staging, and the hot cache is given 3 slots of its own (instead of all 16 experts)."""
+    import krasis.engine.hybrid_load as hybrid_load
+
+    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
+    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
+    plan_vram = hybrid_load.plan_vram
+    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+
+
 def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(hybrid, tiny_checkpoint, cpu_logits,
                                                                                monkeypatch):
     import krasis.engine.hybrid_load as hybrid_load
 
     name = "deepseek_v2_lite_like"
-    # the tiny model's buffers hold 8 experts: decode keeps 2 of the first and 4 (its top-k) of the second for
-    # staging, the cache is given 3 slots of its own (instead of all 16 experts), so the lent slots decide what is
-    # resident
-    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
-    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
-    plan_vram = hybrid_load.plan_vram
-    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    # with 3 slots of the cache's own, the lent slots decide what is resident
+    _hot_cache_of_three_own_slots(monkeypatch)
     monkeypatch.setattr(hybrid_load, "EXTRA_SHARE", 0.0)  # no extra slots: the buffers' alone
     llm = hybrid(tiny_checkpoint(name)[1])
     if llm._graphs is not None:  # a capture hands the lent memory back too: the prompts' lending is counted here
@@ -454,14 +460,10 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
 
 
 def test_extra_slots_in_prefill_activation_memory_change_no_token(hybrid, tiny_checkpoint, cpu_logits, monkeypatch):
-    import krasis.engine.hybrid_load as hybrid_load
 
     name = "deepseek_v2_lite_like"
     # as above, 3 slots of the cache's own and 10 lent ones; the activation memory gives the 3 experts left
-    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
-    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
-    plan_vram = hybrid_load.plan_vram
-    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    _hot_cache_of_three_own_slots(monkeypatch)
     llm = hybrid(tiny_checkpoint(name)[1])
     if llm._graphs is not None:  # a capture hands the lent memory back too: the prompts' lending is counted here
         monkeypatch.setattr(llm._graphs, "_room_for_capture", nullcontext)
@@ -506,12 +508,8 @@ def test_the_hot_cache_refill_after_a_prompt_waits_for_the_first_token(hybrid, t
 
 @pytest.mark.gpu
 def test_a_decode_graph_is_captured_with_the_hot_caches_borrowed_memory_handed_back(tiny_checkpoint, monkeypatch):
-    import krasis.engine.hybrid_load as hybrid_load
 
-    monkeypatch.setattr("krasis.engine.hybrid_moe.PREFETCH_MAX", 1)
-    monkeypatch.setattr("krasis.engine.hybrid_moe.DECODE_STAGING", 4)
-    plan_vram = hybrid_load.plan_vram
-    monkeypatch.setattr(hybrid_load, "plan_vram", lambda *a, **kw: replace(plan_vram(*a, **kw), hcs_slots=3))
+    _hot_cache_of_three_own_slots(monkeypatch)
     path = tiny_checkpoint("deepseek_v2_lite_like")[1]
     llm = krasis.LLM(path, device="cuda", expert_bits=4, dtype="bfloat16", progress=False, kv_dtype="bf16",
                      hybrid=True)

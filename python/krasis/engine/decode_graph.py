@@ -41,7 +41,7 @@ from ..kernels.fused_norm import add_rms_norm
 from ..kernels.greedy_choice import GreedyChoice
 from ..kernels.mla_decode import mla_decode_attention
 from ..kernels.rotary import rotary_pair
-from ..kernels.route_decode import fusable, route_and_stage
+from ..kernels.route_decode import fusable, route_and_stage, staged_columns
 from ..models.spec import MLASpec
 from ..ops.linear import linear
 from ..ops.mlp import swiglu
@@ -232,7 +232,7 @@ class DecodeGraphs:
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
         router, m = spec.moe.router, layer.mlp
         if fusable(router, m["router"]):
-            columns = b.h.shape[1] + (2 if claims is None else 3) * router.top_k
+            columns = staged_columns(b.h.shape[1], router.top_k, claims is not None)
             route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids), claims=claims,
                             staged=self.rt.staging_rows(1, columns))
         else:

@@ -167,8 +167,7 @@ class HybridExperts:
             if self.gpu_share > 0:  # a one-graph step may stage experts in the second prefill buffer
                 self.streamer.loaded[1] = None
         if self.streaming:
-            if self.hcs.lend(False):  # the hot cache's experts in the buffers leave it; refilled after the prompt
-                self.streamer.loaded = [None, None]
+            self._take_lent_back()  # refilled after the prompt
             # decode may have used the buffers for streamed or prefetched experts: their copies wait for that work
             for released in self.streamer.released:
                 released.record(current_stream(self.device))
@@ -216,13 +215,19 @@ class HybridExperts:
         lent and refilled (in the background) again: room for a decode graph's capture, whose eager warm-up
         allocates beyond the plan (cuBLAS workspaces, the attention's split partials of a new length)."""
         lent = self.hcs.lent
-        if lent and self.hcs.lend(False):
-            self.streamer.loaded = [None, None]
+        if lent:
+            self._take_lent_back()
         try:
             yield
         finally:
             if lent:
                 self.end_prefill()
+
+    def _take_lent_back(self) -> None:
+        """The hot cache gives back the prefill buffers' slots and the extra slots' memory: their experts leave it,
+        and what the buffers held is no longer known."""
+        if self.hcs.lend(False):
+            self.streamer.loaded = [None, None]
 
     def forward(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         weights = weights.float()

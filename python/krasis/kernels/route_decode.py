@@ -118,6 +118,11 @@ def fusable(spec: RouterSpec, router: object) -> bool:
     return isinstance(router, torch.Tensor) and not (spec.group_limited and spec.n_group > 1)
 
 
+def staged_columns(hidden: int, top_k: int, claims: bool) -> int:
+    """Width of a staged row: [x | weights | ids], plus [| claimed] with prefetch claims."""
+    return hidden + (3 if claims else 2) * top_k
+
+
 def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
                     out: tuple[torch.Tensor, torch.Tensor] | None = None, claims: torch.Tensor | None = None,
                     staged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +154,7 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
             raise ValueError(f"out must be float32 and int64 tensors of [{t}, {k}]")
     if claims is not None and claims.shape != (e,):
         raise ValueError(f"claims must be int32 [{e}], got {tuple(claims.shape)}")
-    columns = h + (2 if claims is None else 3) * k
+    columns = staged_columns(h, k, claims is not None)
     if staged is None:
         staged = torch.empty((t, columns), dtype=torch.float32, device=x.device)
     elif staged.shape != (t, columns) or staged.dtype != torch.float32 or staged.stride(1) != 1:
