@@ -145,6 +145,11 @@ def main() -> None:
         if side:
             print(f"{len(side)} GPU activities on other streams (prefetch copies, ...) left out of the stretches: "
                   f"{sum(float(e['dur']) for e in side) / len(side):.1f} µs each on average")
+            by_name: dict[str, list[float]] = {}
+            for e in side:
+                by_name.setdefault(short(e["name"]), []).append(float(e["dur"]))
+            for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:6]:
+                print(f"  {name:<58} {len(durs):>5} x {sum(durs) / len(durs):8.2f} µs")
     names = [e["name"] for e in events]
     print(f"traced {args.steps} decode steps: {len(events)} GPU activities, {len(waits)} wait kernels, "
           f"{sum(SIGNAL in n for n in names)} signal kernels (trace: {trace})")

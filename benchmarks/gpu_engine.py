@@ -9,7 +9,9 @@ What is timed:
 - load: ``krasis.LLM(model_dir, device="cuda", expert_bits=4, dtype="bfloat16", vram_budget_mb=..., kv_dtype="fp8",
   hcs=...)``, the first call building the weight cache (its share comes from ``llm.load_report``).
 - prefill: ``llm.generate(ids, max_new_tokens=1)`` on random ids, synchronised: time to first token; prefill
-  tok/s = prompt length / that time (best of --repeats, after an untimed warm-up).
+  tok/s = prompt length / that time (best of --repeats, after an untimed warm-up: one prefill chunk, then one
+  decode of --decode-tokens tokens, so that kernel compilation, graph capture and auto's first trials of its
+  shares are not timed).
 - decode: ``llm.stream(prompt, max_new_tokens=N)`` after --decode-prompts different random ~128-token prompts,
   each token time-stamped; tok/s = (N - 1) / (last - first stamp), the mean over the prompts. ``llm.eos_token_ids``
   is emptied first so that no run stops early on a random EOS. ``llm.engine_report()`` is read once right before
@@ -367,8 +369,9 @@ def main() -> None:
     # for it before: 6.5K tok/s at 20K tokens where the same code reaches 14K once compiled)
     chunk0 = report0.get("prefill_chunk_tokens") or 256
     llm.generate(random_prompt(min(chunk0 + 1, min(args.prompt_tokens)), vocab, 99), max_new_tokens=2)
-    # decode at the timed prompts' length once, so capturing its CUDA graphs is not timed
-    llm.generate(random_prompt(args.decode_prompt_tokens, vocab, 98), max_new_tokens=4)
+    # decode at the timed prompts' length once, as many tokens as a timed prompt: capturing its CUDA graphs, and
+    # auto's first trials of its shares (each share its own graph), are not timed
+    llm.generate(random_prompt(args.decode_prompt_tokens, vocab, 98), max_new_tokens=args.decode_tokens)
     print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     prefill = []
     for i, n in enumerate(args.prompt_tokens):

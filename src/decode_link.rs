@@ -10,7 +10,9 @@
 //! leaves the two counters unequal, which the caller detects and repairs.
 //!
 //! With `claims`, the staged row carries one more value per routed pair: nonzero where the GPU computes
-//! the pair itself from an expert it prefetched into VRAM, so the host skips it.
+//! the pair itself, so the host skips it: `CLAIMED` (1.0) for an expert it prefetched into VRAM, counted
+//! as claimed; any other nonzero value (2.0: streamed over PCIe this step) is skipped uncounted, the
+//! caller telling those apart from the totals.
 //!
 //! With hints (`Mailbox::with_hints`), the GPU also writes, during a layer's handshake, the experts it predicts
 //! the next MoE layer will send to the CPU, then the handshake's number in front of them: having answered a
@@ -33,6 +35,9 @@ pub struct Mailbox {
     hints: *const i64,
     num_hints: usize,
 }
+
+/// The flag of a routed pair whose expert the GPU prefetched (module docs).
+pub const CLAIMED: f32 = 1.0;
 
 /// What one `serve` did: routed pairs computed on the CPU, pairs the GPU claimed (prefetched), seconds
 /// in the CPU kernels, seconds spent waiting for the GPU to stage a layer (reading ahead included), experts
@@ -219,7 +224,7 @@ where
                 continue;
             }
             if claimed[i] != 0.0 {
-                stats.claimed_pairs += 1;
+                stats.claimed_pairs += (claimed[i] == CLAIMED) as usize;
             } else {
                 ids[i] = id as usize;
                 stats.cpu_pairs += 1;
@@ -468,13 +473,18 @@ mod tests {
         assert_eq!(stats.warmed_bytes, 7, "the bytes warm said it read");
     }
 
-    #[test]
-    fn claimed_pairs_are_left_to_the_gpu_and_counted() {
-        // one staged layer (already flagged): ids 0, 1, 2; expert 2 resident, pair 0 claimed
-        let (h, k) = (4usize, 3usize);
+    /// Serve one staged, flagged layer (ids 0..k, `flags` per pair) with `resident` (per expert): the ids the
+    /// CPU forward was given, the stats, `ids_out` and the answered handshake.
+    fn serve_flagged(
+        flagged: &[f32],
+        resident: &[i64],
+    ) -> (Vec<Vec<usize>>, ServeStats, Vec<i64>, i64) {
+        let (h, k) = (4usize, flagged.len());
         let mut staged = vec![1.0f32; h + 3 * k];
-        staged[h + k..h + 2 * k].copy_from_slice(&[0.0, 1.0, 2.0]);
-        staged[h + 2 * k..].copy_from_slice(&[1.0, 0.0, 0.0]);
+        for (i, v) in staged[h + k..h + 2 * k].iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        staged[h + 2 * k..].copy_from_slice(flagged);
         let (mut out, mut flags) = (vec![0.0f32; h], [1i64, 0]);
         let mb = mailbox(&staged, &mut out, &mut flags, h, k, true);
         let mut ids_out = vec![0i64; k];
@@ -482,8 +492,8 @@ mod tests {
         let stats = serve(
             &mb,
             &[0],
-            &[-1, -1, 0],
-            3,
+            resident,
+            k,
             &mut ids_out,
             Duration::from_secs(1),
             |_, x, ids, _| {
@@ -493,10 +503,25 @@ mod tests {
             |_, _, _| -> usize { unreachable!("no hints") },
         )
         .unwrap();
+        (seen, stats, ids_out, flags[1])
+    }
+
+    #[test]
+    fn claimed_pairs_are_left_to_the_gpu_and_counted() {
+        // ids 0, 1, 2; expert 2 resident, pair 0 claimed
+        let (seen, stats, ids_out, answered) = serve_flagged(&[CLAIMED, 0.0, 0.0], &[-1, -1, 0]);
         assert_eq!(seen, vec![vec![SKIP, 1, SKIP]]);
         assert_eq!((stats.cpu_pairs, stats.claimed_pairs), (1, 1));
         assert_eq!(ids_out, vec![0, 1, 2]);
-        assert_eq!(flags[1], 1);
+        assert_eq!(answered, 1);
+    }
+
+    #[test]
+    fn streamed_pairs_are_left_to_the_gpu_uncounted() {
+        // ids 0, 1, 2, 3, none resident: pair 1 streamed (2.0), pair 3 claimed
+        let (seen, stats, _, _) = serve_flagged(&[0.0, 2.0, 0.0, CLAIMED], &[-1; 4]);
+        assert_eq!(seen, vec![vec![0, SKIP, 2, SKIP]]);
+        assert_eq!((stats.cpu_pairs, stats.claimed_pairs), (2, 1));
     }
 
     #[test]

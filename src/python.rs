@@ -862,7 +862,8 @@ impl PyExpertStore {
     /// in `layers`, wait for the GPU to stage it in `staged` (x | weights | ids as float32), run the
     /// experts with `resident[layer, id] < 0` on the CPU, write their sum to `out` and raise `flags[1]`.
     /// Every routed id goes to `ids_out[j]`. With `claims` the staged row ends with one flag per pair,
-    /// nonzero where the GPU computes it (prefetched), and the host skips those. With `hints` (int64
+    /// nonzero where the GPU computes it (1.0 prefetched, counted in claimed_pairs; 2.0 streamed), and the
+    /// host skips those. With `hints` (int64
     /// [1 + n]: the handshake number, then up to n expert ids the GPU predicts for the next MoE layer),
     /// having answered a layer the host reads those experts ahead while the GPU runs the next attention.
     /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).

@@ -393,7 +393,7 @@ def check_gather_experts(size: Size, device: torch.device) -> None:
 
 
 def check_route_and_stage_claims(size: Size, device: torch.device) -> None:
-    """With claims, the staged rows gain one flag per pair: 1.0 where claims[id] >= 0."""
+    """With flags and claims, the staged rows gain one flag per pair: 1.0 where claims[id] >= 0, else 0.0."""
     spec = ROUTERS["softmax-norm-bf16"]
     e, h, k = 40, size.hidden, spec.top_k
     x = torch.randn(2, h, device=device).to(torch.bfloat16)
@@ -401,15 +401,79 @@ def check_route_and_stage_claims(size: Size, device: torch.device) -> None:
     plain_w, plain_ids, plain_rows = route_and_stage(x, router, spec, None)
     claims = torch.full((e,), -1, dtype=torch.int32, device=device)
     claims[plain_ids[0, 0]] = 0  # the first token's best expert was prefetched; the second token's maybe too
-    weights, ids, rows = route_and_stage(x, router, spec, None, claims=claims)
+    weights, ids, rows = route_and_stage(x, router, spec, None, flags=True, claims=claims)
     assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_w)
     assert rows.shape == (2, h + 3 * k) and torch.equal(rows[:, :h + 2 * k], plain_rows)
     assert torch.equal(rows[:, h + 2 * k:], (claims[ids] >= 0).float())
 
 
+def _split_reference(ids: list[int], resident: torch.Tensor, claims: torch.Tensor, share: float) -> list[float]:
+    """Each pair's flag as the module docstring of kernels.route_decode states it, computed plainly."""
+    from krasis.engine.decode_modes import streamed_count
+
+    flags = [1.0 if claims[i] >= 0 else 0.0 for i in ids]
+    candidates = [j for j, i in enumerate(ids) if resident[i] < 0 and flags[j] == 0.0]
+    count = streamed_count(len(candidates), share)
+    for j in candidates[len(candidates) - count:] if count else []:  # the last ones in the router's order
+        flags[j] = 2.0
+    return flags
+
+
+def check_route_and_stage_split(size: Size, device: torch.device) -> None:
+    """With a stream split, the routing streams streamed_count(n, share) of its n pairs neither resident nor
+    claimed, the lowest-weighted ones (flag 2.0), and maps exactly those experts to themselves for the gather;
+    weights, ids and the rest of the row are as without."""
+    from krasis.engine.decode_modes import AutoSplit
+    from krasis.kernels.route_decode import StreamSplit
+
+    spec = replace(ROUTERS["softmax-norm-bf16"], top_k=6)
+    e, h, k = 40, size.hidden, spec.top_k
+    x = torch.randn(1, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    plain_w, plain_ids, plain_rows = route_and_stage(x, router, spec, None)
+    order = plain_ids[0].tolist()
+    resident = torch.full((e,), -1, dtype=torch.int32, device=device)
+    resident[order[1]] = 3  # in VRAM: never streamed
+    resident[order[4]] = 0
+    claims = torch.full((e,), -1, dtype=torch.int32, device=device)
+    claims[order[0]] = 1  # prefetched: flagged 1.0, not streamed
+    expert_map = torch.full((e,), 7, dtype=torch.int32, device=device)  # stale entries: every one is rewritten
+    for share in AutoSplit.CANDIDATES:
+        for use_claims in (False, True):
+            split = StreamSplit(resident, torch.full((1,), share, device=device), expert_map)
+            weights, ids, rows = route_and_stage(x, router, spec, None, flags=True,
+                                                 claims=claims if use_claims else None, split=split)
+            assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_w)
+            assert torch.equal(rows[:, :h + 2 * k], plain_rows)
+            unclaimed = torch.full_like(claims, -1)
+            want = _split_reference(order, resident.cpu(), (claims if use_claims else unclaimed).cpu(), share)
+            assert rows[0, h + 2 * k:].tolist() == want, (share, use_claims, rows[0, h + 2 * k:].tolist(), want)
+            streamed = {order[j] for j, f in enumerate(want) if f == 2.0}
+            assert expert_map.tolist() == [i if i in streamed else -1 for i in range(e)], (share, use_claims)
+
+
+def check_flag_pairs(size: Size, device: torch.device) -> None:
+    """flag_pairs flags a step routed elsewhere exactly as route_and_stage flags its own routing."""
+    from krasis.kernels.route_decode import StreamSplit, flag_pairs
+
+    spec = replace(ROUTERS["softmax-norm-bf16"], top_k=6)
+    e, h, k = 40, size.hidden, spec.top_k
+    x = torch.randn(1, h, device=device).to(torch.bfloat16)
+    router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
+    resident = torch.where(torch.rand(e, device=device) < 0.4, 0, -1).to(torch.int32)
+    claims = torch.where(torch.rand(e, device=device) < 0.2, 0, -1).to(torch.int32)
+    share = torch.full((1,), 0.5, device=device)
+    fused_map, own_map = (torch.full((e,), -1, dtype=torch.int32, device=device) for _ in range(2))
+    _, ids, rows = route_and_stage(x, router, spec, None, flags=True, claims=claims,
+                                   split=StreamSplit(resident, share, fused_map))
+    row = torch.full((k,), 9.0, device=device)
+    flag_pairs(ids, e, row, claims=claims, split=StreamSplit(resident, share, own_map))
+    assert torch.equal(row, rows[0, h + 2 * k:]) and torch.equal(own_map, fused_map)
+
+
 def check_predict_experts(size: Size, device: torch.device, name: str, invert: bool) -> None:
-    """predict_experts ranks the next layer's experts as its router would, leaves out those resident or read
-    over PCIe, and maps each picked expert to its staging slot (-1 elsewhere); invert picks the worst."""
+    """predict_experts ranks the next layer's experts as its router would, leaves out those resident, and maps
+    each picked expert to its staging slot (-1 elsewhere); invert picks the worst."""
     from krasis.ops.router import route
 
     spec = ROUTERS[name]
@@ -425,18 +489,22 @@ def check_predict_experts(size: Size, device: torch.device, name: str, invert: b
         key += bias[order[0]]
     ranked = order[0][key.argsort(descending=not invert)].tolist()
     resident = torch.full((e,), -1, dtype=torch.int32, device=device)
-    pcie = torch.full((e,), -1, dtype=torch.int32, device=device)
     resident[ranked[0]] = 5
-    pcie[ranked[2]] = 1
+    resident[ranked[2]] = 1
     want = [i for i in ranked if i not in (ranked[0], ranked[2])][:count]
     logits = torch.empty(1, e, device=device)
     ids = torch.zeros(count, dtype=torch.int64, device=device)
     slot = torch.zeros(e, dtype=torch.int32, device=device)
-    predict_experts(x, router, spec, bias, resident, pcie, logits, ids, slot, invert=invert)
+    predict_experts(x, router, spec, bias, resident, logits, ids, slot, invert=invert)
     assert ids.tolist() == want, (ids.tolist(), want)
     expected = torch.full((e,), -1, dtype=torch.int32)
     expected[want] = torch.arange(count, dtype=torch.int32)
     assert torch.equal(slot.cpu(), expected)
+    # with hints: the same picks and map, and the next two candidates in the hints
+    hints = torch.zeros(2, dtype=torch.int64, device=device)
+    predict_experts(x, router, spec, bias, resident, logits, ids, slot, invert=invert, hints=hints)
+    after = [i for i in ranked if i not in (ranked[0], ranked[2])][count: count + 2]
+    assert ids.tolist() == want and torch.equal(slot.cpu(), expected) and hints.tolist() == after
 
 
 def check_predict_experts_with_few_candidates(size: Size, device: torch.device) -> None:
@@ -447,10 +515,9 @@ def check_predict_experts_with_few_candidates(size: Size, device: torch.device) 
     router = (torch.randn(e, h, device=device) * h ** -0.5).to(torch.bfloat16)
     resident = torch.arange(e, dtype=torch.int32, device=device)
     resident[[1, 6]] = -1  # only experts 1 and 6 are left to the CPU
-    pcie = torch.full((e,), -1, dtype=torch.int32, device=device)
     ids = torch.zeros(4, dtype=torch.int64, device=device)
     slot = torch.zeros(e, dtype=torch.int32, device=device)
-    predict_experts(x, router, spec, None, resident, pcie, torch.empty(1, e, device=device), ids, slot)
+    predict_experts(x, router, spec, None, resident, torch.empty(1, e, device=device), ids, slot)
     got = ids.tolist()
     assert sorted(got[:2]) == [1, 6] and got[2:] == [-1, -1], got
     assert sorted(slot[[1, 6]].tolist()) == [0, 1] and (slot[[0, 2, 3, 4, 5, 7]] == -1).all()
@@ -595,6 +662,8 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["small_align_equals_torch_align"] = lambda d: check_small_align_equals_torch_align(size, d)
     out["gather_experts"] = lambda d: check_gather_experts(size, d)
     out["route_and_stage_claims"] = lambda d: check_route_and_stage_claims(size, d)
+    out["route_and_stage_split"] = lambda d: check_route_and_stage_split(size, d)
+    out["flag_pairs"] = lambda d: check_flag_pairs(size, d)
     for name in ("softmax-norm-bf16", "sigmoid-bias-norm"):
         for invert in (False, True):
             out[f"predict_experts[{name}-invert={invert}]"] = lambda d, n=name, i=invert: check_predict_experts(

@@ -158,10 +158,11 @@ class ExpertStore:
         layer in ``layers``, wait until flags[0] reaches the next handshake number, read the staged row (x | weights
         | ids as float32, hidden + 2k values), run the experts with resident[layer, id] < 0 on the CPU, write their
         sum to ``out`` (hidden values) and raise flags[1]; every routed id goes to ids_out[j] ([len(layers), k]).
-        With ``claims`` the row has k more values, nonzero for each pair the GPU computes itself (a prefetched
-        expert), which the host skips. With ``hints`` (int64 [1 + n]: the handshake during which the GPU wrote
-        them, then up to n expert ids of the next MoE layer, -1: none), having answered a layer the host reads
-        those experts' weights ahead until the next layer is staged. GIL released. Returns (CPU pairs, claimed
+        With ``claims`` the row has k more values, nonzero for each pair the GPU computes itself (1.0: a prefetched
+        expert, counted as claimed; 2.0: streamed over PCIe this step), which the host skips. With ``hints``
+        (int64 [1 + n]: the handshake during which the GPU wrote them, then up to n expert ids of the next MoE
+        layer, -1: none), having answered a layer the host reads those experts' weights ahead until the next layer
+        is staged. GIL released. Returns (CPU pairs, claimed
         pairs, seconds in the CPU kernels, seconds waiting for the GPU (reading ahead included), experts hinted
         (read in part or whole), CPU pairs whose expert had been hinted, bytes read ahead); RuntimeError when the
         GPU does not stage a layer within ``timeout_s`` or stages an id out of range."""

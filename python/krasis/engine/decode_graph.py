@@ -1,11 +1,13 @@
 """Decode steps of the hybrid engine replayed as CUDA graphs, built from one-launch decode kernels.
 
-A step is one graph: every layer, with each MoE layer handing the experts that are neither resident in VRAM nor
-read over PCIe to the host through mapped pinned memory and waiting for their sum (``graph_link``). The host
-replays it and then answers the layers' handshakes in turn from the Rust extension, so Python does nothing per
-layer. Experts the decode mode streams are copied by a kernel straight from pinned host memory into staging slots
-(``HybridExperts.pcie_gather``, on a side stream beside the shared and resident experts: it reads PCIe, they read
-VRAM), then run from there: no copies to queue, so nothing for the host to decide between layers.
+A step is one graph: every layer, with each MoE layer handing its routing to the host through mapped pinned
+memory and waiting for the sum of the host's experts (``graph_link``): those neither resident in VRAM nor
+flagged for the GPU in the staged row. The host replays it and then answers the layers' handshakes in turn from
+the Rust extension, so Python does nothing per layer. The experts a step streams (the routing kernel picks
+``streamed_count`` of each layer's non-resident ones, ``kernels.route_decode``) are copied by a kernel straight
+from pinned host memory into staging slots (``HybridExperts.pcie_gather``, on a side stream beside the shared
+and resident experts: it reads PCIe, they read VRAM), then run from there: no copies to queue, so nothing for
+the host to decide between layers.
 
 ``one_graph = False`` keeps the earlier design, measured as a baseline: each MoE layer's GPU work is captured into
 three graphs, "attend" (the previous layer's sums, attention, the router, and the copy of the CPU experts' inputs
@@ -41,7 +43,7 @@ from ..kernels.fused_norm import add_rms_norm
 from ..kernels.greedy_choice import GreedyChoice
 from ..kernels.mla_decode import mla_decode_attention
 from ..kernels.rotary import rotary_pair
-from ..kernels.route_decode import fusable, route_and_stage, staged_columns
+from ..kernels.route_decode import flag_pairs, fusable, route_and_stage, staged_columns
 from ..models.spec import MLASpec
 from ..ops.linear import linear
 from ..ops.mlp import swiglu
@@ -181,11 +183,11 @@ class DecodeGraphs:
             return "group-limited routing is not predicted"
         return None
 
-    def _read_ahead(self, pf: Prefetcher | None) -> int:
-        """The experts a layer the host is to read ahead this step (0 when off, with a GPU prefetch, when every
-        non-resident expert is read over PCIe, or when routing cannot be predicted)."""
+    def _read_ahead(self) -> int:
+        """The experts a layer the host is to read ahead this step (0 when off, when every non-resident expert is
+        read over PCIe, or when routing cannot be predicted); with a prefetch, those ranked after its experts."""
         rt = self.rt
-        if not rt.read_ahead or pf is not None or rt.gpu_share >= 1 or self.prefetch_unsupported() is not None:
+        if not rt.read_ahead or rt.gpu_share >= 1 or self.prefetch_unsupported() is not None:
             return 0
         return rt.read_ahead
 
@@ -205,7 +207,11 @@ class DecodeGraphs:
             self._prefetchers[key] = pf
         return self._prefetchers[key]
 
-    def _attend(self, index: int, bucket: int, claims: torch.Tensor | None = None) -> None:
+    def _attend(self, index: int, bucket: int, whole: bool = False, claims: torch.Tensor | None = None,
+                pcie: bool = False) -> None:
+        """Layer ``index`` up to its experts' inputs: attention, then (MoE) routing and the row staged for the host;
+        a ``whole`` step's rows carry each pair's flag (the prefetch's ``claims``; the experts it streams, with
+        ``pcie``)."""
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         spec = f.spec
         eps, offset = spec.rms_norm_eps, spec.norm_weight_offset
@@ -231,15 +237,18 @@ class DecodeGraphs:
             return
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
         router, m = spec.moe.router, layer.mlp
+        split = self.rt.stream_split(layer.experts.slot) if pcie else None
+        staged = self.rt.staging_rows(1, staged_columns(b.h.shape[1], router.top_k, whole))
         if fusable(router, m["router"]):
-            columns = staged_columns(b.h.shape[1], router.top_k, claims is not None)
-            route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids), claims=claims,
-                            staged=self.rt.staging_rows(1, columns))
+            route_and_stage(b.h, m["router"], router, m.get("router_bias"), out=(b.weights, b.ids), flags=whole,
+                            claims=claims, split=split, staged=staged)
         else:
             weights, ids = f.route(layer, b.h)
             b.weights.copy_(weights)
             b.ids.copy_(ids)
             self.rt.stage(b.h, b.weights, b.ids)
+            if whole:
+                flag_pairs(b.ids, self.rt.hcs.num_experts, staged[0, -router.top_k:], claims=claims, split=split)
 
     def _mla(self, index: int, layer, h: torch.Tensor, bucket: int) -> torch.Tensor:
         """Multi-head latent attention of one token in the absorbed form, reading the cache in place."""
@@ -296,12 +305,14 @@ class DecodeGraphs:
             if pf is not None:
                 pf.before_layer(j)
             moe = layer.experts is not None
-            self._attend(index, bucket, claims=pf.claims(j) if pf is not None and moe else None)
+            self._attend(index, bucket, whole=True, claims=pf.claims(j) if pf is not None and moe else None,
+                         pcie=pcie and moe)
             if not moe:
                 continue
             self.link.hand_over()
             if pf is not None:  # after the host's signal, so nothing on the side competes with its start
-                pf.predict(j, b.h)
+                hints = self.link.hints[1: 1 + read_ahead] if read_ahead else None  # ranked after the prefetched
+                pf.predict(j, b.h, hints=hints, mark=self.link.mark_hints if read_ahead else None)
             elif read_ahead:  # the host reads these while the GPU runs layer j + 1's attention
                 self.link.hint(j, b.h, self._routers, self.f.spec.moe.router, read_ahead)
             self._experts(index, pcie)
@@ -426,7 +437,7 @@ class DecodeGraphs:
         bucket = self._begin(position)
         self.link.check()
         pf = self._prefetcher()
-        read_ahead = self._read_ahead(pf)
+        read_ahead = self._read_ahead()
         # a step that reads no expert over PCIe leaves its kernels out
         key = bucket, rt.gpu_share > 0, (pf.count, pf.invert) if pf is not None else None, read_ahead
         if pf is not None:  # its staging slots are in the first prefill buffer: a later prefill copies it afresh

@@ -20,12 +20,19 @@ READ_AHEAD = 3
 MAX_READ_AHEAD = 8  # the most the link's hint buffer holds
 
 
+def streamed_count(n: int, share: float) -> int:
+    """How many of a layer's ``n`` non-resident experts a step streams at ``share``: n * share rounded half up
+    (the one-graph step's routing kernel rounds alike, ``kernels.route_decode``)."""
+    return int(n * share + 0.5)
+
+
 # A candidate this much slower than the fastest tried so far ends the round's trials of larger shares.
 GIVE_UP = 1.1
 
 
 class AutoSplit:
-    """Chooses the GPU's share of the non-resident experts by the wall time of whole decode steps.
+    """Chooses the GPU's share of the non-resident experts (each layer streams ``streamed_count`` of its own) by
+    the wall time of whole decode steps.
 
     The rates measured at load do not predict a step's time well: per-call costs (launching copies, waking CPU
     threads, the host waiting on the GPU) are a large part of it. So the candidates are tried in turn (smallest
@@ -34,7 +41,9 @@ class AutoSplit:
     ``revisit_every`` steps its neighbours are tried again, so the choice follows what the context length and the
     hot cache do to the costs. ``observe`` takes each step's seconds; ``share`` is the share to use next."""
 
-    CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # Shares whose rounded counts differ where it matters on a top-6 model with ~3 experts a layer off VRAM:
+    # streamed of n = 1..6: 0.2 -> 0,0,1,1,1,1; 0.35 -> 0,1,1,1,2,2; 0.5 -> 1,1,2,2,3,3 (streamed_count).
+    CANDIDATES = (0.0, 0.2, 0.35, 0.5, 0.75, 1.0)
 
     def __init__(self, trial_steps: int = 4, revisit_every: int = 256):
         self.trial_steps, self.revisit_every = trial_steps, revisit_every
@@ -53,7 +62,8 @@ class AutoSplit:
         if not self._queue:
             self._since_round += 1
             if self._since_round >= self.revisit_every:
-                self._start_round([s for s in self.CANDIDATES if abs(s - self.best) <= 0.25 + 1e-9])
+                i = self.CANDIDATES.index(self.best)
+                self._start_round(list(self.CANDIDATES[max(i - 1, 0): i + 2]))
             return
         self._samples.append(seconds)
         if len(self._samples) > self.trial_steps:  # the first step after a switch settles it and is not counted

@@ -66,7 +66,7 @@ class HostLink:
     def hint(self, j: int, h: torch.Tensor, routers: list, spec, count: int) -> None:
         """After MoE layer ``j``'s hand-over: predict the ``count`` likeliest experts of MoE layer j + 1 that it will
         send to the CPU (its router, ``routers[j + 1]`` = (weight, correction bias), applied to layer j's normed
-        input ``h`` [1, H]; neither resident nor read over PCIe) into ``hints``, then mark them with the handshake."""
+        input ``h`` [1, H]; not resident) into ``hints``, then mark them with the handshake."""
         if j + 1 >= len(self.slots):
             return
         slot, (router, bias) = self.slots[j + 1], routers[j + 1]
@@ -75,8 +75,12 @@ class HostLink:
             self._predict_scratch = (torch.empty((1, experts), dtype=torch.float32, device=self.device),
                                      torch.empty(experts, dtype=torch.int32, device=self.device))
         logits, expert_slot = self._predict_scratch
-        predict_experts(h, router, spec, bias, self.rt.hcs.table[slot], self.rt.pcie_map[slot], logits,
+        predict_experts(h, router, spec, bias, self.rt.hcs.table[slot], logits,
                         self.hints[1: 1 + count], expert_slot)
+        self.mark_hints()
+
+    def mark_hints(self) -> None:
+        """The hints written by work queued before this (on the same stream) belong to the current handshake."""
         mark_hints(self.seq, self.hints)
 
     def take_back(self, out: torch.Tensor) -> None:

@@ -18,7 +18,8 @@ from .._core import ExpertStore, GgufExpertStore
 from ..kernels import GPUExperts, copy_experts, empty_experts, fused_moe
 from ..kernels.expert_gather import gather_experts
 from ..kernels.moe_decode import moe_gemv
-from .decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD, AutoSplit
+from ..kernels.route_decode import StreamSplit
+from .decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD, AutoSplit, streamed_count
 from .device_sync import current_stream, join, new_event, pinned
 from .expert_stream import ExpertStreamer
 from .hot_cache import UPDATE_EVERY, HotExpertCache
@@ -69,7 +70,7 @@ class HybridExperts:
             self.streamer = ExpertStreamer(host, group_size, self.device)
             self.hcs = HotExpertCache(host, hcs_slots, self.device)
         hidden, k_max = store.hidden, DECODE_MAX_TOKENS
-        # pinned staging: [x | routing weights | ids (| claimed)] of a decode step in, the CPU experts' output back
+        # pinned staging: [x | routing weights | ids (| flags)] of a decode step in, the CPU experts' output back
         pin = pinned(self.device)
         self._in = torch.empty(k_max, hidden + 3 * 64, dtype=torch.float32, pin_memory=pin)
         self._y = torch.empty(k_max, hidden, dtype=torch.float32, pin_memory=pin)
@@ -93,15 +94,14 @@ class HybridExperts:
         self._staging = self.streamer.buffers[1].slice(0, self.staging_slots) if host else None
         self._stage_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
         self._stage_map_host = torch.full((max(e, 1),), -1, dtype=torch.int32, pin_memory=pin)
-        # The one-graph step (decode_graph) streams the experts ``pcie_map`` names (its own index, -1 elsewhere)
-        # with a copy kernel inside the graph (``pcie_gather``, then ``pcie_run``). Which ones: the non-resident
-        # experts whose fixed pseudo-random rank is below gpu_share, so about that share of the non-resident calls.
-        # ``_not_cpu`` tells the host which experts are not the CPU's (>= 0): resident or streamed.
-        layers = len(host)
-        self.pcie_map = torch.full((layers, max(e, 1)), -1, dtype=torch.int32, device=self.device)
-        self._pcie_map_host = torch.full((layers, max(e, 1)), -1, dtype=torch.int32, pin_memory=pin)
-        self._not_cpu = np.full((layers, max(e, 1)), -1, dtype=np.int64)
-        self._pcie_rank = (np.arange(max(e, 1))[None, :] * 0.6180339887 + np.arange(layers)[:, None] * 0.4142135624) % 1
+        # The one-graph step (decode_graph) streams, of each layer's routed pairs neither resident nor prefetched,
+        # streamed_count(n, gpu_share) of them, chosen by its routing kernel (``stream_split``), which writes their
+        # map (``_stream_map``: expert -> its own index, -1 elsewhere) for a copy kernel inside the graph
+        # (``pcie_gather``, then ``pcie_run``) and flags them in the row staged for the host.
+        # ``_not_cpu`` tells the host which experts are resident (>= 0): the others are its own unless flagged.
+        self._stream_share = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._stream_map = torch.full((max(e, 1),), -1, dtype=torch.int32, device=self.device)
+        self._not_cpu = np.full((len(host), max(e, 1)), -1, dtype=np.int64)
         self._split_key: tuple[int, float] | None = None
         self._pcie_slots: torch.Tensor | None = None  # which staging slot holds each routed pair's expert
         # experts of the next MoE layer prefetched per layer in one-graph decode steps (engine.prefetch); invert:
@@ -174,17 +174,18 @@ class HybridExperts:
             self.streamer.begin_pass()
 
     def _refresh_split(self) -> None:
-        """Bring ``pcie_map`` and ``_not_cpu`` up to date with the hot cache and gpu_share (queued on the current
-        stream like the hot cache's own table; nothing to do when neither changed)."""
+        """Bring the streamed share on the device and ``_not_cpu`` up to date with gpu_share and the hot cache
+        (the share queued on the current stream; nothing to do when neither changed)."""
         key = (self.hcs.version, self.gpu_share)
         if key == self._split_key or not self.host:
             return
         self._split_key = key
-        resident = self.hcs.table_host >= 0
-        pcie = ~resident & (self._pcie_rank < self.gpu_share)
-        self._pcie_map_host.numpy()[:] = np.where(pcie, np.arange(pcie.shape[1])[None, :], -1)
-        self.pcie_map.copy_(self._pcie_map_host, non_blocking=True)
-        self._not_cpu = np.where(resident | pcie, 0, -1)
+        self._stream_share.fill_(self.gpu_share)
+        self._not_cpu = np.where(self.hcs.table_host >= 0, 0, -1)
+
+    def stream_split(self, slot: int) -> StreamSplit:
+        """What a one-graph step's routing of MoE layer ``slot`` needs to choose its streamed experts."""
+        return StreamSplit(self.hcs.table[slot], self._stream_share, self._stream_map)
 
     def _time_step(self, num_tokens: int) -> None:
         """auto: one-token forwards that follow one another are decode steps; the time between their starts
@@ -258,16 +259,13 @@ class HybridExperts:
     def stage(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:
         """Queue the copy of a decode step's CPU-expert inputs (x [T, H], float weights [T, k], ids [T, k]) to
         pinned host memory. No host sync, fixed shapes: a CUDA graph may hold it."""
-        self.stage_rows(torch.cat((x.float(), weights, ids.float()), dim=1))
+        rows = torch.cat((x.float(), weights, ids.float()), dim=1)
+        self._in[: rows.shape[0], : rows.shape[1]].copy_(rows, non_blocking=True)
 
     def staging_rows(self, tokens: int, columns: int) -> torch.Tensor:
-        """The pinned rows ``stage_rows`` fills, float32 [tokens, columns], for a kernel to write in place (the
-        device reaches page-locked memory directly): no copy queued after it."""
+        """The pinned rows ``stage`` fills, float32 [tokens, columns], for a kernel to write in place (the device
+        reaches page-locked memory directly): no copy queued after it."""
         return self._in[:tokens, :columns]
-
-    def stage_rows(self, rows: torch.Tensor) -> None:
-        """``stage`` for inputs already packed as float32 rows [T, H + 2k] = [x | weights | ids]."""
-        self._in[: rows.shape[0], : rows.shape[1]].copy_(rows, non_blocking=True)
 
     def gpu_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -308,7 +306,7 @@ class HybridExperts:
         streamed = np.zeros_like(resident)
         if self.gpu_share > 0 and not resident.all():
             others, uses = np.unique(ids[~resident], return_counts=True)
-            n = min(int(round(len(others) * self.gpu_share)), self.staging_slots)
+            n = min(streamed_count(len(others), self.gpu_share), self.staging_slots)
             chosen = others[np.argsort(-uses, kind="stable")[:n]]  # the most used ones save the most CPU work
             if len(chosen):
                 self._stream_in(slot, chosen)
@@ -357,15 +355,15 @@ class HybridExperts:
     def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True,
                          prefetch: int = 0, hints: np.ndarray | None = None) -> None:
         """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
-        each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident, read over PCIe nor
-        claimed by a prefetch on the CPU, write their sum to ``cpu_out_row`` and raise ``flags[1]``; then (with
-        ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part`` would have. ``flags`` is the
-        host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the routing; ``prefetch``: the
-        experts a layer the step prefetches for the next (its rows then carry claims; 0: no prefetch); ``hints``:
+        each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident nor flagged for the
+        GPU (prefetched or streamed, ``kernels.route_decode``) on the CPU, write their sum to ``cpu_out_row`` and
+        raise ``flags[1]``; then (with ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part``
+        would have. ``flags`` is the host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the
+        routing; ``prefetch``: the experts a layer the step prefetches for the next (0: no prefetch); ``hints``:
         the host view of the link's hints when the step writes them (the host then reads those experts ahead)."""
         cpu_pairs, claimed, cpu_seconds, wait_seconds, hinted, hinted_used, read_ahead_bytes = (
             self.store.serve_decode_graph(self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out,
-                                          timeout_s=GRAPH_TIMEOUT, claims=prefetch > 0, hints=hints))
+                                          timeout_s=GRAPH_TIMEOUT, claims=True, hints=hints))
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
@@ -387,14 +385,14 @@ class HybridExperts:
         c["wait_for_gpu_seconds"] += wait_seconds
 
     def pcie_gather(self, slot: int, ids: torch.Tensor) -> None:
-        """Copy the experts of a one-token step's pairs ``ids`` (int [1, k]) that ``pcie_map`` streams from pinned
-        host memory into staging slots (``gather_experts``), for ``pcie_run``. The copy reads PCIe and little
-        else, so it may run on a side stream beside the step's VRAM-bound work. No host sync, fixed addresses:
-        a CUDA graph may hold it."""
+        """Copy the experts of a one-token step's pairs ``ids`` (int [1, k]) that its routing chose to stream
+        (``stream_split``) from pinned host memory into staging slots (``gather_experts``), for ``pcie_run``. The
+        copy reads PCIe and little else, so it may run on a side stream beside the step's VRAM-bound work. No host
+        sync, fixed addresses: a CUDA graph may hold it."""
         k = ids.numel()
         if self._pcie_slots is None or self._pcie_slots.numel() != k:
             self._pcie_slots = torch.full((k,), -1, dtype=torch.int32, device=self.device)
-        gather_experts(self.host[slot], self.pcie_map[slot], ids, self._pcie_staging(k), self._pcie_slots)
+        gather_experts(self.host[slot], self._stream_map, ids, self._pcie_staging(k), self._pcie_slots)
 
     def pcie_run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, add_to: torch.Tensor) -> torch.Tensor:
         """The pairs that ``pcie_gather`` copied, run from their staging slots and added into ``add_to`` (float32

@@ -17,6 +17,8 @@ which the CPU experts read at the same time: a wrong guess costs PCIe time and s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..kernels.moe_decode import moe_gemv
@@ -64,9 +66,12 @@ class Prefetcher:
         if 0 < j < len(self.routers):  # (dense layers after the last MoE layer have nothing to wait for)
             wait_event(current_stream(self.rt.device), self.predicted[j % 2])
 
-    def predict(self, j: int, h: torch.Tensor) -> None:
+    def predict(self, j: int, h: torch.Tensor, hints: torch.Tensor | None = None,
+                mark: Callable[[], None] | None = None) -> None:
         """Once MoE layer ``j``'s inputs are handed to the host (``h`` its normed input [1, H]): on the side
-        stream, predict and copy layer j+1's experts."""
+        stream, predict and copy layer j+1's experts; with ``hints`` (the host link's, int64 [n]) also the n likeliest
+        experts after the prefetched ones, for the host to read ahead, then ``mark`` them as this handshake's
+        (before the main stream may signal the next handshake: it waits for the prediction)."""
         nxt = j + 1
         if nxt >= len(self.routers):
             return
@@ -74,8 +79,10 @@ class Prefetcher:
         fork(self.stream, rt.device)
         router, bias = self.routers[nxt]
         with on_stream(self.stream):
-            predict_experts(h, router, self.spec, bias, rt.hcs.table[slot], rt.pcie_map[slot], self.logits,
-                            self.ids[p], self.maps[p], invert=self.invert)
+            predict_experts(h, router, self.spec, bias, rt.hcs.table[slot], self.logits,
+                            self.ids[p], self.maps[p], invert=self.invert, hints=hints)
+            if mark is not None:
+                mark()
             self.predicted[p].record(self.stream)
             copy_predicted(rt.host[slot], self.ids[p], self.staging[p])
             self.copied[p].record(self.stream)

@@ -5,10 +5,19 @@ kernel computes the logits (float32 dots over bf16 or float32 weights; rounded t
 where the model's router runs in it), and one program per token scores them (softmax or sigmoid), picks the
 top k (by the bias-corrected score where the model has a correction bias), normalises and scales the
 weights as ``route`` does, and writes the staging row [x | weights | ids] that is copied to pinned memory for
-the CPU experts. Group-limited routing is not covered (``fusable`` says so); it keeps the torch path.
+the CPU experts. Group-limited routing is not covered (``fusable`` says so); it keeps the torch path, and
+``flag_pairs`` adds the per-pair flags below to its staged row.
+
+A one-graph decode step's rows end with one flag per routed pair, telling the host which pairs the GPU runs:
+1.0 where a prefetch claimed the expert (``claims``), 2.0 where the step streams it over PCIe (``StreamSplit``),
+0.0 for the host's own (or resident) pairs. The split is decided per step: of the pairs neither resident nor
+claimed (n of them), the last ``streamed_count(n, share)`` in the router's order (its lowest-weighted) are
+streamed, so every layer sends both links about their share of its work, not a share of the experts by id.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -71,12 +80,46 @@ def scores_and_choice(logits, bias_ptr, e, e_mask, SIGMOID: tl.constexpr, HAS_BI
     return scores, tl.where(e_mask, choice, float("-inf"))
 
 
+class StreamSplit(NamedTuple):
+    """What a one-token step needs to split its routed pairs between the CPU and PCIe: the layer's hot-cache
+    table (``resident``, int32 [E], >= 0 where the expert is in VRAM), the streamed share (``share``, float32
+    [1] on the device, so a captured graph follows changes) and the map the step writes for the gather
+    (``expert_map``, int32 [E]: the expert's own index where streamed this step, -1 elsewhere)."""
+
+    resident: torch.Tensor
+    share: torch.Tensor
+    expert_map: torch.Tensor
+
+
 @triton.jit
-def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, claims_ptr, E, H, scaling,
-                   stride_l, stride_x, stride_w, stride_ids, stride_staged,
+def _pair_flags(picked, k_mask, claims_ptr, resident_ptr, share_ptr, map_ptr, E, CLAIMS: tl.constexpr,
+                STREAM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each routed pair's flag (1.0 claimed, 2.0 streamed, 0.0 else; see the module docstring) of one token whose
+    experts are ``picked`` (int32 [BLOCK_K], in the router's order; ``k_mask`` the real pairs); with STREAM, also
+    writes the gather's expert map (all E entries)."""
+    flag = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if CLAIMS:
+        flag = tl.where(tl.load(claims_ptr + picked, mask=k_mask, other=-1) >= 0, 1.0, flag)
+    if STREAM:
+        resident = tl.load(resident_ptr + picked, mask=k_mask, other=0) >= 0
+        candidate = (k_mask & ~resident & (flag == 0.0)).to(tl.int32)
+        n = tl.sum(candidate, axis=0)
+        count = (n.to(tl.float32) * tl.load(share_ptr) + 0.5).to(tl.int32)  # streamed_count: n * share, rounded
+        later = n - tl.cumsum(candidate, axis=0)  # candidates after each pair: the last `count` are streamed
+        streamed = (candidate > 0) & (later < count)
+        flag = tl.where(streamed, 2.0, flag)
+        e = tl.arange(0, BLOCK_E)
+        hit = tl.max(((e[:, None] == picked[None, :]) & streamed[None, :]).to(tl.int32), axis=1)
+        tl.store(map_ptr + e, tl.where(hit > 0, e, -1), mask=e < E)
+    return flag
+
+
+@triton.jit
+def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr, claims_ptr, resident_ptr, share_ptr,
+                   map_ptr, E, H, scaling, stride_l, stride_x, stride_w, stride_ids, stride_staged,
                    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   ROUND: tl.constexpr, CLAIMS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
+                   ROUND: tl.constexpr, FLAGS: tl.constexpr, CLAIMS: tl.constexpr, STREAM: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_mask = e < E
@@ -108,9 +151,21 @@ def _select_kernel(logits_ptr, bias_ptr, x_ptr, weights_ptr, ids_ptr, staged_ptr
         tl.store(row + h, tl.load(x_ptr + t * stride_x + h, mask=h < H, other=0.0).to(tl.float32), mask=h < H)
     tl.store(row + H + j, weights, mask=k_mask)
     tl.store(row + H + TOP_K + j, picked.to(tl.float32), mask=k_mask)
-    if CLAIMS:  # 1 where the GPU runs the pair from a staging slot (claims[id] >= 0), 0 where the host should
-        claimed = tl.load(claims_ptr + picked, mask=k_mask, other=-1) >= 0
-        tl.store(row + H + 2 * TOP_K + j, claimed.to(tl.float32), mask=k_mask)
+    if FLAGS:
+        flag = _pair_flags(picked, k_mask, claims_ptr, resident_ptr, share_ptr, map_ptr, E, CLAIMS, STREAM, BLOCK_E,
+                           BLOCK_K)
+        tl.store(row + H + 2 * TOP_K + j, flag, mask=k_mask)
+
+
+@triton.jit
+def _flag_kernel(ids_ptr, claims_ptr, resident_ptr, share_ptr, map_ptr, row_ptr, E, TOP_K: tl.constexpr,
+                 CLAIMS: tl.constexpr, STREAM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    j = tl.arange(0, BLOCK_K)
+    k_mask = j < TOP_K
+    picked = tl.load(ids_ptr + j, mask=k_mask, other=0).to(tl.int32)
+    flag = _pair_flags(picked, k_mask, claims_ptr, resident_ptr, share_ptr, map_ptr, E, CLAIMS, STREAM, BLOCK_E,
+                       BLOCK_K)
+    tl.store(row_ptr + j, flag, mask=k_mask)
 
 
 def fusable(spec: RouterSpec, router: object) -> bool:
@@ -118,25 +173,42 @@ def fusable(spec: RouterSpec, router: object) -> bool:
     return isinstance(router, torch.Tensor) and not (spec.group_limited and spec.n_group > 1)
 
 
-def staged_columns(hidden: int, top_k: int, claims: bool) -> int:
-    """Width of a staged row: [x | weights | ids], plus [| claimed] with prefetch claims."""
-    return hidden + (3 if claims else 2) * top_k
+def staged_columns(hidden: int, top_k: int, flags: bool) -> int:
+    """Width of a staged row: [x | weights | ids], plus [| flags] in a one-graph step (module docstring)."""
+    return hidden + (3 if flags else 2) * top_k
+
+
+def _flag_args(e: int, ids: torch.Tensor, claims: torch.Tensor | None, split: StreamSplit | None) -> tuple:
+    """Checked pointers for ``_pair_flags`` (claims, resident, share, map; ``ids`` stands in for unused ones)."""
+    if claims is not None and claims.shape != (e,):
+        raise ValueError(f"claims must be int32 [{e}], got {tuple(claims.shape)}")
+    if split is not None:
+        if split.resident.shape != (e,) or split.expert_map.shape != (e,) or split.share.numel() != 1:
+            raise ValueError(f"a stream split needs resident and expert_map of [{e}] and a one-element share")
+        if ids.shape[0] != 1:
+            raise ValueError("a stream split is per step: one token")
+    s = split if split is not None else StreamSplit(ids, ids, ids)
+    return (claims if claims is not None else ids), s.resident, s.share, s.expert_map
 
 
 def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, correction_bias: torch.Tensor | None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None, claims: torch.Tensor | None = None,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None, flags: bool = False,
+                    claims: torch.Tensor | None = None, split: StreamSplit | None = None,
                     staged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing of x [T, H] by the router weight [E, H]: (weights float32 [T, k], ids int64 [T, k], the staging
     rows float32 [T, H + 2k] = [x | weights | ids]), as ``Forward.route`` (then ``.float()``) and
     ``HybridExperts.stage`` give them; the weights and ids are written to ``out`` when given (fixed buffers
-    that later CUDA graphs read). With ``claims`` (int32 [E]: >= 0 where the GPU has the expert from a
-    prefetch) the rows gain k columns, [x | weights | ids | claimed], claimed 1.0 or 0.0 per pair. ``staged``:
-    where the rows go (float32 [T, columns], rows contiguous; page-locked host memory the CPU experts read, so no
-    copy follows). No host sync."""
+    that later CUDA graphs read). With ``flags`` the rows gain k columns, [x | weights | ids | flags], each pair's
+    flag as the module docstring says: from ``claims`` (int32 [E]: >= 0 where the GPU has the expert from a
+    prefetch) and ``split`` (one token only; its expert map is written too). ``staged``: where the rows go
+    (float32 [T, columns], rows contiguous; page-locked host memory the CPU experts read, so no copy follows). No
+    host sync."""
     if not fusable(spec, router):
         raise ValueError("group-limited routing is not fused; use ops.router.route")
     if spec.correction_bias and correction_bias is None:
         raise ValueError("this router adds a per-expert correction bias, but none was given")
+    if not flags and (claims is not None or split is not None):
+        raise ValueError("claims and a stream split are written as flags: pass flags=True")
     t, h = x.shape
     e, k = router.shape[0], spec.top_k
     if router.shape[1] != h or router.stride(1) != 1 or x.stride(1) != 1:
@@ -152,20 +224,31 @@ def route_and_stage(x: torch.Tensor, router: torch.Tensor, spec: RouterSpec, cor
         weights, ids = out
         if weights.shape != (t, k) or ids.shape != (t, k) or weights.dtype != torch.float32 or ids.dtype != torch.int64:
             raise ValueError(f"out must be float32 and int64 tensors of [{t}, {k}]")
-    if claims is not None and claims.shape != (e,):
-        raise ValueError(f"claims must be int32 [{e}], got {tuple(claims.shape)}")
-    columns = staged_columns(h, k, claims is not None)
+    flag_args = _flag_args(e, ids, claims, split)
+    columns = staged_columns(h, k, flags)
     if staged is None:
         staged = torch.empty((t, columns), dtype=torch.float32, device=x.device)
     elif staged.shape != (t, columns) or staged.dtype != torch.float32 or staged.stride(1) != 1:
         raise ValueError(f"staged must be float32 [{t}, {columns}] with contiguous rows, got {tuple(staged.shape)}")
     bias = correction_bias if spec.correction_bias else logits  # unused pointer without a bias
-    claims_ptr = claims if claims is not None else ids  # unused pointer without claims
-    _select_kernel[(t,)](logits, bias, x, weights, ids, staged, claims_ptr, e, h, float(spec.routed_scaling_factor),
+    _select_kernel[(t,)](logits, bias, x, weights, ids, staged, *flag_args, e, h, float(spec.routed_scaling_factor),
                          logits.stride(0), x.stride(0), weights.stride(0), ids.stride(0), staged.stride(0),
                          TOP_K=k, SIGMOID=spec.scoring == "sigmoid", HAS_BIAS=spec.correction_bias,
                          NORM=spec.norm_topk_prob and (spec.correction_bias or k > 1),
-                         ROUND=in_compute_dtype, CLAIMS=claims is not None,
+                         ROUND=in_compute_dtype, FLAGS=flags, CLAIMS=claims is not None, STREAM=split is not None,
                          BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k), BLOCK_H=1024,
                          num_warps=4)
     return weights, ids, staged
+
+
+def flag_pairs(ids: torch.Tensor, num_experts: int, row: torch.Tensor, claims: torch.Tensor | None = None,
+               split: StreamSplit | None = None) -> None:
+    """The flags ``route_and_stage`` writes with ``flags``, for a step routed otherwise (group-limited routing):
+    one token's routed ``ids`` (int [1, k]) flagged into ``row`` (float32 [k], the staged row's last k columns)
+    from ``claims`` and ``split`` (whose expert map is written too). No host sync."""
+    k = ids.numel()
+    if ids.shape != (1, k) or row.shape != (k,) or row.dtype != torch.float32:
+        raise ValueError(f"ids must be [1, k] and row float32 [k], got {tuple(ids.shape)} and {tuple(row.shape)}")
+    _flag_kernel[(1,)](ids, *_flag_args(num_experts, ids, claims, split), row, num_experts, TOP_K=k,
+                       CLAIMS=claims is not None, STREAM=split is not None,
+                       BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(k), num_warps=1)
