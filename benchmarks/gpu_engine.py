@@ -370,7 +370,7 @@ def main() -> None:
     chunk0 = report0.get("prefill_chunk_tokens") or 256
     llm.generate(random_prompt(min(chunk0 + 1, min(args.prompt_tokens)), vocab, 99), max_new_tokens=2)
     # decode at the timed prompts' length once, as many tokens as a timed prompt: capturing its CUDA graphs, and
-    # auto's first trials of its shares (each share its own graph), are not timed
+    # auto's first trials of its shares (share 0, the shares between 0 and 1, and 1 are captured apart), are not timed
     llm.generate(random_prompt(args.decode_prompt_tokens, vocab, 98), max_new_tokens=args.decode_tokens)
     print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     prefill = []

@@ -468,6 +468,38 @@ def test_prefill_buffers_lent_to_the_hot_cache_between_prompts_change_no_token(h
     assert llm.engine_report()["hcs_coverage"] > 0.5
 
 
+def test_a_capture_after_a_prompt_leaves_the_host_knowing_which_experts_are_resident(hybrid, tiny_checkpoint,
+                                                                                     monkeypatch):
+    from krasis.engine.decode_graph import DecodeGraphs
+
+    name = "deepseek_v2_lite_like"
+    _hot_cache_of_three_own_slots(monkeypatch)  # the lent slots hold most of the resident experts
+    # each new step shape hands the lent memory back and lends it again around its capture (on the CPU too)
+    monkeypatch.setattr(DecodeGraphs, "_room_for_capture", lambda self: self.rt.hot_cache_lent_back())
+    llm = hybrid(tiny_checkpoint(name)[1], cuda_graphs=False)
+    rt = llm.runtime
+    prompt, forced = random_prompt(40, seed=41), random_prompt(4, seed=42)
+    eager, clear = _eager_decode_logits(llm, prompt, forced)
+    serve, graphs, seen = rt.serve_graph_step, {}, []
+
+    def checked(*args, **kwargs):
+        seen.append(np.array_equal(rt._not_cpu >= 0, rt.hcs.table_host >= 0))
+        return serve(*args, **kwargs)
+
+    def graph_step(cache, token):
+        if "g" not in graphs:
+            rt.end_prefill()  # the slots lent after a prompt, as a generation leaves them
+            assert rt.hcs.lent
+            graphs["g"] = DecodeGraphs(llm._forward, rt, cache)
+        return graphs["g"].step(token, cache.length)[0]
+
+    monkeypatch.setattr(rt, "serve_graph_step", checked)
+    got = _decode_logits(llm, prompt, forced, graph_step)
+    assert seen and all(seen), "a step was served with the host's view of the hot cache out of date"
+    assert clear[0], "the first step, served after the capture, is clear of a routing tie"
+    assert rms_rel_err(got[clear], eager[clear]) < 3e-2  # an expert computed twice or by nobody: far more
+
+
 def test_extra_slots_in_prefill_activation_memory_change_no_token(hybrid, tiny_checkpoint, cpu_logits, monkeypatch):
 
     name = "deepseek_v2_lite_like"
@@ -573,6 +605,32 @@ def _decode_logits(llm, prompt, forced, step):
     return torch.stack([step(cache, token).float().cpu() for token in forced])
 
 
+# Below this gap between the last chosen and the first passed-over expert (or group), two computations of the same
+# step that round differently may choose differently (graph against eager on the tiny models: choice scores ~1e-3
+# apart, up to 6e-3 where "hybrid" runs an expert on the other side's kernels)
+NEAR_TIE = 1e-2
+
+
+def _eager_decode_logits(llm, prompt, forced):
+    """``_decode_logits`` through eager decode steps, and which steps chose every expert clear of a tie
+    (bool [steps]: no MoE layer's routing margin under NEAR_TIE)."""
+    import krasis.engine.forward as forward
+    from krasis.ops.router import routing_margin
+
+    margins, route = [], forward.route
+
+    def recording(logits, spec, dtype, bias=None):
+        if logits.shape[0] == 1:  # a decode step's layer, not the prompt's
+            margins.append(float(routing_margin(logits, spec, bias).min()))
+        return route(logits, spec, dtype, bias)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(forward, "route", recording)
+        logits = _decode_logits(llm, prompt, forced, lambda cache, t: llm._decode_step(t, cache))
+    clear = torch.tensor(margins).view(len(forced), -1).min(dim=1).values >= NEAR_TIE
+    return logits, clear
+
+
 @pytest.mark.parametrize("name,kv_dtype,mode,one_graph",
                          [(name, kv, "cpu", True) for name in MODELS for kv in ("bf16", "fp8")]
                          + [("glm4_moe_grouped", "bf16", "cpu", True),
@@ -588,7 +646,8 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
     llm = hybrid(tiny_checkpoint(name)[1], kv_dtype=kv_dtype, hcs_experts=6, cuda_graphs=False, decode_mode=mode)
     prompt = random_prompt(SMALLEST_BUCKET - 3, seed=11)
     forced = random_prompt(6, seed=12)  # positions 253..258: the first graphs' bucket, then the next one's
-    eager = _decode_logits(llm, prompt, forced, lambda cache, t: llm._decode_step(t, cache))
+    eager, clear = _eager_decode_logits(llm, prompt, forced)
+    assert clear[:3].any() and clear[3:].any(), "no step clear of a routing tie to compare by on one side"
     graphs = {}
 
     def graph_step(cache, token):
@@ -608,15 +667,17 @@ def test_decode_graph_steps_match_eager_decode_across_a_bucket_boundary(hybrid, 
         assert sorted(graphs["g"]._graphs) == [SMALLEST_BUCKET, 2 * SMALLEST_BUCKET]
     assert (llm.runtime.counters["routed_calls_streamed"] > streamed_before) == (mode != "cpu")
     # The graph step runs its own fused kernels (float32 attention and routing, the same roundings of the residual
-    # stream), so on these near-tied random models it agrees with eager decode to BF16 rounding, not bit for bit:
-    # ~1% RMS on the first step. Later steps drift further where a rounding difference flips a near-tied expert
-    # choice (seen on CUDA: 6.5% over six steps of the group-limited DeepSeek-V3 model), and FP8 entries are
-    # re-rounded to 3 mantissa bits, so one layer's difference can move the next layer's entry by a whole FP8 step
-    # (seen: 13% by the sixth step). A wrong kernel is off by 100%.
-    assert rms_rel_err(got[0], eager[0]) < 3e-2
-    assert rms_rel_err(got, eager) < 0.1
+    # stream), so it agrees with eager decode to BF16 rounding, not bit for bit: ~1% RMS a step. A step whose
+    # routing was near a tie may choose another expert (seen: 38% off in that step) and is left out. FP8 entries
+    # are re-rounded to 3 mantissa bits, so one layer's difference can move the next layer's entry by a whole FP8
+    # step (seen: 13% by the sixth step). A wrong kernel is off by 100%.
+    errors = [rms_rel_err(got[i], eager[i]) for i in range(len(forced)) if clear[i]]
+    assert errors[0] < 3e-2
     if kv_dtype == "bf16":
-        _assert_argmax_where_clear(eager, got.argmax(-1).tolist())
+        assert max(errors) < 3e-2, errors
+        _assert_argmax_where_clear(eager[clear], got[clear].argmax(-1).tolist())
+    else:
+        assert rms_rel_err(got[clear], eager[clear]) < 0.1
 
 
 def _graph_decoder(llm):
@@ -650,12 +711,13 @@ def test_a_one_graph_step_counts_where_each_routed_call_ran(hybrid, tiny_checkpo
 
 def _graph_steps_with_prefetch(llm, tokens, prefetch, invert=False):
     """Logits of one-graph steps feeding ``tokens`` after a 20-token prompt, prefetching ``prefetch`` experts a
-    layer, and what the engine counted meanwhile."""
+    layer, and what the engine counted meanwhile (with "steps": the keys of the whole steps run)."""
     llm.runtime.set_prefetch(prefetch, invert=invert)
     graphs, cache = _graph_decoder(llm)
     before = dict(llm.runtime.counters)
     logits = torch.stack([graphs.step(token, cache.length)[0].float().cpu() for token in tokens])
-    return logits, {key: llm.runtime.counters[key] - before[key] for key in before}
+    counted = {key: llm.runtime.counters[key] - before[key] for key in before}
+    return logits, {**counted, "steps": sorted(graphs._steps)}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -711,7 +773,8 @@ def test_a_prefetch_and_the_hosts_read_ahead_run_together_and_change_nothing(hyb
     plain, _ = _graph_steps_with_prefetch(llm, tokens, 0)
     llm.runtime.set_read_ahead(2)
     got, counted = _graph_steps_with_prefetch(llm, tokens, 1)  # the likeliest expert copied, the next two hinted
-    assert counted["prefetched_experts"] > 0 and counted["read_ahead_used"] <= counted["experts_read_ahead"]
+    assert counted["prefetched_experts"] > 0
+    assert [key[2:] for key in counted["steps"]] == [((1, False), 2)], "one step shape, prefetching and reading ahead"
     # the claimed experts ran on the GPU (BF16 activations) instead of the CPU: rounding apart, as above
     assert rms_rel_err(got[0], plain[0]) < 3e-2 and rms_rel_err(got, plain) < 0.1
     _assert_argmax_where_clear(plain, got.argmax(-1).tolist())

@@ -16,7 +16,8 @@ from tiny_models import DEEPSEEK_V3, GLM4_MOE
 import krasis
 from krasis.errors import ModelLoadError
 from krasis.models import spec_from_config
-from krasis.ops.router import route
+from krasis.models.spec import RouterSpec
+from krasis.ops.router import route, routing_margin
 
 NAMES = sorted({**GLM4_MOE, **DEEPSEEK_V3})
 
@@ -72,6 +73,21 @@ def test_noaux_tc_route_needs_the_bias_tensor():
                              "moe_intermediate_size": 64, "num_experts_per_tok": 2}).moe.router
     with pytest.raises(ValueError, match="router_bias"):
         route(torch.zeros(1, 4), spec, torch.float32)
+
+
+def test_routing_margin_is_the_gap_where_the_choice_of_groups_or_experts_would_change():
+    spec = RouterSpec(top_k=2, scoring="sigmoid", norm_topk_prob=False, group_limited=True, n_group=3,
+                      topk_group=2, correction_bias=True, group_score="top2_sum")
+    bias = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.0])
+    # choice scores (sigmoid + bias) per group of two: {0.9, 0.6}, {0.8, 0.75}, {0.7, 0.6}; groups 1.5, 1.55, 1.3
+    scores = torch.tensor([[0.9, 0.6, 0.7, 0.75, 0.7, 0.6]])
+    logits = torch.logit(scores)
+    # groups: 1.5 kept against 1.3 passed over (0.2); experts of the kept groups: 0.9, 0.8 chosen, 0.75 next (0.05)
+    torch.testing.assert_close(routing_margin(logits, spec, bias), torch.tensor([0.05]), atol=1e-6, rtol=0)
+    assert route(logits, spec, torch.float32, bias)[1].sort().values.tolist() == [[0, 2]]
+    # a third group close behind: its gap is the margin
+    near = torch.logit(torch.tensor([[0.9, 0.6, 0.7, 0.75, 0.7, 0.79]]))
+    torch.testing.assert_close(routing_margin(near, spec, bias), torch.tensor([0.01]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

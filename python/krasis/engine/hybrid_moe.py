@@ -218,11 +218,13 @@ class HybridExperts:
         lent = self.hcs.lent
         if lent:
             self._take_lent_back()
+            self._refresh_split()  # the host serves this step's experts with the table as it is now
         try:
             yield
         finally:
             if lent:
                 self.end_prefill()
+                self._refresh_split()
 
     def _take_lent_back(self) -> None:
         """The hot cache gives back the prefill buffers' slots and the extra slots' memory: their experts leave it,

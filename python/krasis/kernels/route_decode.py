@@ -11,7 +11,7 @@ the CPU experts. Group-limited routing is not covered (``fusable`` says so); it 
 A one-graph decode step's rows end with one flag per routed pair, telling the host which pairs the GPU runs:
 1.0 where a prefetch claimed the expert (``claims``), 2.0 where the step streams it over PCIe (``StreamSplit``),
 0.0 for the host's own (or resident) pairs. The split is decided per step: of the pairs neither resident nor
-claimed (n of them), the last ``streamed_count(n, share)`` in the router's order (its lowest-weighted) are
+claimed (n of them), the last ``streamed_count(n, share)`` in the router's order (its lowest-ranked) are
 streamed, so every layer sends both links about their share of its work, not a share of the experts by id.
 """
 
