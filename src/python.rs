@@ -685,6 +685,32 @@ fn checked_ids<T: Copy + Into<i64>>(
     Ok((ids, shape[1]))
 }
 
+/// A store's routed-expert forward of `layer` into a new float32 array [M, H] (the `forward` of both
+/// store classes): x float32 [M, H], expert_ids int [M, k] (-1 skips), weights float32 [M, k].
+#[allow(clippy::too_many_arguments)]
+fn routed_forward<'py, S: RoutedExperts + Sync>(
+    py: Python<'py>,
+    store: &S,
+    num_layers: usize,
+    layer: usize,
+    x: &Bound<'py, PyAny>,
+    expert_ids: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    act_int8: bool,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (h, _, num_experts) = store.sizes();
+    let inp = MoeInputs::check(layer, (num_layers, num_experts), h, x, expert_ids, weights)?;
+    let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
+    let (p, sp) = (pool::global(), path()?);
+    let y = PyArray2::<f32>::zeros(py, [inp.m, h], false);
+    // SAFETY: `y` was created just above, C-contiguous, and nothing else refers to its data
+    // until it is returned.
+    let out = unsafe { y.as_slice_mut() }.expect("a new array is contiguous");
+    py.detach(|| store.forward_add(&p, sp, layer, xs, &inp.ids, ws, act_int8, out))
+        .map_err(verr)?;
+    Ok(y)
+}
+
 #[pymethods]
 impl PyExpertStore {
     #[new]
@@ -845,17 +871,7 @@ impl PyExpertStore {
         act_int8: bool,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let s = &self.inner;
-        let (h, dims) = (s.layout.hidden, (s.num_layers, s.num_experts));
-        let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
-        let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
-        let (p, sp) = (pool::global(), path()?);
-        let y = PyArray2::<f32>::zeros(py, [inp.m, h], false);
-        // SAFETY: `y` was created just above, C-contiguous, and nothing else refers to its data
-        // until it is returned.
-        let out = unsafe { y.as_slice_mut() }.expect("a new array is contiguous");
-        py.detach(|| s.forward_add(&p, sp, layer, xs, &inp.ids, ws, act_int8, out))
-            .map_err(verr)?;
-        Ok(y)
+        routed_forward(py, s, s.num_layers, layer, x, expert_ids, weights, act_int8)
     }
 
     /// Answer one decode step's handshakes with a GPU step graph (see `decode_link`): for each MoE layer
@@ -1016,17 +1032,7 @@ impl PyGgufExpertStore {
         act_int8: bool,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let s = &self.inner;
-        let (h, dims) = (s.hidden, (s.num_layers, s.num_experts));
-        let inp = MoeInputs::check(layer, dims, h, x, expert_ids, weights)?;
-        let (xs, ws) = (contiguous(&inp.x, "x")?, contiguous(&inp.w, "weights")?);
-        let (p, sp) = (pool::global(), path()?);
-        let y = PyArray2::<f32>::zeros(py, [inp.m, h], false);
-        // SAFETY: `y` was created just above, C-contiguous, and nothing else refers to its data
-        // until it is returned.
-        let out = unsafe { y.as_slice_mut() }.expect("a new array is contiguous");
-        py.detach(|| s.forward_add(&p, sp, layer, xs, &inp.ids, ws, act_int8, out))
-            .map_err(verr)?;
-        Ok(y)
+        routed_forward(py, s, s.num_layers, layer, x, expert_ids, weights, act_int8)
     }
 
     /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).
