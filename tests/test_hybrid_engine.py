@@ -880,6 +880,41 @@ def test_a_choice_read_before_a_capture_is_not_handed_to_a_later_step(hybrid, ti
     assert graphs.chosen() == want[1]
 
 
+def _llm_with_decode_graphs(hybrid, tiny_checkpoint, monkeypatch):
+    """A hybrid model whose generations decode through DecodeGraphs (as with CUDA graphs on; on the CPU the
+    same fixed-shape steps run eagerly), every routed expert the CPU's."""
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)
+    llm._start_decode_graphs(True)
+    assert llm._pipelined(llm._kv)
+    return llm
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])  # pipelined greedy steps, sampled steps
+def test_a_generation_whose_cache_a_later_call_took_says_so(hybrid, tiny_checkpoint, monkeypatch, temperature):
+    llm = _llm_with_decode_graphs(hybrid, tiny_checkpoint, monkeypatch)
+    prompt, other = random_prompt(24, seed=33), random_prompt(20, seed=34)
+    want = llm.generate(prompt, 6, temperature=temperature, seed=5)
+    first = llm.stream(prompt, max_new_tokens=6, temperature=temperature, seed=5)
+    assert [next(first), next(first)] == want[:2]
+    llm.generate(other, 3)  # takes the one cache the graphs decode into
+    with pytest.raises(RuntimeError, match="taken by a later call"):
+        next(first)
+    assert llm.generate(prompt, 6, temperature=temperature, seed=5) == want
+
+
+def test_a_decode_setting_changed_between_pipelined_tokens_changes_no_token(hybrid, tiny_checkpoint, monkeypatch):
+    llm = _llm_with_decode_graphs(hybrid, tiny_checkpoint, monkeypatch)
+    prompt = random_prompt(24, seed=35)
+    want = llm.generate(prompt, 8)
+    stream = llm.stream(prompt, max_new_tokens=8)
+    got = [next(stream) for _ in range(3)]
+    assert llm._graphs._launched is not None, "the next step is queued while the caller holds the token"
+    llm.set_read_ahead(0)  # serves the queued step (unused): the generation queues it again from its token
+    got += list(stream)
+    assert got == want
+
+
 def test_a_failing_cpu_side_in_a_pipelined_step_resets_the_link_and_decode_goes_on(hybrid, tiny_checkpoint,
                                                                                     monkeypatch):
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")

@@ -123,6 +123,9 @@ class LLM:
                              "set TRITON_INTERPRET=1 before starting Python, or use device='cuda'")
         self.kv_dtype = kv_dtype or ("fp8" if hybrid else "auto")
         self.plan, self.runtime = None, None
+        self._kv: KVCache | None = None  # the one fixed cache that decode graphs captured (see new_cache)
+        self._kv_owner = 0  # counts the calls that took ``_kv``: a generation holding an older count lost it
+        self._graphs = None
         self.cache_dir: Path | None = None  # the weight cache in use (quantised runs)
         self.load_report: dict = {}
         start = time.perf_counter()
@@ -166,8 +169,6 @@ class LLM:
         self.eos_token_ids = _eos_ids(self.model_path, self.spec.eos_token_ids, self.tokenizer)
         self.max_context = self.spec.max_position_embeddings
         self._session: tuple[KVCache, list[int]] | None = None  # (cache, the tokens it holds) for prefix reuse
-        self._kv: KVCache | None = None  # the one fixed cache that decode graphs captured (see new_cache)
-        self._graphs = None
         # greedy decode through one-graph steps queues each step before the host has read the previous token
         # (``_greedy_pipelined``); False: one step at a time, as sampled decode runs (a baseline)
         self.pipeline_decode = True
@@ -206,6 +207,7 @@ class LLM:
 
         if self.runtime is None:
             raise ValueError("decode modes belong to the GPU engine (device='cuda' with quantised experts)")
+        self._quiesce()
         rates = {}
         if mode == "hybrid":
             if self._link_rates is None:
@@ -236,6 +238,7 @@ class LLM:
         if not isinstance(experts, int) or not 0 <= experts <= k:
             raise ValueError(f"prefetch_experts must be a whole number from 0 to the router's top-k ({k}), not "
                              f"{experts!r}")
+        self._quiesce()
         self.runtime.set_prefetch(experts)
         if not experts:
             return
@@ -253,6 +256,7 @@ class LLM:
         a wrong guess costs idle DRAM time and changes no result."""
         if self.runtime is None:
             raise ValueError("read-ahead belongs to the GPU engine (device='cuda' with quantised experts)")
+        self._quiesce()
         self.runtime.set_read_ahead(experts)  # a ValueError naming the range for anything else
 
     def _heat_path(self) -> Path:
@@ -376,12 +380,32 @@ class LLM:
 
     def new_cache(self) -> KVCache:
         """An empty KV cache. With decode graphs it is always the same cache (the graphs hold its addresses), so
-        this ends the prefix-reuse session that held it."""
+        this ends the prefix-reuse session that held it, and a generation still decoding into it."""
         if self._kv is not None:
             self._session = None
-            self._kv.reset()
+            self._take_kv().reset()
             return self._kv
         return self._fresh_cache()
+
+    @torch.inference_mode()
+    def _quiesce(self) -> None:
+        """Serve (unused) a step a paused pipelined generation left queued: the GPU side of a queued step waits
+        for the host, so anything else the device runs would wait behind it."""
+        if self._graphs is not None:
+            self._graphs.discard()
+
+    def _take_kv(self) -> KVCache:
+        """The decode graphs' one cache, for a new owner (a generation still holding it finds it taken)."""
+        self._quiesce()
+        self._kv_owner += 1
+        return self._kv
+
+    def _check_owner(self, cache: KVCache, owner: int) -> None:
+        """Raise if a later call took ``cache`` (the decode graphs' one cache) from the generation of ``owner``."""
+        if cache is self._kv and self._kv_owner != owner:
+            raise RuntimeError("this generation's KV cache was taken by a later call on the same model (with CUDA "
+                               "graphs every generation decodes into one cache): finish or close a stream before "
+                               "starting another, or pass cuda_graphs=False for independent generations")
 
     def _fresh_cache(self) -> KVCache:
         if self.plan is not None:
@@ -432,19 +456,20 @@ class LLM:
         layers (Qwen3-Next) reuse only when the common prefix covers everything cached or at least the previous
         prompt (their recurrent state is kept at both points), and otherwise prefill the whole prompt.
         """
-        if self._graphs is not None:
-            self._graphs.discard()  # a step a pipelined generation left queued when its caller abandoned it
         tokens = self._check_tokens(token_ids, max_new_tokens)
         generator = None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         if reuse_prefix and self._session is not None:
             cache, cached = self._session
+            if cache is self._kv:
+                self._take_kv()
             # linear-attention state cannot be rewound: truncate may keep less (see KVCache.truncate)
             start = cache.truncate(_common_prefix(cached, token_ids, limit=len(token_ids) - 1))
         else:
             cache, start = self.new_cache(), 0
         self.last_cached_tokens = start
+        owner = self._kv_owner  # this generation's claim on the decode graphs' cache (``_check_owner``)
         history = list(token_ids)
         if reuse_prefix:
             self._session = (cache, history)
@@ -456,7 +481,7 @@ class LLM:
             counts = torch.zeros(self.spec.vocab_size, dtype=torch.float32, device=self.device)
         logits = self._forward.logits(hidden[-1:])[0]
         if temperature <= 0 and counts is None and self._pipelined(cache):
-            yield from self._greedy_pipelined(logits, cache, history, max_new_tokens)
+            yield from self._greedy_pipelined(logits, cache, history, max_new_tokens, owner)
             return
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, top_k, generator, min_p=min_p,
@@ -470,6 +495,7 @@ class LLM:
             if token in self.eos_token_ids or step == max_new_tokens - 1:
                 return
             history.append(token)
+            self._check_owner(cache, owner)
             logits = self._decode_step(token, cache)
 
     def _pipelined(self, cache: KVCache) -> bool:
@@ -478,7 +504,7 @@ class LLM:
                 and self._graphs.pipeline_unsupported() is None)
 
     def _greedy_pipelined(self, logits: torch.Tensor, cache: KVCache, history: list[int],
-                          max_new_tokens: int) -> Iterator[int]:
+                          max_new_tokens: int, owner: int) -> Iterator[int]:
         """Greedy decode with each step queued on the device's token as soon as the previous step's CPU experts
         are done: the GPU goes from one step's end into the next while the host reads the token back and hands it
         out. A step queued on a token that turns out to end the generation (EOS, or the caller stops) still runs
@@ -498,9 +524,11 @@ class LLM:
                 if token in self.eos_token_ids or last:
                     return
                 history.append(token)
-                if ticket is not None and time.perf_counter() - handed > PIPELINE_PAUSE_S:
+                self._check_owner(cache, owner)
+                if ticket is not None and (not g.queued(ticket) or time.perf_counter() - handed > PIPELINE_PAUSE_S):
                     # the caller held the token long enough for the queued step's GPU side to stop waiting for
-                    # the host: run it again, from the token
+                    # the host, or meanwhile changed a decode setting (which served the step): run it again, from
+                    # the token
                     g.discard(ticket)
                     g.set_token(token)
                     g.launch(cache.length)

@@ -488,6 +488,8 @@ class DecodeGraphs:
     def serve(self, extend: bool = True) -> None:
         """Run the CPU experts of the step ``launch`` queued, to its last MoE layer; with ``extend`` the cache then
         counts its position (without, the step is one not wanted: its entries lie past the cache's length)."""
+        if self._launched is None:
+            raise RuntimeError("decode pipeline: no step is queued to serve (launch one first)")
         step, self._launched = self._launched, None
         self._kept = None  # a choice read before a capture belongs to the step served before this one
         if self.capturing:
@@ -498,11 +500,15 @@ class DecodeGraphs:
         if extend:
             self.cache.length = step.position + 1
 
+    def queued(self, ticket: int) -> bool:
+        """Whether the step of ``ticket`` is still queued (not served, nor discarded by another caller)."""
+        return self._launched is not None and self._launched.ticket == ticket
+
     def discard(self, ticket: int | None = None) -> None:
         """Serve, unextended, the step ``launch`` queued (only if it is the one of ``ticket``, when given): a step
         queued on a token that ended its generation, or left by a generation its caller abandoned. A step the
         GPU gave up waiting for (its host away too long) resets the link instead of raising: its work is unused."""
-        if self._launched is None or (ticket is not None and self._launched.ticket != ticket):
+        if self._launched is None or (ticket is not None and not self.queued(ticket)):
             return
         try:
             self.serve(extend=False)
