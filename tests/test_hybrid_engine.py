@@ -1005,6 +1005,21 @@ def test_prefix_reuse_keeps_working_with_decode_graphs(tiny_checkpoint):
     _assert_clear_argmax(llm, second, reused)
 
 
+def test_warm_up_decodes_every_step_it_is_asked_for_even_past_an_eos_and_keeps_the_eos(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4)
+    eos = set(range(llm.spec.vocab_size))  # every token ends a generation
+    llm.eos_token_ids = eos
+    before = llm.engine_counters()["decode_layer_steps"]
+    assert llm.warm_up(6) > 0
+    assert llm.engine_counters()["decode_layer_steps"] - before == 5 * len(llm.runtime.host)
+    assert llm.eos_token_ids is eos
+    assert len(llm.generate(random_prompt(10, seed=16), 6)) == 1, "generations stop at EOS again"
+
+
+def test_warm_up_has_nothing_to_do_without_the_gpu_engine(tiny_checkpoint):
+    assert krasis.LLM(tiny_checkpoint("deepseek_v2_lite_like")[1], progress=False).warm_up() == 0.0
+
+
 def test_engine_counters_count_each_decode_layer_step_and_routed_call(hybrid, tiny_checkpoint):
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4)
     before = llm.engine_counters()

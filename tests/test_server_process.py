@@ -1,11 +1,13 @@
 """The server process's life: the discovery file appears while it runs and goes on SIGTERM; a bad model
-directory is a clear error."""
+directory is a clear error; the model is warmed up before the server answers."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 from server_process import start_server
 
 
@@ -62,3 +64,41 @@ def test_sigterm_during_an_open_stream_exits_promptly(tiny_checkpoint, tmp_path)
     finally:
         server.stop()
     assert not (tmp_path / "servers" / f"{server.proc.pid}.json").exists()
+
+
+class _WarmableModel:
+    """What the server's load step needs of a model, recording warm_up calls."""
+
+    def __init__(self, path):
+        self.model_path = path
+        self.warmed = 0
+
+    def warm_up(self) -> float:
+        self.warmed += 1
+        return 0.5
+
+
+@pytest.mark.parametrize("flags,warmed", [([], 1), (["--no-warmup"], 0)])
+def test_the_server_warms_the_model_up_before_it_answers_unless_told_not_to(monkeypatch, tmp_path, capsys, flags,
+                                                                             warmed):
+    import uvicorn
+
+    from krasis.server import __main__ as server_main
+
+    monkeypatch.setenv("KRASIS_HOME", str(tmp_path))
+    model = _WarmableModel(tmp_path)
+
+    class Server:  # stands in for uvicorn's: "serves" until the model is attached
+        def __init__(self, config):
+            self.state, self.should_exit = config.app.state.krasis, False
+
+        def run(self):
+            deadline = time.monotonic() + 30
+            while self.state.llm is None and not self.should_exit and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    args = server_main.build_parser().parse_args(["--port", "0", "--served-model-name", "m", *flags])
+    assert server_main.serve(args, lambda: model) == 0
+    assert model.warmed == warmed
+    assert ("warmed up in 0.5 s" in capsys.readouterr().err) == bool(warmed)

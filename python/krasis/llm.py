@@ -37,6 +37,9 @@ LOGIT_ROWS = 512
 # A caller holding a token longer than this (seconds) while pipelined decode has the next step queued gets that
 # step run again: the step's GPU side waits for the host only so long (tens of seconds, ``kernels.host_signal``).
 PIPELINE_PAUSE_S = 1.0
+# ``warm_up``'s generation: enough decode steps for ``auto`` to try its shares once (engine.decode_modes.AutoSplit)
+WARMUP_TEXT = "Krasis warm-up: a short prompt whose answer nobody reads."
+WARMUP_TOKENS = 40
 
 
 def _eos_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer: Tokenizer) -> set[int]:
@@ -317,6 +320,25 @@ class LLM:
         slots = {layer: slot for slot, layer in enumerate(self.gguf_experts.moe_layers)}
         return load_weights(ckpt, self.spec, self.dtype, self.device,
                             experts_factory=lambda index, _read: CPUExpertLayer(store, slots[index]))
+
+    @torch.inference_mode()
+    def warm_up(self, tokens: int = WARMUP_TOKENS) -> float:
+        """Generate ``tokens`` greedy tokens after a short prompt, unused, so that a first request does not pay for
+        what the GPU engine's first decode steps do once: capturing the first KV bucket's decode graphs (each share
+        of ``auto``'s a graph of its own) and ``auto``'s first trials of its shares. Returns the seconds it took;
+        0.0 without the GPU engine, where there is nothing to warm."""
+        if self.runtime is None:
+            return 0.0
+        start, eos = time.perf_counter(), self.eos_token_ids
+        self.eos_token_ids = set()  # every step wanted, wherever the model would stop
+        try:
+            self.generate(self.tokenizer.encode(WARMUP_TEXT, add_special_tokens=False), max_new_tokens=tokens)
+        finally:
+            self.eos_token_ids = eos
+        seconds = time.perf_counter() - start
+        log.info("warm-up: %d tokens generated and dropped in %.1f s (decode graphs captured, decode mode's shares "
+                 "tried)", tokens, seconds)
+        return seconds
 
     @torch.inference_mode()
     def calibrate_hot_experts(self, prompts: list[list[int]]) -> int:

@@ -27,6 +27,10 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send (default: the model directory's name)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting or running at once; more get 503 with Retry-After (default 64)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="answer at once after loading, without the short unused generation that captures the GPU "
+                        "engine's first decode graphs and tries --decode-mode auto's shares before the first request "
+                        "(default: warm up; nothing to warm on the CPU path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +67,11 @@ def serve(args: argparse.Namespace, load_llm) -> int:
 
     def load() -> None:
         try:
-            state.attach(load_llm(), args.served_model_name)
+            llm = load_llm()
+            if args.warmup and (seconds := llm.warm_up()):
+                print(f"krasis: warmed up in {seconds:.1f} s (decode graphs captured, the decode mode's first trials "
+                      "run)", file=sys.stderr, flush=True)
+            state.attach(llm, args.served_model_name)
         except (KrasisError, ValueError, NotImplementedError, OSError) as e:
             failure.append(str(e))
             server.should_exit = True
