@@ -1005,14 +1005,23 @@ def test_prefix_reuse_keeps_working_with_decode_graphs(tiny_checkpoint):
     _assert_clear_argmax(llm, second, reused)
 
 
-def test_warm_up_decodes_every_step_it_is_asked_for_even_past_an_eos_and_keeps_the_eos(hybrid, tiny_checkpoint):
+def test_warm_up_decodes_every_step_it_is_asked_for_even_past_an_eos_and_keeps_the_eos(hybrid, tiny_checkpoint,
+                                                                                       monkeypatch):
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4)
+    generate, runs = llm.generate, []
+
+    def recording(prompt, max_new_tokens):
+        runs.append((len(prompt), len(generate(prompt, max_new_tokens))))
+        return []
+
+    monkeypatch.setattr(llm, "generate", recording)
     eos = set(range(llm.spec.vocab_size))  # every token ends a generation
     llm.eos_token_ids = eos
-    before = llm.engine_counters()["decode_layer_steps"]
-    assert llm.warm_up(6) > 0
-    assert llm.engine_counters()["decode_layer_steps"] - before == 5 * len(llm.runtime.host)
+    assert llm.warm_up(6) > 0 and runs == [(64, 6)]
     assert llm.eos_token_ids is eos
+    llm.max_context = 20  # a context too small for the whole warm-up: both halved to fit
+    assert llm.warm_up() > 0 and runs[1] == (10, 10)
+    monkeypatch.undo()
     assert len(llm.generate(random_prompt(10, seed=16), 6)) == 1, "generations stop at EOS again"
 
 

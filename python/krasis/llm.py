@@ -39,6 +39,7 @@ LOGIT_ROWS = 512
 PIPELINE_PAUSE_S = 1.0
 # ``warm_up``'s generation: enough decode steps for ``auto`` to try its shares once (engine.decode_modes.AutoSplit)
 WARMUP_TEXT = "Krasis warm-up: a short prompt whose answer nobody reads."
+WARMUP_PROMPT_TOKENS = 64
 WARMUP_TOKENS = 40
 
 
@@ -323,16 +324,24 @@ class LLM:
 
     @torch.inference_mode()
     def warm_up(self, tokens: int = WARMUP_TOKENS) -> float:
-        """Generate ``tokens`` greedy tokens after a short prompt, unused, so that a first request does not pay for
-        what the GPU engine's first decode steps do once: capturing the first KV bucket's decode graphs (each share
-        of ``auto``'s a graph of its own) and ``auto``'s first trials of its shares. Returns the seconds it took;
-        0.0 without the GPU engine, where there is nothing to warm."""
+        """Generate ``tokens`` greedy tokens after a short prompt (64 tokens, streamed through prefill), unused, so
+        that a first request does not pay for what the GPU engine does once: compiling prefill's kernels, capturing
+        the first KV bucket's decode graphs and ``auto``'s first trials of its shares. Within a smaller context
+        both are shortened. Returns the seconds it took; 0.0 without the GPU engine (nothing to warm)."""
         if self.runtime is None:
             return 0.0
+        room = min(self.max_context, self.plan.kv_tokens if self.plan is not None else self.max_context)
+        # a prompt long enough to be streamed (prefill's kernels compiled too), both within a small context
+        length = min(WARMUP_PROMPT_TOKENS, room // 2)
+        tokens = min(tokens, room - length)
+        if length < 1 or tokens < 1:
+            return 0.0
+        text = self.tokenizer.encode(WARMUP_TEXT, add_special_tokens=False) or [0]
+        prompt = (text * (length // len(text) + 1))[:length]
         start, eos = time.perf_counter(), self.eos_token_ids
         self.eos_token_ids = set()  # every step wanted, wherever the model would stop
         try:
-            self.generate(self.tokenizer.encode(WARMUP_TEXT, add_special_tokens=False), max_new_tokens=tokens)
+            self.generate(prompt, max_new_tokens=tokens)
         finally:
             self.eos_token_ids = eos
         seconds = time.perf_counter() - start
