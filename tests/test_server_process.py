@@ -78,17 +78,22 @@ class _WarmableModel:
         return 0.5
 
 
-@pytest.mark.parametrize("flags,warmed", [([], 1), (["--no-warmup"], 0)])
-def test_the_server_warms_the_model_up_before_it_answers_unless_told_not_to(monkeypatch, tmp_path, capsys, flags,
-                                                                             warmed):
+class _FailingWarmUp(_WarmableModel):
+    def warm_up(self) -> float:
+        raise RuntimeError("out of memory in a capture")
+
+
+def _serve_until_attached(monkeypatch, tmp_path, model, flags=()):
+    """Run the server's ``serve`` with a stand-in for uvicorn's server that returns once the model is attached;
+    returns serve's exit status and the model attached."""
     import uvicorn
 
     from krasis.server import __main__ as server_main
 
     monkeypatch.setenv("KRASIS_HOME", str(tmp_path))
-    model = _WarmableModel(tmp_path)
+    attached = []
 
-    class Server:  # stands in for uvicorn's: "serves" until the model is attached
+    class Server:
         def __init__(self, config):
             self.state, self.should_exit = config.app.state.krasis, False
 
@@ -96,9 +101,23 @@ def test_the_server_warms_the_model_up_before_it_answers_unless_told_not_to(monk
             deadline = time.monotonic() + 30
             while self.state.llm is None and not self.should_exit and time.monotonic() < deadline:
                 time.sleep(0.01)
+            attached.append(self.state.llm)
 
     monkeypatch.setattr(uvicorn, "Server", Server)
     args = server_main.build_parser().parse_args(["--port", "0", "--served-model-name", "m", *flags])
-    assert server_main.serve(args, lambda: model) == 0
+    return server_main.serve(args, lambda: model), attached[0]
+
+
+@pytest.mark.parametrize("flags,warmed", [([], 1), (["--no-warmup"], 0)])
+def test_the_server_warms_the_model_up_before_it_answers_unless_told_not_to(monkeypatch, tmp_path, capsys, flags,
+                                                                             warmed):
+    model = _WarmableModel(tmp_path)
+    assert _serve_until_attached(monkeypatch, tmp_path, model, flags) == (0, model)
     assert model.warmed == warmed
     assert ("warmed up in 0.5 s" in capsys.readouterr().err) == bool(warmed)
+
+
+def test_a_failed_warm_up_is_reported_and_the_server_serves_all_the_same(monkeypatch, tmp_path, capsys):
+    model = _FailingWarmUp(tmp_path)
+    assert _serve_until_attached(monkeypatch, tmp_path, model) == (0, model)
+    assert "the warm-up generation failed (RuntimeError: out of memory in a capture)" in capsys.readouterr().err

@@ -344,6 +344,7 @@ class LLM:
             self.generate(prompt, max_new_tokens=tokens)
         finally:
             self.eos_token_ids = eos
+        self.runtime.hcs.reset_coverage()  # the coverage reported is the requests'
         seconds = time.perf_counter() - start
         log.info("warm-up: %d tokens generated and dropped in %.1f s (decode graphs captured, decode mode's shares "
                  "tried)", tokens, seconds)

@@ -51,7 +51,8 @@ def routing_margin(logits: torch.Tensor, spec: RouterSpec,
                    correction_bias: torch.Tensor | None = None) -> torch.Tensor:
     """How far each token's choice of experts is from a tie [T] (float32): the smallest gap between the last
     chosen and the first passed-over score, of the groups (group-limited routing) and of the experts. Two
-    computations whose roundings differ by less than this choose the same experts."""
+    computations whose scores differ by well under this (a group's score sums two experts' under "top2_sum":
+    under a quarter of it there) choose the same experts."""
     _, choice = _scores(logits, spec, correction_bias)
     margin = torch.full(choice.shape[:1], float("inf"), device=choice.device)
     group_scores = _group_scores(choice, spec)

@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def warm_up(llm) -> None:
+    """``llm.warm_up()``, said on stderr; a failure is reported and the server starts all the same (the first
+    request then does what the warm-up did, and meets the same error if it is not a passing one)."""
+    try:
+        seconds = llm.warm_up()
+    except Exception as e:
+        log.warning("warm-up failed (%s: %s); serving without it", type(e).__name__, e)
+        print(f"krasis: warning: the warm-up generation failed ({type(e).__name__}: {e}); serving without it",
+              file=sys.stderr, flush=True)
+        return
+    if seconds:
+        print(f"krasis: warmed up in {seconds:.1f} s (decode graphs captured, the decode mode's first trials run)",
+              file=sys.stderr, flush=True)
+
+
 def serve(args: argparse.Namespace, load_llm) -> int:
     """Open the port, load the model with ``load_llm()`` on a thread, serve until SIGTERM/SIGINT.
     Returns the exit status (1 when the model could not be loaded)."""
@@ -68,9 +83,8 @@ def serve(args: argparse.Namespace, load_llm) -> int:
     def load() -> None:
         try:
             llm = load_llm()
-            if args.warmup and (seconds := llm.warm_up()):
-                print(f"krasis: warmed up in {seconds:.1f} s (decode graphs captured, the decode mode's first trials "
-                      "run)", file=sys.stderr, flush=True)
+            if args.warmup:
+                warm_up(llm)
             state.attach(llm, args.served_model_name)
         except (KrasisError, ValueError, NotImplementedError, OSError) as e:
             failure.append(str(e))
