@@ -90,6 +90,7 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
             "nonresident_bytes_per_token": nonres_bytes, "bound_tok_s": bound,
             "cpu_expert_ms_per_token": 1e3 * sum(r["cpu_expert_seconds"] for r in runs) / steps,
             "wait_ms_per_token": 1e3 * sum(r["wait_for_gpu_seconds"] for r in runs) / steps,
+            "prefetch_queue_ms_per_token": 1e3 * sum(r.get("prefetch_queue_seconds", 0) for r in runs) / steps,
             "final_gpu_share": llm.runtime.gpu_share,
             # of the prefetched experts, the share the router picked; of the non-resident calls, the share they served
             "prefetch_hit_rate": prefetch_hits / prefetched if prefetched else None,

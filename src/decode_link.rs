@@ -17,6 +17,12 @@
 //! With hints (`Mailbox::with_hints`), the GPU also writes, during a layer's handshake, the experts it predicts
 //! the next MoE layer will send to the CPU, then the handshake's number in front of them: having answered a
 //! layer, the host reads those experts ahead (`warm`) while the GPU runs the next layer's attention.
+//!
+//! With a prefetch (`Mailbox::with_prefetch`), the GPU writes with each layer's staged row the experts
+//! it predicts the next MoE layer will route and that are not resident, then the handshake's number in
+//! front of them (one row per parity of the next layer's index); having answered a layer, the host
+//! queues their copies into VRAM (`prefetch`, `expert_copy`), which the GPU runs at the next layer
+//! once the copies have landed, while the host skips them there (they are `CLAIMED` in its row).
 
 use crate::moe::SKIP;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -34,6 +40,8 @@ pub struct Mailbox {
     claims: bool,
     hints: *const i64,
     num_hints: usize,
+    prefetch: *const i64,
+    num_prefetch: usize,
 }
 
 /// The flag of a routed pair whose expert the GPU prefetched (module docs).
@@ -42,9 +50,12 @@ pub const CLAIMED: f32 = 1.0;
 /// What one `serve` did: routed pairs computed on the CPU, pairs the GPU claimed (prefetched), seconds
 /// in the CPU kernels, seconds spent waiting for the GPU to stage a layer (reading ahead included), experts
 /// hinted for reading ahead (read in part or whole: reading stops when the next layer is staged), how many
-/// of those the next layer sent to the CPU, and the bytes read ahead.
+/// of those the next layer sent to the CPU, the bytes read ahead, the experts whose copies to VRAM
+/// it queued (prefetch) and the seconds queuing them took.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServeStats {
+    pub prefetched: usize,
+    pub prefetch_seconds: f64,
     pub cpu_pairs: usize,
     pub claimed_pairs: usize,
     pub cpu_seconds: f64,
@@ -78,7 +89,53 @@ impl Mailbox {
             claims,
             hints: std::ptr::null(),
             num_hints: 0,
+            prefetch: std::ptr::null(),
+            num_prefetch: 0,
         }
+    }
+
+    /// Queue copies of the GPU's predictions: `prefetch` holds 2 x (1 + `count`) i64, a row per parity
+    /// of the next MoE layer's index: [0] the handshake during which the rest (expert ids, -1: none)
+    /// were written.
+    ///
+    /// # Safety
+    /// As for `new`: `prefetch` is valid and aligned for 2 x (1 + `count`) i64 for the Mailbox's
+    /// lifetime.
+    pub unsafe fn with_prefetch(mut self, prefetch: *const i64, count: usize) -> Mailbox {
+        self.prefetch = prefetch;
+        self.num_prefetch = count;
+        self
+    }
+
+    /// The experts predicted during handshake `seq` for the next layer (of `parity`), once the GPU has
+    /// written them (it always does when the step prefetches); an error after `timeout`.
+    fn predicted(&self, parity: usize, seq: i64, timeout: Duration) -> Result<Vec<i64>, String> {
+        // SAFETY: `with_prefetch`'s contract: row `parity` starts with an aligned i64 mark.
+        let row = unsafe { self.prefetch.add(parity * (1 + self.num_prefetch)) };
+        // SAFETY: as above; the mark is read atomically.
+        let mark = unsafe { &*(row as *const AtomicI64) };
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while mark.load(Ordering::Acquire) < seq {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(4096) && start.elapsed() > timeout {
+                return Err(format!(
+                    "the GPU did not write its prefetch prediction of handshake {seq}"
+                ));
+            }
+        }
+        // SAFETY: as above, num_prefetch more i64 follow; volatile because the GPU wrote them. The GPU
+        // writes this row again only two layers on, after the host has answered the next one.
+        let ids = (1..=self.num_prefetch)
+            .map(|i| unsafe { row.add(i).read_volatile() })
+            .collect();
+        if mark.load(Ordering::Acquire) != seq {
+            return Err(format!(
+                "the prefetch prediction of handshake {seq} was overwritten before it was read"
+            ));
+        }
+        Ok(ids)
     }
 
     /// Read ahead on the GPU's hints: `hints` holds 1 + `num_hints` i64, [0] the handshake during which the
@@ -172,15 +229,46 @@ impl Mailbox {
     }
 }
 
+/// Read the GPU's prediction for MoE layer `next` (of `parity`) written during handshake `seq` and hand
+/// it to `prefetch`; returns the experts it queued.
+fn queue_prefetch<P>(
+    mb: &Mailbox,
+    next: usize,
+    parity: usize,
+    seq: i64,
+    num_experts: usize,
+    timeout: Duration,
+    prefetch: &mut P,
+) -> Result<usize, String>
+where
+    P: FnMut(usize, usize, &[Option<usize>], i64) -> Result<usize, String>,
+{
+    let ids = mb
+        .predicted(parity, seq, timeout)?
+        .into_iter()
+        .map(|id| match id {
+            -1 => Ok(None),
+            0.. if (id as usize) < num_experts => Ok(Some(id as usize)),
+            _ => Err(format!(
+                "the GPU predicted expert id {id} for MoE layer {next} (valid: 0..{num_experts})"
+            )),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    prefetch(next, parity, &ids, seq)
+}
+
 /// Answer the GPU's handshakes for one decode step: `layers[j]` is the MoE layer of the j-th. For each,
 /// the staged experts neither resident in VRAM (`resident[layer * num_experts + id] < 0`) nor claimed
 /// run through `forward(layer, x, ids, weights)` (ids SKIP elsewhere) and the rest count as the GPU's; every routed
 /// id is recorded in `ids_out[j * k ..]`. A staged id out of range is an error (after the GPU has been
 /// answered with zeros, so it is not left waiting). With hints, after answering layer j the hinted experts
 /// of layer j + 1 that are not resident go to `warm(layer, ids, stop)`, whose `stop()` turns true once the GPU
-/// has staged that layer, and which returns the bytes it read.
+/// has staged that layer, and which returns the bytes it read. With a prefetch, having answered layer j,
+/// the predicted experts of layer j + 1 go to `prefetch(layer, parity, ids, seq)` (parity: (j + 1) % 2,
+/// ids: one per prediction, None where the GPU predicted none), which queues their copies and returns
+/// how many it queued.
 #[allow(clippy::too_many_arguments)]
-pub fn serve<F, W>(
+pub fn serve<F, W, P>(
     mb: &Mailbox,
     layers: &[usize],
     resident: &[i64],
@@ -189,10 +277,12 @@ pub fn serve<F, W>(
     timeout: Duration,
     mut forward: F,
     mut warm: W,
+    mut prefetch: P,
 ) -> Result<ServeStats, String>
 where
     F: FnMut(usize, &[f32], &[usize], &[f32]) -> Result<Vec<f32>, String>,
     W: FnMut(usize, &[usize], &(dyn Fn() -> bool + Sync)) -> usize,
+    P: FnMut(usize, usize, &[Option<usize>], i64) -> Result<usize, String>,
 {
     let (h, k) = (mb.hidden, mb.k);
     if ids_out.len() < layers.len() * k {
@@ -252,6 +342,22 @@ where
             vec![0.0; h]
         };
         mb.answer(&y, seq);
+        if let (Some(&next), true) = (layers.get(j + 1), mb.num_prefetch > 0) {
+            // Queued once this layer is answered: the copies then run beside the next attention and the
+            // host's experts of the next layer. (Queued when the layer is staged instead, they were still
+            // crossing PCIe when the GPU read the host's answer, and decode was ~3% slower.)
+            let start = Instant::now();
+            stats.prefetched += queue_prefetch(
+                mb,
+                next,
+                (j + 1) % 2,
+                seq,
+                num_experts,
+                timeout,
+                &mut prefetch,
+            )?;
+            stats.prefetch_seconds += start.elapsed().as_secs_f64();
+        }
         warmed.clear();
         if let (Some(&next), Some(hints)) = (layers.get(j + 1), mb.hints_after(seq)) {
             warmed.extend(hints.iter().filter_map(|&id| {
@@ -276,6 +382,10 @@ where
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn no_prefetch(_: usize, _: usize, _: &[Option<usize>], _: i64) -> Result<usize, String> {
+        unreachable!("no prefetch")
+    }
 
     /// A GPU stand-in on another thread: stages `rows` one after another, collecting the answers.
     struct Shared {
@@ -374,6 +484,7 @@ mod tests {
                 Ok(x.iter().map(|v| v * 2.0).collect())
             },
             |_, _, _| -> usize { unreachable!("no hints") },
+            no_prefetch,
         )
         .unwrap();
         let answers = gpu.join().unwrap();
@@ -457,6 +568,7 @@ mod tests {
                 }
                 7
             },
+            no_prefetch,
         )
         .unwrap();
         gpu.join().unwrap();
@@ -471,6 +583,88 @@ mod tests {
             "layer 1 sent experts 1 and 3 to the CPU"
         );
         assert_eq!(stats.warmed_bytes, 7, "the bytes warm said it read");
+    }
+
+    #[test]
+    fn predicted_experts_of_the_next_layer_are_handed_to_prefetch_after_each_answer() {
+        let (h, k, e) = (4usize, 2usize, 4usize);
+        let mut shared = Box::new(Shared {
+            staged: vec![0.0; h + 3 * k],
+            out: vec![0.0; h],
+            flags: [0, 0],
+        });
+        let mut predicted = vec![0i64; 2 * 3]; // 2 parities x (mark + 2 ids)
+                                               // SAFETY: `predicted` outlives the mailbox and is only written by the stand-in thread meanwhile.
+        let mb = unsafe {
+            mailbox(
+                &shared.staged,
+                &mut shared.out,
+                &mut shared.flags,
+                h,
+                k,
+                true,
+            )
+            .with_prefetch(predicted.as_ptr(), 2)
+        };
+        let addr = (
+            shared.staged.as_mut_ptr() as usize,
+            shared.flags.as_mut_ptr() as usize,
+            predicted.as_mut_ptr() as usize,
+        );
+        let gpu = std::thread::spawn(move || {
+            let (staged, flags, predicted) = addr;
+            let (s, flags, p) = (
+                staged as *mut f32,
+                flags as *const AtomicI64,
+                predicted as *mut i64,
+            );
+            // handshake 1 predicts layer 1's experts (parity 1), handshake 2 layer 2's (parity 0)
+            let predictions = [[2i64, -1], [0, 3], [1, 1]];
+            for seq in 1..=3i64 {
+                // SAFETY: the test keeps the buffers alive until this thread is joined.
+                unsafe {
+                    s.add(h + k).write_volatile(1.0);
+                    s.add(h + k + 1).write_volatile(3.0);
+                    (*flags).store(seq, Ordering::Release);
+                    // written a little after the hand-over (the step graph writes it before): the host waits
+                    std::thread::sleep(Duration::from_millis(2));
+                    let row = p.add(((seq as usize) % 2) * 3);
+                    for (i, &id) in predictions[seq as usize - 1].iter().enumerate() {
+                        row.add(1 + i).write_volatile(id);
+                    }
+                    (*(row as *const AtomicI64)).store(seq, Ordering::Release);
+                    while (*flags.add(1)).load(Ordering::Acquire) < seq {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        let mut queued = vec![];
+        let stats = serve(
+            &mb,
+            &[0, 1, 2],
+            &[-1; 12],
+            e,
+            &mut [0; 6],
+            Duration::from_secs(10),
+            |_, x, _, _| Ok(x.to_vec()),
+            |_, _, _| -> usize { unreachable!("no hints") },
+            |layer, parity, ids, seq| {
+                queued.push((layer, parity, ids.to_vec(), seq));
+                Ok(ids.iter().flatten().count())
+            },
+        )
+        .unwrap();
+        gpu.join().unwrap();
+        assert_eq!(
+            queued,
+            vec![
+                (1, 1, vec![Some(2), None], 1),
+                (2, 0, vec![Some(0), Some(3)], 2)
+            ],
+            "each next layer's prediction once, none after the last layer"
+        );
+        assert_eq!(stats.prefetched, 3);
     }
 
     /// Serve one staged, flagged layer (ids 0..k, `flags` per pair) with `resident` (per expert): the ids the
@@ -501,6 +695,7 @@ mod tests {
                 Ok(x.to_vec())
             },
             |_, _, _| -> usize { unreachable!("no hints") },
+            no_prefetch,
         )
         .unwrap();
         (seen, stats, ids_out, flags[1])
@@ -537,6 +732,7 @@ mod tests {
             Duration::from_millis(50),
             |_, x, _, _| Ok(x.to_vec()),
             |_, _, _| -> usize { unreachable!("no hints") },
+            no_prefetch,
         )
         .unwrap_err();
         assert!(err.contains("did not stage decode handshake 1"), "{err}");
@@ -556,6 +752,7 @@ mod tests {
             Duration::from_secs(1),
             |_, x, _, _| Ok(x.to_vec()),
             |_, _, _| -> usize { unreachable!("no hints") },
+            no_prefetch,
         )
         .unwrap_err();
         assert!(err.contains("expert id 7"), "{err}");

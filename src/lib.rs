@@ -3,6 +3,7 @@
 
 pub mod bandwidth;
 pub mod decode_link;
+pub mod expert_copy;
 pub mod ggml_quants;
 pub mod gguf_store;
 pub mod kernels;

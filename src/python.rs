@@ -1,5 +1,6 @@
 //! PyO3 bindings: type conversion and Python exceptions only; the logic lives in the other modules.
 use crate::decode_link::{serve as serve_link, Mailbox};
+use crate::expert_copy::{Driver, ExpertCopies};
 use crate::ggml_quants::{dequantize as dequantize_gguf_mat, GgmlType, GgufMatRef};
 use crate::gguf_store::{GgufExpertStore, GgufTensor};
 use crate::kernels::WeightRef;
@@ -475,6 +476,9 @@ impl<'py> MoeInputs<'py> {
     }
 }
 
+/// What `serve_decode_graph` returns (`DecodeLinkArgs::serve`).
+type ServeResult = (usize, usize, f64, f64, usize, usize, usize, usize, f64);
+
 /// The mapped buffers and tables of a decode-graph handshake (`serve_decode_graph` of both stores),
 /// checked: staged f32 (>= hidden + 2k values, + k with claims), out f32 (>= hidden), flags int64 [>= 2], resident int64
 /// [num_layers, num_experts], ids_out int64 [>= len(layers), k], all C-contiguous.
@@ -485,9 +489,25 @@ struct DecodeLinkArgs<'py> {
     resident: PyReadonlyArray2<'py, i64>,
     ids_out: PyReadwriteArray2<'py, i64>,
     hints: Option<numpy::PyReadonlyArrayDyn<'py, i64>>,
+    prefetch: Option<(PyReadonlyArray2<'py, i64>, ExpertCopies)>,
     k: usize,
     claims: bool,
 }
+
+/// A prefetch's Python description: (predictions int64 [2, 1 + count], source address per MoE layer,
+/// source stride, the two parities' staging addresses, staging stride, bytes per expert, the two flags'
+/// addresses, the CUDA driver's (cuMemcpyHtoDAsync, cuStreamWriteValue64, cuCtxSetCurrent, context,
+/// stream) or None for host copies).
+type PrefetchSpec<'py> = (
+    Bound<'py, PyAny>,
+    Vec<usize>,
+    usize,
+    (usize, usize),
+    usize,
+    usize,
+    (usize, usize),
+    Option<(usize, usize, usize, usize, usize)>,
+);
 
 impl<'py> DecodeLinkArgs<'py> {
     #[allow(clippy::too_many_arguments)]
@@ -498,6 +518,7 @@ impl<'py> DecodeLinkArgs<'py> {
         resident: &Bound<'py, PyAny>,
         ids_out: &Bound<'py, PyAny>,
         hints: Option<&Bound<'py, PyAny>>,
+        prefetch: Option<&Bound<'py, PyAny>>,
         layers: &[usize],
         (num_layers, num_experts, hidden): (usize, usize, usize),
         claims: bool,
@@ -550,6 +571,34 @@ impl<'py> DecodeLinkArgs<'py> {
             )));
         }
         check_shape("resident", resident.shape(), &[num_layers, num_experts])?;
+        let prefetch = prefetch
+            .map(|spec| -> PyResult<_> {
+                let (predicted, src, src_stride, dst, dst_stride, nbytes, flags, driver): PrefetchSpec =
+                    spec.extract()?;
+                let predicted = arr::<i64, numpy::Ix2>(&predicted, "predicted", "2-D int64")?;
+                if predicted.shape()[0] != 2 || predicted.shape()[1] < 2 || !claims || src.len() != num_layers {
+                    return Err(PyValueError::new_err(format!(
+                        "a prefetch needs claims, predictions of [2, 1 + count >= 2] (got {:?}) and a source per \
+                         MoE layer ({num_layers}, got {})",
+                        predicted.shape(),
+                        src.len()
+                    )));
+                }
+                let slots = predicted.shape()[1] - 1;
+                // SAFETY: the addresses are those of live buffers that krasis.engine.prefetch keeps for
+                // the Prefetcher's lifetime (this binding's documented contract), and the driver's
+                // entry points were resolved from libcuda by name.
+                let copies = unsafe {
+                    let driver = driver
+                        .map(|(m, w, c, ctx, st)| Driver::new(m, w, c, ctx, st))
+                        .transpose()
+                        .map_err(verr)?;
+                    ExpertCopies::new(driver, src, src_stride, [dst.0, dst.1], dst_stride, nbytes, [flags.0, flags.1], slots)
+                }
+                .map_err(verr)?;
+                Ok((predicted.readonly(), copies))
+            })
+            .transpose()?;
         if let Some(&l) = layers.iter().find(|&&l| l >= num_layers) {
             return Err(PyValueError::new_err(format!(
                 "layer {l} out of range (num_layers={num_layers})"
@@ -564,6 +613,7 @@ impl<'py> DecodeLinkArgs<'py> {
             hints: hints.map(|h| h.try_readonly()).transpose().map_err(|_| {
                 PyValueError::new_err("hints must not be borrowed for writing elsewhere")
             })?,
+            prefetch,
             k,
             claims,
         })
@@ -571,7 +621,7 @@ impl<'py> DecodeLinkArgs<'py> {
 
     /// Run `decode_link::serve` with the GIL released: `store`'s forward runs the CPU experts (`act_int8` as
     /// in `forward`) and its `read_ahead` reads hinted ones ahead; returns (cpu_pairs, claimed_pairs,
-    /// cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
+    /// cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead, prefetched, prefetch_seconds).
     fn serve<S: RoutedExperts + Sync>(
         mut self,
         py: Python<'_>,
@@ -580,7 +630,7 @@ impl<'py> DecodeLinkArgs<'py> {
         (num_experts, hidden): (usize, usize),
         timeout_s: f64,
         act_int8: bool,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
+    ) -> PyResult<ServeResult> {
         let (pool, path) = (pool::global(), path()?);
         // Addresses cross into the GIL-free closure as integers; the borrows above keep them valid.
         let staged = self.staged.as_array_mut().as_mut_ptr() as usize;
@@ -590,6 +640,10 @@ impl<'py> DecodeLinkArgs<'py> {
             .hints
             .as_mut()
             .map(|h| (h.as_array().as_ptr() as usize, h.len() - 1));
+        let prefetch = self
+            .prefetch
+            .as_ref()
+            .map(|(p, copies)| (p.as_array().as_ptr() as usize, p.shape()[1] - 1, copies));
         let resident = contiguous(&self.resident, "resident")?;
         let mut ids_out = self.ids_out.as_array_mut();
         let ids_out = ids_out
@@ -619,6 +673,11 @@ impl<'py> DecodeLinkArgs<'py> {
                     // SAFETY: as above, for the hints array (checked to hold 1 + n values).
                     mb = unsafe { mb.with_hints(at as *const i64, n) };
                 }
+                if let Some((at, n, copies)) = prefetch {
+                    // SAFETY: as above, for the predictions array (checked to be [2, 1 + n]).
+                    mb = unsafe { mb.with_prefetch(at as *const i64, n) };
+                    copies.begin()?;
+                }
                 serve_link(
                     &mb,
                     layers,
@@ -628,6 +687,12 @@ impl<'py> DecodeLinkArgs<'py> {
                     timeout,
                     |layer, x, ids, w| store.forward(&pool, path, layer, x, ids, w, act_int8),
                     |layer, ids, stop| store.read_ahead(&pool, layer, ids, stop),
+                    |layer, parity, ids, seq| match prefetch {
+                        Some((_, _, copies)) => copies.copy_layer(layer, parity, ids, seq),
+                        None => {
+                            Err("the step predicted experts, but no prefetch was set up".into())
+                        }
+                    },
                 )
             })
             .map_err(PyRuntimeError::new_err)?;
@@ -639,6 +704,8 @@ impl<'py> DecodeLinkArgs<'py> {
             stats.warmed,
             stats.warmed_used,
             stats.warmed_bytes,
+            stats.prefetched,
+            stats.prefetch_seconds,
         ))
     }
 }
@@ -882,9 +949,12 @@ impl PyExpertStore {
     /// host skips those. With `hints` (int64
     /// [1 + n]: the handshake number, then up to n expert ids the GPU predicts for the next MoE layer),
     /// having answered a layer the host reads those experts ahead while the GPU runs the next attention.
-    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead).
+    /// With `prefetch` (see `PrefetchSpec`; addresses of live buffers, as krasis.engine.prefetch builds
+    /// them), having answered a layer the host queues copies of the GPU's predicted experts of the next.
+    /// Returns (cpu_pairs, claimed_pairs, cpu_seconds, wait_seconds, hinted, hinted_used, bytes_read_ahead,
+    /// prefetched, seconds queuing the prefetch's copies).
     #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false,
-                        hints=None))]
+                        hints=None, prefetch=None))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -899,11 +969,12 @@ impl PyExpertStore {
         act_int8: bool,
         claims: bool,
         hints: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
+        prefetch: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<ServeResult> {
         let s = &self.inner;
         let dims = (s.num_layers, s.num_experts, s.layout.hidden);
         DecodeLinkArgs::check(
-            staged, out, flags, resident, ids_out, hints, &layers, dims, claims,
+            staged, out, flags, resident, ids_out, hints, prefetch, &layers, dims, claims,
         )?
         .serve(py, s, &layers, (dims.1, dims.2), timeout_s, act_int8)
     }
@@ -1037,7 +1108,7 @@ impl PyGgufExpertStore {
 
     /// `ExpertStore.serve_decode_graph` for GGUF experts (`act_int8` as in `forward`).
     #[pyo3(signature = (staged, out, flags, layers, resident, ids_out, timeout_s=30.0, act_int8=true, claims=false,
-                        hints=None))]
+                        hints=None, prefetch=None))]
     #[allow(clippy::too_many_arguments)]
     fn serve_decode_graph(
         &self,
@@ -1052,11 +1123,12 @@ impl PyGgufExpertStore {
         act_int8: bool,
         claims: bool,
         hints: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(usize, usize, f64, f64, usize, usize, usize)> {
+        prefetch: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<ServeResult> {
         let s = &self.inner;
         let dims = (s.num_layers, s.num_experts, s.hidden);
         DecodeLinkArgs::check(
-            staged, out, flags, resident, ids_out, hints, &layers, dims, claims,
+            staged, out, flags, resident, ids_out, hints, prefetch, &layers, dims, claims,
         )?
         .serve(py, s, &layers, (dims.1, dims.2), timeout_s, act_int8)
     }

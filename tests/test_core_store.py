@@ -247,9 +247,36 @@ def test_serve_decode_graph_reads_the_hinted_experts_of_the_next_layer_ahead():
 
     # written during handshake 1: layer 1's likely experts 5, 7, 2; of them 5 and 7 went to the CPU
     # (read as hinted, though layer 1 was staged already: nothing is read once the layer is staged)
-    pairs, _, _, _, hinted, used, nbytes = serve(np.array([1, 5, 7, 2, -1], dtype=np.int64))
+    pairs, _, _, _, hinted, used, nbytes, *_ = serve(np.array([1, 5, 7, 2, -1], dtype=np.int64))
     assert (pairs, hinted, used, nbytes) == (5, 3, 2, 0)
-    assert serve(np.array([7, 5, 7, 2, -1], dtype=np.int64))[4:] == (0, 0, 0), "hints of another handshake"
+    assert serve(np.array([7, 5, 7, 2, -1], dtype=np.int64))[4:7] == (0, 0, 0), "hints of another handshake"
+
+
+def _prefetch_spec(predictions, src, staging, flags):
+    """``serve_decode_graph``'s prefetch description for host copies: src uint8 [layers, experts, n], staging uint8
+    [2, slots, n], the copy flags flags[3] and flags[4]."""
+    n = src.shape[2]
+    return (predictions, [src[i].ctypes.data for i in range(src.shape[0])], n,
+            (staging[0].ctypes.data, staging[1].ctypes.data), n, n, (flags.ctypes.data + 24, flags.ctypes.data + 32),
+            None)
+
+
+def test_serve_decode_graph_copies_the_predicted_experts_of_the_next_layer():
+    store = store_for(4, 128)
+    staged, out, flags, resident, _ = _link_buffers(3)
+    flags = np.zeros(5, np.int64)
+    staged[0, H:H + 3], staged[0, H + 3:H + 6] = [0.5, 0.3, 0.2], [5, 1, 7]
+    flags[0] = 2  # both layers staged (with the same row)
+    src = RNG.integers(0, 255, size=(L, E, 64), dtype=np.uint8)
+    staging = np.zeros((2, 2, 64), np.uint8)
+    predictions = np.zeros((2, 3), np.int64)
+    predictions[1] = [1, 3, -1]  # written during handshake 1 for MoE layer index 1 (odd): expert 3, one slot empty
+    *_, prefetched, _ = store.serve_decode_graph(staged, out, flags, [0, 1], resident, np.zeros((2, 3), np.int64),
+                                                 claims=True, prefetch=_prefetch_spec(predictions, src, staging, flags))
+    assert prefetched == 1
+    assert np.array_equal(staging[1, 0], src[1, 3]), "layer 1's expert 3 in the odd slots' first"
+    assert not staging[0].any() and not staging[1, 1].any()
+    assert flags[4] == 1 and flags[3] == 0, "the odd copies' flag says handshake 1's copies landed"
 
 
 def test_serve_decode_graph_times_out_when_the_gpu_stages_nothing():
@@ -273,3 +300,7 @@ def test_serve_decode_graph_refuses_wrong_buffers():
         store.serve_decode_graph(staged[:, :H + 4], out, flags, [0], resident, ids_out, claims=True)
     with pytest.raises(ValueError, match="hints must hold"):
         store.serve_decode_graph(staged, out, flags, [0], resident, ids_out, hints=np.zeros(1, np.int64))
+    spec = _prefetch_spec(np.zeros((2, 2), np.int64), np.zeros((L, E, 16), np.uint8), np.zeros((2, 1, 16), np.uint8),
+                          np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match="a prefetch needs claims"):
+        store.serve_decode_graph(staged, out, flags, [0], resident, ids_out, prefetch=spec)

@@ -710,13 +710,13 @@ def test_a_one_graph_step_counts_where_each_routed_call_ran(hybrid, tiny_checkpo
 
 def _graph_steps_with_prefetch(llm, tokens, prefetch, invert=False):
     """Logits of one-graph steps feeding ``tokens`` after a 20-token prompt, prefetching ``prefetch`` experts a
-    layer, and what the engine counted meanwhile (with "steps": the keys of the whole steps run)."""
+    layer, and what the engine counted meanwhile (with "steps": the keys of the whole steps run, and "prefetcher")."""
     llm.runtime.set_prefetch(prefetch, invert=invert)
     graphs, cache = _graph_decoder(llm)
     before = dict(llm.runtime.counters)
     logits = torch.stack([graphs.step(token, cache.length)[0].float().cpu() for token in tokens])
     counted = {key: llm.runtime.counters[key] - before[key] for key in before}
-    return logits, {**counted, "steps": sorted(graphs._steps)}
+    return logits, {**counted, "steps": sorted(graphs._steps), "prefetcher": graphs._prefetcher()}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -781,6 +781,28 @@ def test_a_prefetch_and_the_hosts_read_ahead_run_together_and_change_nothing(hyb
         assert counted["experts_read_ahead"] > 0
 
 
+def test_prefetched_experts_run_with_the_resident_ones_where_their_staging_lies_in_the_hot_caches_storage(
+        hybrid, tiny_checkpoint, monkeypatch):
+    from krasis.engine.prefetch import _index_in
+
+    # a hot cache sized by the plan borrows prefill's buffers, where the prefetch's staging slots are; kept empty
+    # here, so that experts are left to prefetch
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], cuda_graphs=False, decode_mode="cpu")
+    monkeypatch.setattr(llm.runtime.hcs, "refill", lambda *a, **kw: 0)
+    tokens, k = random_prompt(6, seed=24), llm.spec.moe.router.top_k
+    plain, _ = _graph_steps_with_prefetch(llm, tokens, 0)
+    got, counted = _graph_steps_with_prefetch(llm, tokens, k)
+    storage = llm.runtime.hcs.experts
+    base = _index_in(storage, llm.runtime.streamer.buffers[0])
+    assert base is not None and counted["prefetcher"]._fused_bases == [base, base + k], "one table for both"
+    assert counted["routed_calls_prefetched"] > 0
+    assert rms_rel_err(got[0], plain[0]) < 3e-2 and rms_rel_err(got, plain) < 0.1
+    _assert_argmax_where_clear(plain, got.argmax(-1).tolist())
+    assert _index_in(storage, storage.slice(3, 5)) == 3
+    elsewhere = type(storage)(storage.raw.clone(), storage.layout)
+    assert _index_in(storage, elsewhere.slice(0, 2)) is None, "another allocation: the experts run apart"
+
+
 def test_prefetch_beyond_the_routers_top_k_is_refused(hybrid, tiny_checkpoint):
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False)
     k = llm.spec.moe.router.top_k
@@ -810,7 +832,7 @@ def test_a_failing_cpu_side_abandons_the_step_and_the_next_step_works(hybrid, ti
     _fail_the_next_cpu_side(llm)
     with pytest.raises(RuntimeError, match="CPU experts failed"):
         graphs.step(token, position)
-    assert int(graphs.link.seq) == 0 and graphs.link.flags.tolist() == [0, 0, 0]
+    assert int(graphs.link.seq) == 0 and graphs.link.flags.tolist() == [0] * 5
     logits = graphs.step(token, position).float().cpu()
     want = _decode_logits(llm, random_prompt(20, seed=21), [token], lambda c, t: llm._decode_step(t, c))[0]
     assert rms_rel_err(logits[0], want) < 3e-2
@@ -928,7 +950,7 @@ def test_a_failing_cpu_side_in_a_pipelined_step_resets_the_link_and_decode_goes_
     with pytest.raises(RuntimeError, match="CPU experts failed"):
         graphs.serve()
     graphs.discard(ticket)  # nothing left to serve: the failed step is gone with the link's reset
-    assert cache.length == 20 and graphs.link.flags.tolist() == [0, 0, 0]
+    assert cache.length == 20 and graphs.link.flags.tolist() == [0] * 5
     graphs.set_token(token)
     graphs.launch(cache.length)
     graphs.serve()

@@ -153,7 +153,8 @@ class ExpertStore:
         act_int8: bool = True,
         claims: bool = False,
         hints: npt.NDArray[np.int64] | None = None,
-    ) -> tuple[int, int, float, float, int, int, int]:
+        prefetch: tuple | None = None,
+    ) -> tuple[int, int, float, float, int, int, int, int, float]:
         """Answer one decode step's handshakes with a GPU step graph (ADVANCED.md "Decode CUDA graphs"): for each MoE
         layer in ``layers``, wait until flags[0] reaches the next handshake number, read the staged row (x | weights
         | ids as float32, hidden + 2k values), run the experts with resident[layer, id] < 0 on the CPU, write their
@@ -162,10 +163,17 @@ class ExpertStore:
         expert, counted as claimed; 2.0: streamed over PCIe this step), which the host skips. With ``hints``
         (int64 [1 + n]: the handshake during which the GPU wrote them, then up to n expert ids of the next MoE
         layer, -1: none), having answered a layer the host reads those experts' weights ahead until the next layer
-        is staged. GIL released. Returns (CPU pairs, claimed
+        is staged. With ``prefetch`` (predictions int64 [2, 1 + n]: per parity of the next MoE layer's index, the
+        handshake during which the GPU wrote them, then up to n expert ids; each layer's expert source address,
+        source stride, the two parities' staging addresses, staging stride, bytes per expert, the two copy flags'
+        addresses, and the CUDA driver's (cuMemcpyHtoDAsync, cuStreamWriteValue64, cuCtxSetCurrent, context,
+        stream) or None to copy in host memory: addresses of live buffers, as ``krasis.engine.prefetch`` builds
+        them), having answered a layer the host queues copies of the predicted experts of the next into its
+        staging slots, then the handshake's number to its flag. GIL released. Returns (CPU pairs, claimed
         pairs, seconds in the CPU kernels, seconds waiting for the GPU (reading ahead included), experts hinted
-        (read in part or whole), CPU pairs whose expert had been hinted, bytes read ahead); RuntimeError when the
-        GPU does not stage a layer within ``timeout_s`` or stages an id out of range."""
+        (read in part or whole), CPU pairs whose expert had been hinted, bytes read ahead, experts whose copies
+        were queued, seconds spent queuing them); RuntimeError when the GPU does not stage a layer (or write a
+        prediction) within ``timeout_s`` or stages an id out of range."""
     def read_ahead(self, layer: int, experts: list[int]) -> int:
         """Read the weights of ``experts`` of ``layer`` into the CPU caches (the decode link's read-ahead); returns
         the bytes read."""
@@ -242,7 +250,8 @@ class GgufExpertStore:
         act_int8: bool = True,
         claims: bool = False,
         hints: npt.NDArray[np.int64] | None = None,
-    ) -> tuple[int, int, float, float, int, int, int]:
+        prefetch: tuple | None = None,
+    ) -> tuple[int, int, float, float, int, int, int, int, float]:
         """As ExpertStore.serve_decode_graph (act_int8 as in forward)."""
     def dequantize_expert(self, layer: int, expert: int, which: int) -> npt.NDArray[np.float32]:
         """One expert's matrix as float32: which 0 = gate [I, H], 1 = up [I, H], 2 = down [H, I]."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import NamedTuple, Protocol
 
 import torch
@@ -107,7 +108,7 @@ class _Launched(NamedTuple):
     done: object
     ticket: int
     work: Callable[[], None]
-    prefetch: int
+    prefetch: Prefetcher | None
     read_ahead: int
 
 
@@ -202,16 +203,16 @@ class DecodeGraphs:
             # decided once: steps reach here only as one graph, and the model's routers do not change
             pf = None
             if self.prefetch_unsupported() is None:
-                pf = Prefetcher(rt, rt.prefetch, self.link.slots, self._routers, self.f.spec.moe.router,
+                pf = Prefetcher(rt, self.link, rt.prefetch, self._routers, self.f.spec.moe.router,
                                 invert=rt.prefetch_invert)
             self._prefetchers[key] = pf
         return self._prefetchers[key]
 
     def _attend(self, index: int, bucket: int, whole: bool = False, claims: torch.Tensor | None = None,
-                pcie: bool = False) -> None:
+                pcie: bool = False, beside_routing: Callable[[], None] | None = None) -> None:
         """Layer ``index`` up to its experts' inputs: attention, then (MoE) routing and the row staged for the host;
         a ``whole`` step's rows carry each pair's flag (the prefetch's ``claims``; the experts it streams, with
-        ``pcie``)."""
+        ``pcie``). ``beside_routing`` queues work that reads the MoE's normed input, once it is there."""
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         spec = f.spec
         eps, offset = spec.rms_norm_eps, spec.norm_weight_offset
@@ -236,6 +237,8 @@ class DecodeGraphs:
             b.extra.copy_(swiglu(h, m["gate"], m["up"], m["down"]))
             return
         add_rms_norm(b.x, layer.post_attention_norm, eps, offset, c=out, x_out=b.x, y=b.h)
+        if beside_routing is not None:
+            beside_routing()
         router, m = spec.moe.router, layer.mlp
         split = self.rt.stream_split(layer.experts.slot) if pcie else None
         staged = self.rt.staging_rows(1, staged_columns(b.h.shape[1], router.top_k, whole))
@@ -273,7 +276,9 @@ class DecodeGraphs:
         out = torch.bmm(out_lat[:, None, :], kv_b[:, dn:, :].transpose(1, 2))  # [heads, 1, v]
         return linear(out.reshape(1, -1), w["o"], w.get("o_bias"))
 
-    def _experts(self, index: int, pcie: bool = False) -> None:
+    def _experts(self, index: int, pcie: bool = False, pf: Prefetcher | None = None, j: int = 0) -> None:
+        """Layer ``index``'s GPU experts (shared, resident, streamed with ``pcie``, and what ``pf`` prefetched for
+        it, the ``j``-th MoE layer)."""
         f, b, layer = self.f, self.buf, self.f.w.layers[index]
         if pcie:  # the gather reads PCIe, the shared and resident experts VRAM: side by side, on two streams
             fork(self._gather_stream, self.device)
@@ -284,10 +289,13 @@ class DecodeGraphs:
             b.extra.zero_()
         else:
             b.extra.copy_(shared)
-        self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu)
+        table = pf.gpu_table(j) if pf is not None else None
+        self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu, table=table)
         if pcie:
             join(self._gather_stream, self.device)
             self.rt.pcie_run(b.h, b.weights, b.ids, add_to=b.gpu)
+        if pf is not None:
+            pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
 
     def _streamed(self, index: int) -> None:
         b = self.buf
@@ -302,22 +310,22 @@ class DecodeGraphs:
         if pf is not None:
             pf.start_step()
         for index, layer in enumerate(self.f.w.layers):
-            if pf is not None:
-                pf.before_layer(j)
             moe = layer.experts is not None
+            predict = None
+            if pf is not None and moe:  # on a side stream beside the routing, joined before the hand-over
+                hints = self.link.hints[1: 1 + read_ahead] if read_ahead else None  # ranked after the prefetched
+                predict = partial(pf.predict, j, b.h, hints=hints,
+                                  mark=partial(self.link.mark_hints, ahead=1) if read_ahead else None)
             self._attend(index, bucket, whole=True, claims=pf.claims(j) if pf is not None and moe else None,
-                         pcie=pcie and moe)
+                         pcie=pcie and moe, beside_routing=predict)
             if not moe:
                 continue
-            self.link.hand_over()
-            if pf is not None:  # after the host's signal, so nothing on the side competes with its start
-                hints = self.link.hints[1: 1 + read_ahead] if read_ahead else None  # ranked after the prefetched
-                pf.predict(j, b.h, hints=hints, mark=self.link.mark_hints if read_ahead else None)
-            elif read_ahead:  # the host reads these while the GPU runs layer j + 1's attention
-                self.link.hint(j, b.h, self._routers, self.f.spec.moe.router, read_ahead)
-            self._experts(index, pcie)
             if pf is not None:
-                pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
+                pf.join(j)
+            self.link.hand_over()
+            if pf is None and read_ahead:  # the host reads these while the GPU runs layer j + 1's attention
+                self.link.hint(j, b.h, self._routers, self.f.spec.moe.router, read_ahead)
+            self._experts(index, pcie, pf, j)
             self.link.take_back(b.cpu)
             j += 1
         self._final_norm()
@@ -336,11 +344,11 @@ class DecodeGraphs:
         b.logits.copy_(logits)
 
     # -- capture and replay -------------------------------------------------------------------------------------
-    def _capture(self, work: Callable[[], None], linked: bool = False, prefetch: int = 0,
+    def _capture(self, work: Callable[[], None], linked: bool = False, prefetch: Prefetcher | None = None,
                  read_ahead: int = 0) -> _Replay:
         """``work`` as a graph (or its eager stand-in); ``linked`` work hands layers to the host (``link``), whose
-        rows carry claims when the step prefetches (``prefetch`` experts a layer), and which reads ``read_ahead``
-        hinted experts a layer ahead."""
+        rows carry claims when the step prefetches (``prefetch``, whose copies it queues), and which reads
+        ``read_ahead`` hinted experts a layer ahead."""
         if not self.capturing:
             return _Eager(work)
         # one eager run first (on a side stream, as torch asks) compiles the Triton kernels and warms cuBLAS; the
@@ -385,7 +393,7 @@ class DecodeGraphs:
         ``pf``."""
         bucket, pcie, _, read_ahead = key
         self._steps[key] = self._capture(lambda: self._whole_step(bucket, pcie, pf, read_ahead), linked=True,
-                                         prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
+                                         prefetch=pf, read_ahead=read_ahead)
         log.info("decode CUDA graph of the whole step captured for up to %d cached tokens (CPU experts answered "
                  "through mapped memory%s%s%s)", bucket, ", some experts read over PCIe" if pcie else "",
                  f", {pf.count} experts of each next MoE layer prefetched" if pf is not None else "",
@@ -413,7 +421,7 @@ class DecodeGraphs:
             key, pf, read_ahead = self._prepare(position)
             self._set_input(token, whole_step=True)
             self.link.run(self._steps[key].replay, threaded=not self.capturing,
-                          prefetch=pf.count if pf is not None else 0, read_ahead=read_ahead)
+                          prefetch=pf, read_ahead=read_ahead)
         else:
             bucket = self._begin(position)
             if bucket not in self._graphs:
@@ -479,8 +487,7 @@ class DecodeGraphs:
             done.record()
 
         self._tickets += 1
-        self._launched = _Launched(position, done, self._tickets, work, pf.count if pf is not None else 0,
-                                   read_ahead)
+        self._launched = _Launched(position, done, self._tickets, work, pf, read_ahead)
         if self.capturing:
             self.link.launch(work, self._launched.prefetch, read_ahead)
         return self._tickets

@@ -22,6 +22,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ..kernels.prefetch_decode import predict_experts
 from .decode_modes import MAX_READ_AHEAD
 from .device_sync import current_stream, on_stream, pinned
 from .hybrid_moe import HybridExperts
+
+if TYPE_CHECKING:
+    from .prefetch import Prefetcher
 
 # Written to the answer flag to let every remaining wait of a broken step pass at once.
 _RELEASE_ALL = 1 << 62
@@ -47,7 +51,8 @@ class HostLink:
 
     def __init__(self, runtime: HybridExperts, slots: list[int], top_k: int, device: torch.device):
         self.rt, self.slots, self.device = runtime, slots, device
-        self.flags = torch.zeros(3, dtype=torch.int64, pin_memory=pinned(device))
+        # [0] staged, [1] answered, [2] gave up (kernels.host_signal); [3], [4] the prefetch's copies landed
+        self.flags = torch.zeros(5, dtype=torch.int64, pin_memory=pinned(device))
         self._flags = self.flags.numpy()  # the host's view of the same memory
         self.seq = torch.zeros(1, dtype=torch.int64, device=device)
         self.ids = np.zeros((len(slots), top_k), dtype=np.int64)  # the last step's routing, per MoE layer
@@ -55,8 +60,16 @@ class HostLink:
         self.hints = torch.full((1 + MAX_READ_AHEAD,), -1, dtype=torch.int64, pin_memory=pinned(device))
         self._hints = self.hints.numpy()
         self._predict_scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # logits, (unused) expert -> slot
+        self._predictions: dict[int, torch.Tensor] = {}  # a prefetch's predicted experts, by count (``predictions``)
         self._launcher: _Launcher | None = None
-        self._to_serve: tuple[int, np.ndarray | None] = (0, None)  # what ``launch`` left for ``serve``
+        self._to_serve: tuple[Prefetcher | None, np.ndarray | None] = (None, None)  # what ``launch`` left for ``serve``
+
+    def predictions(self, count: int) -> torch.Tensor:
+        """Page-locked int64 [2, 1 + count] where a prefetch of ``count`` experts a layer writes, per parity of the
+        next MoE layer's index, the handshake and then its predicted experts (-1: none) for the host to copy."""
+        if count not in self._predictions:
+            self._predictions[count] = torch.zeros((2, 1 + count), dtype=torch.int64, pin_memory=pinned(self.device))
+        return self._predictions[count]
 
     # -- inside the graph ----------------------------------------------------------------------------------------
     def hand_over(self) -> None:
@@ -79,22 +92,23 @@ class HostLink:
                         self.hints[1: 1 + count], expert_slot)
         self.mark_hints()
 
-    def mark_hints(self) -> None:
-        """The hints written by work queued before this (on the same stream) belong to the current handshake."""
-        mark_hints(self.seq, self.hints)
+    def mark_hints(self, ahead: int = 0) -> None:
+        """The hints written by work queued before this (on the same stream) belong to the current handshake (with
+        ``ahead`` = 1, to the next one, queued before its hand-over)."""
+        mark_hints(self.seq, self.hints, ahead)
 
     def take_back(self, out: torch.Tensor) -> None:
         """Wait for the host's answer and copy its sum (float32 [1, hidden]) into ``out`` (one launch)."""
         wait_host(self.seq, self.flags, src=self.rt.cpu_out_row, dst=out)
 
     # -- on the host ---------------------------------------------------------------------------------------------
-    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: int = 0,
+    def run(self, work: Callable[[], None], threaded: bool, count: bool = True, prefetch: Prefetcher | None = None,
             read_ahead: int = 0) -> None:
         """Run ``work`` (one step's GPU part) with the host answering its handshakes: after it on this thread
         when ``work`` only queues (a graph replay: ``launch`` then ``serve``), or on a second thread meanwhile when
         ``work`` may wait for the GPU on the way (an eager warm-up, the Triton interpreter). A warm-up is not
-        ``count``ed; ``prefetch``: the experts a layer the step prefetches for the next (its staged rows then carry
-        claims); ``read_ahead``: the experts a layer ``work`` hints (``hint``) for the host to read ahead."""
+        ``count``ed; ``prefetch``: the step's prefetch (its staged rows then carry claims, and the host queues its
+        copies); ``read_ahead``: the experts a layer ``work`` hints (``hint``) for the host to read ahead."""
         if not threaded:
             self.launch(work, prefetch, read_ahead)
             self.serve(count)
@@ -106,7 +120,7 @@ class HostLink:
             raise
         self.check()
 
-    def launch(self, work: Callable[[], None], prefetch: int = 0, read_ahead: int = 0) -> None:
+    def launch(self, work: Callable[[], None], prefetch: Prefetcher | None = None, read_ahead: int = 0) -> None:
         """Queue ``work`` (a replay; ``prefetch`` and ``read_ahead`` as in ``run``) from the launcher thread, on this
         thread's stream, and return: ``serve`` answers its handshakes. The launch overlaps the GPU's work."""
         if self._launcher is None:
@@ -132,7 +146,8 @@ class HostLink:
             raise
         self.check()
 
-    def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: int, hints: np.ndarray | None) -> None:
+    def _serve_beside(self, work: Callable[[], None], count: bool, prefetch: Prefetcher | None,
+                      hints: np.ndarray | None) -> None:
         """Answer the handshakes on a second thread while ``work`` runs on this one."""
         errors: list[BaseException] = []
 
@@ -141,7 +156,7 @@ class HostLink:
                 self.rt.serve_graph_step(self._flags, self.slots, self.ids, count, prefetch, hints)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
-                self._flags[1] = _RELEASE_ALL  # so that ``work`` does not wait for answers forever
+                self._release_all()  # so that ``work`` does not wait for answers (or copies) forever
 
         thread = threading.Thread(target=serve, name="krasis-decode-host", daemon=True)
         thread.start()
@@ -160,16 +175,22 @@ class HostLink:
             raise GPUGaveUp(f"decode step: the GPU gave up waiting for the CPU experts at handshake {handshake}; "
                             "the step was abandoned and the link reset")
 
+    def _release_all(self) -> None:
+        """Let every remaining wait of a step in flight (for answers and for copies) pass at once."""
+        self._flags[[1, 3, 4]] = _RELEASE_ALL
+
     def _abort(self) -> None:
         """Let a step in flight finish at once (its remaining waits pass), then start both counters afresh."""
-        self._flags[1] = _RELEASE_ALL
+        self._release_all()
         if self._launcher is not None:  # its replay queued (or failed) before the GPU is waited for
             self._launcher.settle()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seq.zero_()
         self._flags[:] = 0
-        self._hints[0] = 0  # numbered from 1 again: hints of the old numbering must not match
+        self._hints[0] = 0  # numbered from 1 again: hints and predictions of the old numbering must not match
+        for predicted in self._predictions.values():
+            predicted[:, 0] = 0
 
 
 class _Launcher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from .decode_modes import DECODE_MODES, MAX_READ_AHEAD, READ_AHEAD, AutoSplit, s
 from .device_sync import current_stream, join, new_event, pinned
 from .expert_stream import ExpertStreamer
 from .hot_cache import UPDATE_EVERY, HotExpertCache
+
+if TYPE_CHECKING:
+    from .prefetch import Prefetcher
 
 # Up to this many tokens a forward is a decode step (hot cache + CPU); above it the layer's experts are
 # streamed to the GPU. Streaming one layer costs ~its expert bytes over PCIe, which only pays off once
@@ -83,7 +87,8 @@ class HybridExperts:
                          "prefetched_experts": 0, "routed_calls_prefetched": 0,
                          # experts hinted for reading ahead (read in part or whole), of those the CPU's, bytes read
                          "experts_read_ahead": 0, "read_ahead_used": 0, "bytes_read_ahead": 0,
-                         "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0}
+                         "cpu_expert_seconds": 0.0, "wait_for_gpu_seconds": 0.0,
+                         "prefetch_queue_seconds": 0.0}  # the host queuing the prefetch's copies
         # decode's streamed experts go to the second prefill buffer (idle during decode), mapped expert -> slot
         self.gpu_share = 0.0  # share of the non-resident experts streamed (set_decode_mode)
         self._decode_steps = 0  # one-token forwards since load
@@ -270,12 +275,15 @@ class HybridExperts:
         return self._in[:tokens, :columns]
 
     def gpu_part(self, slot: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor | None:
+                 out: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor | None:
         """The hot-cache experts' share of a decode step, [T, H] bf16, or written to ``out`` (float32 [T, H]);
-        experts not resident contribute nothing. None without a hot cache (``out`` untouched). No host sync."""
+        experts not resident contribute nothing. None without a hot cache (``out`` untouched). ``table``: the
+        layer's slots in the cache's storage to use instead of the cache's own (int32 [E]; a prefetch's, naming
+        its staged experts too). No host sync."""
         if not self.hcs.capacity:  # not the slots usable now: a captured graph must serve lent slots later too
             return None
-        experts, extra, slots = self.hcs.experts, self.hcs.extra_table, self.hcs.table[slot][ids]
+        table = self.hcs.table[slot] if table is None else table
+        experts, extra, slots = self.hcs.experts, self.hcs.extra_table, table[ids]
         if out is not None:
             return moe_gemv(x, experts, weights, slots, out=out, extra=extra)
         y = fused_moe(x, experts, weights, slots)  # the slots past the storage (extra ones) are skipped here
@@ -355,17 +363,20 @@ class HybridExperts:
         return self._y[:1]
 
     def serve_graph_step(self, flags: np.ndarray, slots: list[int], ids_out: np.ndarray, count: bool = True,
-                         prefetch: int = 0, hints: np.ndarray | None = None) -> None:
+                         prefetch: Prefetcher | None = None, hints: np.ndarray | None = None) -> None:
         """Answer the handshakes of one decode step captured as a single graph (``kernels.host_signal``): for
         each MoE layer ``slots[j]`` in turn, run its staged experts that are neither resident nor flagged for the
         GPU (prefetched or streamed, ``kernels.route_decode``) on the CPU, write their sum to ``cpu_out_row`` and
         raise ``flags[1]``; then (with ``count``; not for a warm-up) count the step as ``split`` and ``cpu_part``
         would have. ``flags`` is the host view of the graph's flags, ``ids_out`` int64 [layers, k] receives the
-        routing; ``prefetch``: the experts a layer the step prefetches for the next (0: no prefetch); ``hints``:
-        the host view of the link's hints when the step writes them (the host then reads those experts ahead)."""
-        cpu_pairs, claimed, cpu_seconds, wait_seconds, hinted, hinted_used, read_ahead_bytes = (
+        routing; ``prefetch``: the step's prefetch (engine.prefetch), whose predicted experts of each next MoE layer
+        the host copies to VRAM having answered a layer; ``hints``: the host view of the link's hints when the step
+        writes them (the host then reads those experts ahead)."""
+        (cpu_pairs, claimed, cpu_seconds, wait_seconds, hinted, hinted_used, read_ahead_bytes, prefetched,
+         prefetch_seconds) = (
             self.store.serve_decode_graph(self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out,
-                                          timeout_s=GRAPH_TIMEOUT, claims=True, hints=hints))
+                                          timeout_s=GRAPH_TIMEOUT, claims=True, hints=hints,
+                                          prefetch=prefetch.copies() if prefetch is not None else None))
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]
@@ -377,9 +388,9 @@ class HybridExperts:
         c["routed_calls_on_gpu"] += hits
         c["routed_calls_streamed"] += streamed
         c["decode_bytes_streamed"] += streamed * (self.host[0].nbytes // self.host[0].num_experts)
-        if prefetch:  # each MoE layer after the first had min(prefetch, its experts left to the CPU) slots filled
-            c["prefetched_experts"] += int(np.minimum(prefetch, (self._not_cpu[slots[1:]] < 0).sum(axis=1)).sum())
-            c["routed_calls_prefetched"] += claimed
+        c["prefetched_experts"] += prefetched
+        c["prefetch_queue_seconds"] += prefetch_seconds
+        c["routed_calls_prefetched"] += claimed
         c["experts_read_ahead"] += hinted
         c["read_ahead_used"] += hinted_used
         c["bytes_read_ahead"] += read_ahead_bytes

@@ -1,31 +1,44 @@
 """Prefetching the next MoE layer's likely experts during a one-graph decode step (``kernels.prefetch_decode``).
 
-After MoE layer j's routing, a side stream predicts layer j+1's experts from layer j's normed hidden state and
-copies the ``count`` best of those the CPU would otherwise run into staging slots, while the host computes layer
-j's CPU experts and PCIe would otherwise idle. Layer j+1's routing marks its pairs whose expert was prefetched
-(``claims``) in the row staged for the host, which skips them; the GPU runs them from the staging slots beside
-the hot cache's experts. Two sets of slots and maps alternate between layers, so layer j+1's copy never
-overwrites what layer j reads.
+After MoE layer j's routing, a side stream predicts layer j+1's experts from layer j's normed hidden state: the
+``count`` best of those the CPU would otherwise run go to page-locked memory (``HostLink.predictions``), marked with
+the handshake. Having answered layer j, the host queues their copies from the pinned expert store into staging
+slots on a copy engine, then a write of the handshake's number to a flag (the Rust extension's ``expert_copy``),
+while it waits for layer j+1 anyway; PCIe would otherwise idle, and no SM is held by a copy. Layer j+1's routing
+marks its pairs whose expert was predicted (``claims``) in the row staged for the host, which skips them; the GPU
+waits for the flag, then runs them from the staging slots beside the hot cache's experts. Two sets of slots, maps
+and prediction rows alternate between layers, so layer j+1's copy never overwrites what layer j reads.
 
 Stream order inside the graph: the side stream forks from the main stream once layer j's inputs are handed to the
 host; the main stream waits for the prediction (``predicted``) before layer j+1 overwrites the hidden state it
-reads and stages the claims, and for the copy (``copied``) where layer j+1's claimed experts run, after the host
-has its inputs. A copy that outlasts the host's work on layer j+1 delays the GPU's answer-wait of that layer and
-so the next layer: N must be small enough for N experts to cross PCIe within a layer. The copy reads host DRAM,
-which the CPU experts read at the same time: a wrong guess costs PCIe time and some of the CPU's bandwidth.
+reads and stages the claims. A copy that outlasts the host's work on layer j+1 delays the GPU's answer-wait of
+that layer and so the next layer: N must be small enough for N experts to cross PCIe within a layer. The copy
+reads host DRAM, which the CPU experts read at the same time: a wrong guess costs PCIe time and some of the
+CPU's bandwidth, never a result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from ..kernels.expert_layout import GPUExperts
+from ..kernels.host_signal import mark_hints, wait_copied
 from ..kernels.moe_decode import moe_gemv
-from ..kernels.prefetch_decode import copy_predicted, predict_experts
+from ..kernels.prefetch_decode import predict_experts
 from ..models.spec import RouterSpec
+from .copy_engine import driver_copies
 from .device_sync import current_stream, fork, new_event, on_stream, side_stream, wait_event
 from .hybrid_moe import HybridExperts
+
+if TYPE_CHECKING:
+    from .graph_link import HostLink
+
+# The link's flags that say which handshake's copies have landed, for MoE layers of even and odd index.
+COPIED_FLAGS = (3, 4)
 
 
 class Prefetcher:
@@ -33,9 +46,9 @@ class Prefetcher:
     ``slots`` are the MoE layers' slots in the runtime and ``routers`` their (router weight [E, H], correction
     bias or None), both in layer order."""
 
-    def __init__(self, runtime: HybridExperts, count: int, slots: list[int],
+    def __init__(self, runtime: HybridExperts, link: HostLink, count: int,
                  routers: list[tuple[torch.Tensor, torch.Tensor | None]], spec: RouterSpec, invert: bool = False):
-        self.rt, self.count, self.slots, self.routers = runtime, count, slots, routers
+        self.rt, self.link, self.count, self.slots, self.routers = runtime, link, count, link.slots, routers
         self.spec, self.invert = spec, invert
         device = runtime.device
         experts = runtime.host[0].num_experts
@@ -46,11 +59,19 @@ class Prefetcher:
                              f"buffer has {buffer.num_experts}")
         self.staging = [buffer.slice(0, count), buffer.slice(count, 2 * count)]
         self.maps = torch.full((2, experts), -1, dtype=torch.int32, device=device)  # expert -> staging slot
-        self.ids = torch.full((2, count), -1, dtype=torch.int64, device=device)
+        self.predictions = link.predictions(count)  # per parity: [handshake, expert ids], page-locked
         self.logits = torch.empty((1, experts), dtype=torch.float32, device=device)
         self.stream = side_stream(device)
         self.predicted = [new_event(device), new_event(device)]
-        self.copied = [new_event(device), new_event(device)]
+        # the host's copies: on a copy engine of their own on CUDA, by memcpy elsewhere (the Triton interpreter)
+        self.copy_stream = side_stream(device)
+        self._copies: tuple | None = None
+        # Where the staging slots lie in the hot cache's storage (the prefill buffers are part of it when lent), the
+        # prediction also writes one table of each expert's slot there, resident or staged: the layer's resident and
+        # prefetched experts then run in one pair of kernels instead of two (``gpu_table``)
+        bases = [_index_in(runtime.hcs.experts, s) if runtime.hcs.capacity else None for s in self.staging]
+        self._fused_bases = bases if None not in bases else None
+        self.fused = torch.full((2, experts), -1, dtype=torch.int32, device=device) if self._fused_bases else None
 
     def claims(self, j: int) -> torch.Tensor:
         """Expert -> staging slot (int32 [E], -1 where none) of MoE layer ``j``."""
@@ -60,18 +81,13 @@ class Prefetcher:
         """Nothing is prefetched for the step's first MoE layer."""
         self.maps[0].fill_(-1)
 
-    def before_layer(self, j: int) -> None:
-        """Before the work that leads to MoE layer ``j``'s routing: its prediction must be done (it reads the
-        hidden state that work overwrites, and writes the claims the routing stages)."""
-        if 0 < j < len(self.routers):  # (dense layers after the last MoE layer have nothing to wait for)
-            wait_event(current_stream(self.rt.device), self.predicted[j % 2])
-
     def predict(self, j: int, h: torch.Tensor, hints: torch.Tensor | None = None,
                 mark: Callable[[], None] | None = None) -> None:
-        """Once MoE layer ``j``'s inputs are handed to the host (``h`` its normed input [1, H]): on the side
-        stream, predict and copy layer j+1's experts; with ``hints`` (the host link's, int64 [n]) also the n likeliest
-        experts after the prefetched ones, for the host to read ahead, then ``mark`` them as this handshake's
-        (before the main stream may signal the next handshake: it waits for the prediction)."""
+        """Once MoE layer ``j``'s normed input ``h`` [1, H] is computed (queued), beside its routing on the side
+        stream: predict layer j+1's experts into the page-locked predictions (and the fused table), marked with the
+        handshake layer j is about to hand over; with ``hints`` (the host link's, int64 [n]) also the n likeliest
+        experts after the prefetched ones, for the host to read ahead, then ``mark`` them. ``join`` before the
+        hand-over: the predictions are then in place when the host has answered layer j and queues the copies."""
         nxt = j + 1
         if nxt >= len(self.routers):
             return
@@ -80,19 +96,63 @@ class Prefetcher:
         router, bias = self.routers[nxt]
         with on_stream(self.stream):
             predict_experts(h, router, self.spec, bias, rt.hcs.table[slot], self.logits,
-                            self.ids[p], self.maps[p], invert=self.invert, hints=hints)
+                            self.predictions[p, 1:], self.maps[p], invert=self.invert, hints=hints,
+                            fused=self.fused[p] if self.fused is not None else None,
+                            fused_base=self._fused_bases[p] if self.fused is not None else 0)
+            # the handshake layer j hands over next (the signal kernel counts it)
+            mark_hints(self.link.seq, self.predictions[p], ahead=1)
             if mark is not None:
                 mark()
             self.predicted[p].record(self.stream)
-            copy_predicted(rt.host[slot], self.ids[p], self.staging[p])
-            self.copied[p].record(self.stream)
+
+    def join(self, j: int) -> None:
+        """The main stream waits for MoE layer ``j``'s prediction (of layer j+1) before it hands layer j over: the host
+        reads it with the row, and layer j+1's work overwrites the hidden state it reads."""
+        if j + 1 < len(self.routers):
+            wait_event(current_stream(self.rt.device), self.predicted[(j + 1) % 2])
+
+    def gpu_table(self, j: int) -> torch.Tensor | None:
+        """For MoE layer ``j``'s hot-cache experts (``HybridExperts.gpu_part``): the table of its resident and
+        prefetched experts' slots in the hot cache's storage, the copies waited for first; None where the staging
+        slots lie elsewhere (``run_claimed`` then runs the prefetched ones) or nothing was prefetched (j = 0)."""
+        if j == 0 or self.fused is None:
+            return None
+        p = j % 2
+        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
+        return self.fused[p]
 
     def run_claimed(self, j: int, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     out: torch.Tensor) -> None:
         """MoE layer ``j``'s pairs whose expert was prefetched, from the staging slots, added into ``out``
-        (float32 [1, H])."""
-        if j == 0:
+        (float32 [1, H]); nothing where ``gpu_table`` had them run with the resident ones."""
+        if j == 0 or self.fused is not None:
             return
         p = j % 2
-        wait_event(current_stream(self.rt.device), self.copied[p])
+        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
         moe_gemv(h, self.staging[p], weights, self.maps[p][ids], out=out, accumulate=True)
+
+    def copies(self) -> tuple:
+        """What the host's side (``serve_decode_graph``'s ``prefetch``) queues the copies with: the predictions, each
+        MoE layer's experts in the pinned store, the staging slots, the flags and, on CUDA, the driver's entry
+        points with the copy stream."""
+        if self._copies is None:
+            rt, flags = self.rt, self.link.flags
+            src = [layer.raw for layer in rt.host]
+            stride = src[0].stride(0) if src[0].shape[0] > 1 else rt.host[0].layout.nbytes
+            dst = [s.raw for s in self.staging]
+            dst_stride = dst[0].stride(0) if dst[0].shape[0] > 1 else rt.host[0].layout.nbytes
+            driver = tuple(driver_copies(self.copy_stream)) if self.copy_stream is not None else None
+            self._copies = (np.asarray(self.predictions.numpy()), [s.data_ptr() for s in src], stride,
+                            tuple(d.data_ptr() for d in dst), dst_stride, rt.host[0].layout.nbytes,
+                            tuple(flags.data_ptr() + 8 * i for i in COPIED_FLAGS), driver)
+        return self._copies
+
+
+def _index_in(storage: GPUExperts, part: GPUExperts) -> int | None:
+    """The slot of ``storage`` where ``part``'s first expert lies, when ``part`` is a run of its slots (else None)."""
+    raw, sub = storage.raw, part.raw
+    offset, stride = sub.data_ptr() - raw.data_ptr(), raw.stride(0)
+    if sub.device != raw.device or offset < 0 or offset % stride or sub.stride(0) != stride:
+        return None
+    first = offset // stride
+    return first if first + part.num_experts <= storage.num_experts else None

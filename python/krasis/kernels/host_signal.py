@@ -1,9 +1,11 @@
 """One-program kernels through which a CUDA graph hands work to the host and waits for it to be done.
 
-``flags`` is an int64 [3] tensor in page-locked host memory, which the GPU reads and writes directly (unified
+``flags`` is an int64 [>= 3] tensor in page-locked host memory, which the GPU reads and writes directly (unified
 addressing maps it): [0] the last handshake the GPU staged, [1] the last the host answered, [2] nonzero when the
-GPU gave up waiting (the handshake it gave up on). ``seq`` is an int64 [1] device tensor counting handshakes, so
-a graph replayed many times keeps numbering them. The host's half is ``decode_link`` in the Rust extension.
+GPU gave up waiting (the handshake it gave up on); a prefetch adds [3] and [4], the last handshake whose copies
+(queued by the host for MoE layers of even and odd index) have landed. ``seq`` is an int64 [1] device tensor
+counting handshakes, so a graph replayed many times keeps numbering them. The host's half is ``decode_link`` in
+the Rust extension.
 
 A poll of host memory takes about a microsecond over PCIe; after WAIT_POLLS of them (tens of seconds) the wait
 gives up rather than hang the GPU forever, and records which handshake it gave up on.
@@ -44,14 +46,33 @@ def _wait_kernel(seq_ptr, flags_ptr, src_ptr, dst_ptr, N, POLLS: tl.constexpr, C
 
 
 @triton.jit
-def _mark_kernel(seq_ptr, hints_ptr):
-    tl.store(hints_ptr, tl.load(seq_ptr))
+def _wait_copied_kernel(seq_ptr, flags_ptr, INDEX: tl.constexpr, POLLS: tl.constexpr):
+    want = tl.load(seq_ptr) - 1
+    done = tl.load(flags_ptr + INDEX, volatile=True)
+    polls = 0
+    while (done < want) & (polls < POLLS):
+        done = tl.load(flags_ptr + INDEX, volatile=True)
+        polls += 1
+    if done < want:
+        tl.store(flags_ptr + 2, want + 1)
 
 
-def mark_hints(seq: torch.Tensor, hints: torch.Tensor) -> None:
+@triton.jit
+def _mark_kernel(seq_ptr, hints_ptr, ahead):
+    tl.store(hints_ptr, tl.load(seq_ptr) + ahead)
+
+
+def mark_hints(seq: torch.Tensor, hints: torch.Tensor, ahead: int = 0) -> None:
     """Tell the host that the hints (``hints[1:]``, int64 in page-locked host memory, written by work queued before
-    this on the same stream) belong to the current handshake: ``hints[0]`` = seq."""
-    _mark_kernel[(1,)](seq, hints)
+    this on the same stream) belong to the current handshake (``ahead`` = 1: to the next, not yet signalled):
+    ``hints[0]`` = seq + ahead."""
+    _mark_kernel[(1,)](seq, hints, ahead)
+
+
+def wait_copied(seq: torch.Tensor, flags: torch.Tensor, index: int, polls: int = WAIT_POLLS) -> None:
+    """Hold the stream until ``flags[index]`` reaches the previous handshake (seq - 1): the host has queued, during
+    that handshake, copies whose landing a copy engine then wrote there. Gives up as ``wait_host`` does."""
+    _wait_copied_kernel[(1,)](seq, flags, INDEX=index, POLLS=polls)
 
 
 def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
