@@ -74,10 +74,12 @@ pub struct ExpertCopies {
     nbytes: usize,
     flags: [usize; 2],
     slots: usize,
+    num_experts: usize,
 }
 
 impl ExpertCopies {
-    /// `src[layer]`: the address of layer `layer`'s first expert; `slots` staging slots per parity.
+    /// `src[layer]`: the address of layer `layer`'s first of `num_experts` experts; `slots` staging slots
+    /// per parity.
     /// With `driver`, `dst` and `flags` are device addresses (the flags may be mapped host memory);
     /// without, everything is host memory and the copies are immediate.
     ///
@@ -96,6 +98,7 @@ impl ExpertCopies {
         nbytes: usize,
         flags: [usize; 2],
         slots: usize,
+        num_experts: usize,
     ) -> Result<ExpertCopies, String> {
         if nbytes == 0 || src_stride < nbytes || (slots > 1 && dst_stride < nbytes) {
             return Err(format!(
@@ -104,6 +107,9 @@ impl ExpertCopies {
         }
         if flags.iter().any(|&f| f == 0 || f % 8 != 0) {
             return Err("the copies' flags must be aligned i64".into());
+        }
+        if src.contains(&0) || dst.contains(&0) {
+            return Err("a null expert source or staging address".into());
         }
         Ok(ExpertCopies {
             driver,
@@ -114,6 +120,7 @@ impl ExpertCopies {
             nbytes,
             flags,
             slots,
+            num_experts,
         })
     }
 
@@ -127,7 +134,8 @@ impl ExpertCopies {
     }
 
     /// Queue the copies of `ids` (expert i into slot i; `None`: nothing for that slot) of `layer` into the
-    /// slots of `parity`, then the write of `seq` to its flag. Returns the experts copied.
+    /// slots of `parity`, then the write of `seq` to its flag. Returns the experts copied; an id out of
+    /// range is an error (nothing queued).
     pub fn copy_layer(
         &self,
         layer: usize,
@@ -139,6 +147,12 @@ impl ExpertCopies {
             .src
             .get(layer)
             .ok_or_else(|| format!("no expert source for MoE layer {layer}"))?;
+        if let Some(e) = ids.iter().flatten().find(|&&e| e >= self.num_experts) {
+            return Err(format!(
+                "expert {e} to copy, the layers have {}",
+                self.num_experts
+            ));
+        }
         if ids.len() > self.slots {
             return Err(format!(
                 "{} experts to copy, {} staging slots",
@@ -152,8 +166,8 @@ impl ExpertCopies {
             let Some(e) = *id else { continue };
             let (from, to) = (base + e * self.src_stride, dst + i * self.dst_stride);
             match &self.driver {
-                // SAFETY: `new`'s contract: the source expert is readable, the slot writable (the caller
-                // checked the id against the layer's experts and i against `slots` above).
+                // SAFETY: `new`'s contract: the source expert is readable, the slot writable (the id and
+                // i were checked against `num_experts` and `slots` above).
                 Some(d) => check(
                     unsafe { (d.memcpy)(to as u64, from as *const c_void, self.nbytes, d.stream) },
                     "cuMemcpyHtoDAsync",
@@ -212,6 +226,7 @@ mod tests {
                 n,
                 [flags.as_mut_ptr() as usize, flags.as_mut_ptr() as usize + 8],
                 2,
+                4,
             )
             .unwrap()
         };
@@ -227,5 +242,8 @@ mod tests {
         assert!(err
             .unwrap_err()
             .contains("3 experts to copy, 2 staging slots"));
+        let err = copies.copy_layer(0, 0, &[Some(4)], 8).unwrap_err();
+        assert!(err.contains("expert 4 to copy"), "{err}");
+        assert_eq!(flags, [0, 7], "nothing queued for a refused layer");
     }
 }

@@ -593,10 +593,13 @@ impl<'py> DecodeLinkArgs<'py> {
                         .map(|(m, w, c, ctx, st)| Driver::new(m, w, c, ctx, st))
                         .transpose()
                         .map_err(verr)?;
-                    ExpertCopies::new(driver, src, src_stride, [dst.0, dst.1], dst_stride, nbytes, [flags.0, flags.1], slots)
+                    ExpertCopies::new(driver, src, src_stride, [dst.0, dst.1], dst_stride, nbytes, [flags.0, flags.1], slots, num_experts)
                 }
                 .map_err(verr)?;
-                Ok((predicted.readonly(), copies))
+                let predicted = predicted.try_readonly().map_err(|_| {
+                    PyValueError::new_err("predicted must not be borrowed for writing elsewhere")
+                })?;
+                Ok((predicted, copies))
             })
             .transpose()?;
         if let Some(&l) = layers.iter().find(|&&l| l >= num_layers) {

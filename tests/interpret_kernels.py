@@ -42,7 +42,7 @@ from krasis.kernels.embed_lookup import embed_token
 from krasis.kernels.expert_gather import gather_experts
 from krasis.kernels.fused_norm import add_rms_norm
 from krasis.kernels.greedy_choice import GreedyChoice
-from krasis.kernels.host_signal import signal_host, wait_host
+from krasis.kernels.host_signal import RELEASED, signal_host, wait_copied, wait_host
 from krasis.kernels.kv_write import kv_write_at
 from krasis.kernels.moe_align import small_align_fits
 from krasis.kernels.moe_decode import extra_slot_addresses, moe_gemv
@@ -621,6 +621,27 @@ def check_host_wait_gives_up(device: torch.device) -> None:
     assert flags.tolist() == [0, 5, 6], flags.tolist()
 
 
+
+def check_copy_wait(device: torch.device) -> None:
+    """wait_copied passes once the copies' flag holds the previous handshake, or once the host has released an
+    aborted step (whose late copy flag may have overwritten its release); otherwise it gives up after its polls."""
+    seq = torch.full((1,), 6, dtype=torch.int64, device=device)
+    flags = torch.zeros(5, dtype=torch.int64, pin_memory=device.type == "cuda")
+
+    def wait() -> list[int]:
+        wait_copied(seq, flags, 4, polls=100)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return flags.tolist()
+
+    flags[4] = 5  # handshake 5 queued the copies that handshake 6 runs
+    assert wait() == [0, 0, 0, 0, 5]
+    flags[4] = 3  # an older handshake's copies
+    assert wait() == [0, 0, 6, 0, 3], "gave up at handshake 6"
+    flags[2], flags[1] = 0, RELEASED
+    assert wait() == [0, RELEASED, 0, 0, 3], "a released step passes"
+
+
 FORMATS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
 
 
@@ -673,6 +694,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["host_handshake"] = check_host_handshake
     out["host_handshake_copies_the_answer"] = lambda d: check_host_handshake(d, copy=True)
     out["host_wait_gives_up"] = check_host_wait_gives_up
+    out["copy_wait"] = check_copy_wait
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)
     out["strided_expert_view"] = lambda d: check_strided_expert_view(size, d)
     return out

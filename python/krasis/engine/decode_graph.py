@@ -203,8 +203,11 @@ class DecodeGraphs:
             # decided once: steps reach here only as one graph, and the model's routers do not change
             pf = None
             if self.prefetch_unsupported() is None:
-                pf = Prefetcher(rt, self.link, rt.prefetch, self._routers, self.f.spec.moe.router,
-                                invert=rt.prefetch_invert)
+                try:
+                    pf = Prefetcher(rt, self.link, rt.prefetch, self._routers, self.f.spec.moe.router,
+                                    invert=rt.prefetch_invert)
+                except RuntimeError as e:  # the copies cannot be queued: decode goes on without prefetch
+                    log.warning("expert prefetch is off: %s", e)
             self._prefetchers[key] = pf
         return self._prefetchers[key]
 

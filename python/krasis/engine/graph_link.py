@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..kernels.host_signal import mark_hints, signal_host, wait_host
+from ..kernels.host_signal import RELEASED, mark_hints, signal_host, wait_host
 from ..kernels.prefetch_decode import predict_experts
 from .decode_modes import MAX_READ_AHEAD
 from .device_sync import current_stream, on_stream, pinned
@@ -36,8 +36,8 @@ from .hybrid_moe import HybridExperts
 if TYPE_CHECKING:
     from .prefetch import Prefetcher
 
-# Written to the answer flag to let every remaining wait of a broken step pass at once.
-_RELEASE_ALL = 1 << 62
+# Written to the answer flag (and the copies' flags) to let every remaining wait of a broken step pass at once.
+_RELEASE_ALL = RELEASED
 
 
 class GPUGaveUp(RuntimeError):
@@ -172,7 +172,8 @@ class HostLink:
         if self._flags[2]:
             handshake = int(self._flags[2])
             self._abort()
-            raise GPUGaveUp(f"decode step: the GPU gave up waiting for the CPU experts at handshake {handshake}; "
+            raise GPUGaveUp(f"decode step: the GPU gave up waiting for the CPU experts (or the prefetch's copies) at "
+                            f"handshake {handshake}; "
                             "the step was abandoned and the link reset")
 
     def _release_all(self) -> None:

@@ -9,12 +9,13 @@ marks its pairs whose expert was predicted (``claims``) in the row staged for th
 waits for the flag, then runs them from the staging slots beside the hot cache's experts. Two sets of slots, maps
 and prediction rows alternate between layers, so layer j+1's copy never overwrites what layer j reads.
 
-Stream order inside the graph: the side stream forks from the main stream once layer j's inputs are handed to the
-host; the main stream waits for the prediction (``predicted``) before layer j+1 overwrites the hidden state it
-reads and stages the claims. A copy that outlasts the host's work on layer j+1 delays the GPU's answer-wait of
-that layer and so the next layer: N must be small enough for N experts to cross PCIe within a layer. The copy
-reads host DRAM, which the CPU experts read at the same time: a wrong guess costs PCIe time and some of the
-CPU's bandwidth, never a result.
+Stream order inside the graph: the side stream forks from the main stream once layer j's normed hidden state is
+computed, beside the layer's routing, and the main stream waits for the prediction (``join``) before it hands layer
+j over: the host finds the prediction in place, and layer j+1's work cannot overwrite the hidden state it reads.
+A copy that has not landed when layer j+1's GPU experts are due holds them up (``gpu_table`` waits for it before
+the resident experts run), and with them the layer: N must be small enough for N experts to cross PCIe within a
+layer. The copy reads host DRAM, which the CPU experts read at the same time: a wrong guess costs PCIe time and
+some of the CPU's bandwidth, never a result.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ COPIED_FLAGS = (3, 4)
 
 
 class Prefetcher:
-    """The staging slots, maps, side stream and events of prefetching ``count`` experts per MoE layer.
-    ``slots`` are the MoE layers' slots in the runtime and ``routers`` their (router weight [E, H], correction
-    bias or None), both in layer order."""
+    """The staging slots, maps, side stream and events of prefetching ``count`` experts per MoE layer of ``link``'s
+    step (its MoE layers' slots in the runtime, in layer order); ``routers`` are those layers' (router weight [E, H],
+    correction bias or None). A RuntimeError when the copies cannot be queued (no usable CUDA driver)."""
 
     def __init__(self, runtime: HybridExperts, link: HostLink, count: int,
                  routers: list[tuple[torch.Tensor, torch.Tensor | None]], spec: RouterSpec, invert: bool = False):
@@ -72,6 +73,7 @@ class Prefetcher:
         bases = [_index_in(runtime.hcs.experts, s) if runtime.hcs.capacity else None for s in self.staging]
         self._fused_bases = bases if None not in bases else None
         self.fused = torch.full((2, experts), -1, dtype=torch.int32, device=device) if self._fused_bases else None
+        self.copies()  # resolved now, on the caller's thread: a missing driver is said once, not at every step
 
     def claims(self, j: int) -> torch.Tensor:
         """Expert -> staging slot (int32 [E], -1 where none) of MoE layer ``j``."""

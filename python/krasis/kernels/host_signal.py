@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 WAIT_POLLS = 20_000_000
+# What the host writes to the answer flag to let every remaining wait of an aborted step pass at once.
+RELEASED = 1 << 62
 
 
 @triton.jit
@@ -46,12 +48,16 @@ def _wait_kernel(seq_ptr, flags_ptr, src_ptr, dst_ptr, N, POLLS: tl.constexpr, C
 
 
 @triton.jit
-def _wait_copied_kernel(seq_ptr, flags_ptr, INDEX: tl.constexpr, POLLS: tl.constexpr):
+def _wait_copied_kernel(seq_ptr, flags_ptr, INDEX: tl.constexpr, POLLS: tl.constexpr, RELEASED: tl.constexpr):
     want = tl.load(seq_ptr) - 1
     done = tl.load(flags_ptr + INDEX, volatile=True)
     polls = 0
+    # an aborted step's release (flags[1]) lets it pass too: a copy's late flag may overwrite the release of INDEX
     while (done < want) & (polls < POLLS):
-        done = tl.load(flags_ptr + INDEX, volatile=True)
+        if tl.load(flags_ptr + 1, volatile=True) >= RELEASED:
+            done = want
+        else:
+            done = tl.load(flags_ptr + INDEX, volatile=True)
         polls += 1
     if done < want:
         tl.store(flags_ptr + 2, want + 1)
@@ -71,8 +77,9 @@ def mark_hints(seq: torch.Tensor, hints: torch.Tensor, ahead: int = 0) -> None:
 
 def wait_copied(seq: torch.Tensor, flags: torch.Tensor, index: int, polls: int = WAIT_POLLS) -> None:
     """Hold the stream until ``flags[index]`` reaches the previous handshake (seq - 1): the host has queued, during
-    that handshake, copies whose landing a copy engine then wrote there. Gives up as ``wait_host`` does."""
-    _wait_copied_kernel[(1,)](seq, flags, INDEX=index, POLLS=polls)
+    that handshake, copies whose landing a copy engine then wrote there, or until the host releases an aborted step
+    (flags[1] >= RELEASED). Gives up as ``wait_host`` does."""
+    _wait_copied_kernel[(1,)](seq, flags, INDEX=index, POLLS=polls, RELEASED=RELEASED)
 
 
 def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
