@@ -114,16 +114,10 @@ impl Mailbox {
         let row = unsafe { self.prefetch.add(parity * (1 + self.num_prefetch)) };
         // SAFETY: as above; the mark is read atomically.
         let mark = unsafe { &*(row as *const AtomicI64) };
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while mark.load(Ordering::Acquire) < seq {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(4096) && start.elapsed() > timeout {
-                return Err(format!(
-                    "the GPU did not write its prefetch prediction of handshake {seq}"
-                ));
-            }
+        if !spin_until(|| mark.load(Ordering::Acquire) >= seq, timeout) {
+            return Err(format!(
+                "the GPU did not write its prefetch prediction of handshake {seq}"
+            ));
         }
         // SAFETY: as above, num_prefetch more i64 follow; volatile because the GPU wrote them. The GPU
         // writes this row again only two layers on, after the host has answered the next one.
@@ -184,20 +178,14 @@ impl Mailbox {
 
     /// Spin until the GPU has staged `seq`; an error after `timeout`.
     fn wait_staged(&self, seq: i64, timeout: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        while self.flag(0).load(Ordering::Acquire) < seq {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(4096) && start.elapsed() > timeout {
-                return Err(format!(
-                    "the GPU did not stage decode handshake {seq} within {:.0} s (last staged: {})",
-                    timeout.as_secs_f64(),
-                    self.staged_seq()
-                ));
-            }
+        if spin_until(|| self.flag(0).load(Ordering::Acquire) >= seq, timeout) {
+            return Ok(());
         }
-        Ok(())
+        Err(format!(
+            "the GPU did not stage decode handshake {seq} within {:.0} s (last staged: {})",
+            timeout.as_secs_f64(),
+            self.staged_seq()
+        ))
     }
 
     /// Copies of the staged row: (x [hidden], routing weights [k], ids [k] as f32, claimed [k]: all
@@ -229,14 +217,27 @@ impl Mailbox {
     }
 }
 
+/// Spin until `done()`; false when `timeout` passed first.
+fn spin_until(done: impl Fn() -> bool, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    while !done() {
+        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(4096) && start.elapsed() > timeout {
+            return done();
+        }
+    }
+    true
+}
+
 /// Read the GPU's prediction for MoE layer `next` (of `parity`) written during handshake `seq` and hand
-/// it to `prefetch`; returns the experts it queued.
+/// it to `prefetch` (which checks the ids against the layer's experts); returns the experts it queued.
 fn queue_prefetch<P>(
     mb: &Mailbox,
     next: usize,
     parity: usize,
     seq: i64,
-    num_experts: usize,
     timeout: Duration,
     prefetch: &mut P,
 ) -> Result<usize, String>
@@ -248,9 +249,9 @@ where
         .into_iter()
         .map(|id| match id {
             -1 => Ok(None),
-            0.. if (id as usize) < num_experts => Ok(Some(id as usize)),
+            0.. => Ok(Some(id as usize)),
             _ => Err(format!(
-                "the GPU predicted expert id {id} for MoE layer {next} (valid: 0..{num_experts})"
+                "the GPU predicted expert id {id} for MoE layer {next}"
             )),
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -265,8 +266,8 @@ where
 /// of layer j + 1 that are not resident go to `warm(layer, ids, stop)`, whose `stop()` turns true once the GPU
 /// has staged that layer, and which returns the bytes it read. With a prefetch, having answered layer j,
 /// the predicted experts of layer j + 1 go to `prefetch(layer, parity, ids, seq)` (parity: (j + 1) % 2,
-/// ids: one per prediction, None where the GPU predicted none), which queues their copies and returns
-/// how many it queued.
+/// ids: one per prediction, None where the GPU predicted none; not yet checked against the layer's
+/// experts), which queues their copies and returns how many it queued.
 #[allow(clippy::too_many_arguments)]
 pub fn serve<F, W, P>(
     mb: &Mailbox,
@@ -347,15 +348,7 @@ where
             // host's experts of the next layer. (Queued when the layer is staged instead, they were still
             // crossing PCIe when the GPU read the host's answer, and decode was ~3% slower.)
             let start = Instant::now();
-            stats.prefetched += queue_prefetch(
-                mb,
-                next,
-                (j + 1) % 2,
-                seq,
-                num_experts,
-                timeout,
-                &mut prefetch,
-            )?;
+            stats.prefetched += queue_prefetch(mb, next, (j + 1) % 2, seq, timeout, &mut prefetch)?;
             stats.prefetch_seconds += start.elapsed().as_secs_f64();
         }
         warmed.clear();

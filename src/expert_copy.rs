@@ -149,7 +149,7 @@ impl ExpertCopies {
             .ok_or_else(|| format!("no expert source for MoE layer {layer}"))?;
         if let Some(e) = ids.iter().flatten().find(|&&e| e >= self.num_experts) {
             return Err(format!(
-                "expert {e} to copy, the layers have {}",
+                "expert {e} of MoE layer {layer} to copy (valid: 0..{})",
                 self.num_experts
             ));
         }
@@ -243,7 +243,7 @@ mod tests {
             .unwrap_err()
             .contains("3 experts to copy, 2 staging slots"));
         let err = copies.copy_layer(0, 0, &[Some(4)], 8).unwrap_err();
-        assert!(err.contains("expert 4 to copy"), "{err}");
+        assert!(err.contains("expert 4 of MoE layer 0 to copy"), "{err}");
         assert_eq!(flags, [0, 7], "nothing queued for a refused layer");
     }
 }

@@ -36,9 +36,6 @@ from .hybrid_moe import HybridExperts
 if TYPE_CHECKING:
     from .prefetch import Prefetcher
 
-# Written to the answer flag (and the copies' flags) to let every remaining wait of a broken step pass at once.
-_RELEASE_ALL = RELEASED
-
 
 class GPUGaveUp(RuntimeError):
     """The graph stopped waiting for the host's answer (the host away too long): the step's output is not to be
@@ -178,7 +175,7 @@ class HostLink:
 
     def _release_all(self) -> None:
         """Let every remaining wait of a step in flight (for answers and for copies) pass at once."""
-        self._flags[[1, 3, 4]] = _RELEASE_ALL
+        self._flags[[1, 3, 4]] = RELEASED
 
     def _abort(self) -> None:
         """Let a step in flight finish at once (its remaining waits pass), then start both counters afresh."""

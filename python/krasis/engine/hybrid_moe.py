@@ -376,7 +376,7 @@ class HybridExperts:
          prefetch_seconds) = (
             self.store.serve_decode_graph(self._in_np[:1], self._y_np[:1], flags, slots, self._not_cpu, ids_out,
                                           timeout_s=GRAPH_TIMEOUT, claims=True, hints=hints,
-                                          prefetch=prefetch.copies() if prefetch is not None else None))
+                                          prefetch=prefetch.copies if prefetch is not None else None))
         if not count:
             return
         calls = len(slots) * ids_out.shape[1]

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ..kernels.expert_layout import GPUExperts
@@ -66,14 +65,14 @@ class Prefetcher:
         self.predicted = [new_event(device), new_event(device)]
         # the host's copies: on a copy engine of their own on CUDA, by memcpy elsewhere (the Triton interpreter)
         self.copy_stream = side_stream(device)
-        self._copies: tuple | None = None
         # Where the staging slots lie in the hot cache's storage (the prefill buffers are part of it when lent), the
         # prediction also writes one table of each expert's slot there, resident or staged: the layer's resident and
         # prefetched experts then run in one pair of kernels instead of two (``gpu_table``)
         bases = [_index_in(runtime.hcs.experts, s) if runtime.hcs.capacity else None for s in self.staging]
         self._fused_bases = bases if None not in bases else None
         self.fused = torch.full((2, experts), -1, dtype=torch.int32, device=device) if self._fused_bases else None
-        self.copies()  # resolved now, on the caller's thread: a missing driver is said once, not at every step
+        # resolved now, on the caller's thread: a missing driver is said once, not at every step
+        self.copies = self._copy_spec()
 
     def claims(self, j: int) -> torch.Tensor:
         """Expert -> staging slot (int32 [E], -1 where none) of MoE layer ``j``."""
@@ -133,22 +132,15 @@ class Prefetcher:
         wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
         moe_gemv(h, self.staging[p], weights, self.maps[p][ids], out=out, accumulate=True)
 
-    def copies(self) -> tuple:
+    def _copy_spec(self) -> tuple:
         """What the host's side (``serve_decode_graph``'s ``prefetch``) queues the copies with: the predictions, each
         MoE layer's experts in the pinned store, the staging slots, the flags and, on CUDA, the driver's entry
         points with the copy stream."""
-        if self._copies is None:
-            rt, flags = self.rt, self.link.flags
-            src = [layer.raw for layer in rt.host]
-            stride = src[0].stride(0) if src[0].shape[0] > 1 else rt.host[0].layout.nbytes
-            dst = [s.raw for s in self.staging]
-            dst_stride = dst[0].stride(0) if dst[0].shape[0] > 1 else rt.host[0].layout.nbytes
-            driver = tuple(driver_copies(self.copy_stream)) if self.copy_stream is not None else None
-            self._copies = (np.asarray(self.predictions.numpy()), [s.data_ptr() for s in src], stride,
-                            tuple(d.data_ptr() for d in dst), dst_stride, rt.host[0].layout.nbytes,
-                            tuple(flags.data_ptr() + 8 * i for i in COPIED_FLAGS), driver)
-        return self._copies
-
+        host, flags = self.rt.host, self.link.flags
+        driver = tuple(driver_copies(self.copy_stream)) if self.copy_stream is not None else None
+        return (self.predictions.numpy(), [layer.raw.data_ptr() for layer in host], host[0].row_stride,
+                tuple(s.raw.data_ptr() for s in self.staging), self.staging[0].row_stride, host[0].layout.nbytes,
+                tuple(flags.data_ptr() + 8 * i for i in COPIED_FLAGS), driver)
 
 def _index_in(storage: GPUExperts, part: GPUExperts) -> int | None:
     """The slot of ``storage`` where ``part``'s first expert lies, when ``part`` is a run of its slots (else None)."""

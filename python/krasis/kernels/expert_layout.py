@@ -103,9 +103,14 @@ class GPUExperts:
         """Bytes of the experts' weights and scales (with each expert's padding to a page)."""
         return self.num_experts * self.layout.nbytes
 
+    @property
+    def row_stride(self) -> int:
+        """Bytes from one expert to the next in ``raw`` (an expert's size where there is only one)."""
+        return self.raw.stride(0) if self.num_experts > 1 else self.layout.nbytes
+
     def _view(self, offset: int, n: int, k: int, scales: bool) -> torch.Tensor:
         """[E, K_packed, N] uint8 weights (or [E, K/group, N] float32 scales) of the matrix at ``offset``."""
-        row = self.raw.stride(0) if self.num_experts > 1 else self.layout.nbytes
+        row = self.row_stride
         if scales:
             f = self.raw.view(torch.float32)
             return torch.as_strided(f, (self.num_experts, k // self.group, n), (row // 4, 1, k // self.group),
