@@ -212,6 +212,23 @@ def check_moe_gemv(size: Size, device: torch.device, bits: int, group: int) -> N
     assert torch.all(moe_gemv(x, experts, weights, torch.full_like(ids, -1)) == 0)
 
 
+def check_moe_gemv_slot_map(size: Size, device: torch.device) -> None:
+    """With ``slot_of`` each id runs the slot the map names: as the ids mapped beforehand, an id the map sends to
+    -1 or an id past the map running none."""
+    experts = random_experts(size, 4, 64, device)
+    tokens = 2
+    x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
+    weights, ids = random_routing(tokens, size, device)
+    e = size.experts
+    slot_of = torch.randperm(e, device=device).to(torch.int32)
+    slot_of[ids[0, 0]] = -1
+    ids[1, -1] = e  # past the map
+    mapped = torch.where(ids < e, slot_of[ids.clamp(max=e - 1)].long(), -1)
+    out = moe_gemv(x, experts, weights, ids, slot_of=slot_of)
+    want = reference_moe(x, experts, weights, mapped)
+    assert rel_norm_err(out, want) < REL_TOL, "mapped slots"
+
+
 def check_moe_gemv_extra_slots(size: Size, device: torch.device) -> None:
     """Slots past the experts' own, in two other allocations named by an address table, compute their experts; a
     row of the table not named by any id is never read (address 0)."""
@@ -666,7 +683,12 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     wide = replace(size, hidden=4 * size.hidden)
     out["quant_linear[int4-g64-4-steps]"] = lambda d: check_quant_linear(wide, d, 4, 64)
     out["moe_gemv[int4-g64-4-steps]"] = lambda d: check_moe_gemv(wide, d, 4, 64)
+    # K of 11 INT4 steps (the bench model's down projection): 8 in the unrolled loop, 3 one at a time
+    odd = replace(size, hidden=11 * 64)
+    out["quant_linear[int4-g64-11-steps]"] = lambda d: check_quant_linear(odd, d, 4, 64)
+    out["moe_gemv[int4-g64-11-steps]"] = lambda d: check_moe_gemv(odd, d, 4, 64)
     out["moe_gemv_extra_slots"] = lambda d: check_moe_gemv_extra_slots(size, d)
+    out["moe_gemv_slot_map"] = lambda d: check_moe_gemv_slot_map(size, d)
     for bits, group in ((8, 32), (8, 64), (4, 64), (4, 32)):
         out[f"linear_gemv_split[int{bits}-g{group}]"] = lambda d, b=bits, g=group: check_linear_gemv_split(size, d, b,
                                                                                                            g)

@@ -152,6 +152,7 @@ class DecodeGraphs:
         self.one_graph = True  # False: replay layer by layer, streaming through copies (the earlier design)
         self._event = new_event(self.device)
         self._gather_stream = side_stream(self.device)  # the PCIe share's copies, beside the VRAM-bound work
+        self._shared_stream = side_stream(self.device)  # the shared expert, beside the routed ones (``_experts``)
         self._embed_row = torch.empty(spec.hidden_size, dtype=forward.w.embed.dtype,
                                       pin_memory=self.capturing and forward.w.embed.device.type == "cpu")
         # whole-step graphs start from the token id on the device when they can read the embedding table: in
@@ -287,11 +288,15 @@ class DecodeGraphs:
             fork(self._gather_stream, self.device)
             with on_stream(self._gather_stream):
                 self.rt.pcie_gather(layer.experts.slot, b.ids)
-        shared = f.shared_expert(layer, b.h)
-        if shared is None:
-            b.extra.zero_()
-        else:
-            b.extra.copy_(shared)
+        # The shared expert beside the routed ones: for one token each is a few small kernels that leave most SMs
+        # idle, and the routed ones may first wait for a prefetch's copies
+        fork(self._shared_stream, self.device)
+        with on_stream(self._shared_stream):
+            shared = f.shared_expert(layer, b.h)
+            if shared is None:
+                b.extra.zero_()
+            else:
+                b.extra.copy_(shared)
         table = pf.gpu_table(j) if pf is not None else None
         self.rt.gpu_part(layer.experts.slot, b.h, b.weights, b.ids, out=b.gpu, table=table)
         if pcie:
@@ -299,6 +304,7 @@ class DecodeGraphs:
             self.rt.pcie_run(b.h, b.weights, b.ids, add_to=b.gpu)
         if pf is not None:
             pf.run_claimed(j, b.h, b.weights, b.ids, out=b.gpu)
+        join(self._shared_stream, self.device)
 
     def _streamed(self, index: int) -> None:
         b = self.buf

@@ -283,9 +283,10 @@ class HybridExperts:
         if not self.hcs.capacity:  # not the slots usable now: a captured graph must serve lent slots later too
             return None
         table = self.hcs.table[slot] if table is None else table
-        experts, extra, slots = self.hcs.experts, self.hcs.extra_table, table[ids]
+        experts, extra = self.hcs.experts, self.hcs.extra_table
         if out is not None:
-            return moe_gemv(x, experts, weights, slots, out=out, extra=extra)
+            return moe_gemv(x, experts, weights, ids, out=out, extra=extra, slot_of=table)
+        slots = table[ids]
         y = fused_moe(x, experts, weights, slots)  # the slots past the storage (extra ones) are skipped here
         if extra is None:
             return y
@@ -342,7 +343,7 @@ class HybridExperts:
         """The streamed experts' share of a decode step, [T, H] bf16, or added into ``add_to`` (float32 [T, H])
         (others contribute nothing). No host sync, fixed addresses: a CUDA graph may hold it."""
         if add_to is not None:
-            return moe_gemv(x, self._staging, weights, self._stage_map[ids], out=add_to, accumulate=True)
+            return moe_gemv(x, self._staging, weights, ids, out=add_to, accumulate=True, slot_of=self._stage_map)
         return fused_moe(x, self._staging, weights, self._stage_map[ids])
 
     def cpu_part(self, slot: int, t: int, k: int, cpu_ids: np.ndarray | None) -> torch.Tensor | None:

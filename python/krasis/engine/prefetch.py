@@ -130,7 +130,7 @@ class Prefetcher:
             return
         p = j % 2
         wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
-        moe_gemv(h, self.staging[p], weights, self.maps[p][ids], out=out, accumulate=True)
+        moe_gemv(h, self.staging[p], weights, ids, out=out, accumulate=True, slot_of=self.maps[p])
 
     def _copy_spec(self) -> tuple:
         """What the host's side (``serve_decode_graph``'s ``prefetch``) queues the copies with: the predictions, each

@@ -51,6 +51,26 @@ def dequant_tile(x_ptr, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS: tl.constexp
 
 
 @triton.jit
+def dot_steps(x_ptr, w_base, s_base, k_lo, k_hi, stride_wk, stride_sk, n_mask, BITS: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
+              SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
+    """The K steps [k_lo, k_hi) of x @ W for one column block, float32 [BLOCK_KP, BLOCK_N] not yet summed over
+    axis 0 (``dequant_tile``). w_base addresses packed row 0 of the block's columns, s_base its scale row 0. Steps
+    go UNROLL at a time (independent loads in flight together), the remainder one at a time."""
+    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    k_main = k_hi - (k_hi - k_lo) % (BLOCK_K * UNROLL)
+    for k1 in range(k_lo, k_main, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            k0 = k1 + u * BLOCK_K
+            acc += dequant_tile(x_ptr, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
+                                s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+    for k0 in range(k_main, k_hi, BLOCK_K):
+        acc += dequant_tile(x_ptr, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
+                            s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+    return acc
+
+
+@triton.jit
 def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, stride_wn, stride_sk, stride_sn,
                         stride_y,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -59,13 +79,8 @@ def _linear_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, K, N, stride_x, stride_wk, s
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for k1 in range(0, K, BLOCK_K * UNROLL):
-        for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
-            k0 = k1 + u * BLOCK_K
-            acc += dequant_tile(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
-                                s_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
-                                BLOCK_KP, SPLIT_SCALE)
+    acc = dot_steps(x_ptr + row * stride_x, w_base, s_ptr + offs_n * stride_sn, 0, K, stride_wk, stride_sk, n_mask,
+                    BITS, GROUP, BLOCK_N, BLOCK_K, BLOCK_KP, SPLIT_SCALE, UNROLL)
     tl.store(y_ptr + row * stride_y + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -75,7 +90,7 @@ def _linear_gemv_split_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, K
                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr):
     """``_linear_gemv_kernel`` with K divided between SPLIT programs per column block, K_SPLIT values each (the
-    last may have fewer; UNROLL divides every program's steps): each writes its partial sums, and the last of them
+    last may have fewer): each writes its partial sums, and the last of them
     to finish (a counter per block, left at zero again) adds them up in split order."""
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -84,13 +99,9 @@ def _linear_gemv_split_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, K
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_base = w_ptr + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for k1 in range(split * K_SPLIT, tl.minimum((split + 1) * K_SPLIT, K), BLOCK_K * UNROLL):
-        for u in tl.static_range(UNROLL):
-            k0 = k1 + u * BLOCK_K
-            acc += dequant_tile(x_ptr + row * stride_x, k0, w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk,
-                                s_ptr + offs_n * stride_sn + (k0 // GROUP) * stride_sk, stride_sk, n_mask, BITS,
-                                BLOCK_KP, SPLIT_SCALE)
+    acc = dot_steps(x_ptr + row * stride_x, w_base, s_ptr + offs_n * stride_sn, split * K_SPLIT,
+                    tl.minimum((split + 1) * K_SPLIT, K), stride_wk, stride_sk, n_mask, BITS, GROUP, BLOCK_N, BLOCK_K,
+                    BLOCK_KP, SPLIT_SCALE, UNROLL)
     tl.store(part_ptr + (split * rows + row) * N + offs_n, tl.sum(acc, axis=0), mask=n_mask)
     tl.debug_barrier()  # every thread's partials stored before the counter says so (release, below)
     counter = count_ptr + row * tl.num_programs(1) + block
@@ -102,13 +113,11 @@ def _linear_gemv_split_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, K
         tl.store(counter, 0)
 
 
-def gemv_consts(bits: int, group: int, k: int) -> dict:
-    """The kernels' K-step constants for a format (``gpu_layout.k_step``) and a K of ``k`` values: UNROLL, the
-    steps a loop iteration takes, divides k's steps (at most 2 for INT8, whose steps are twice the rows)."""
+def gemv_consts(bits: int, group: int) -> dict:
+    """The kernels' K-step constants for a format (``gpu_layout.k_step``): UNROLL, the steps a loop iteration
+    takes, is 4 for INT4 and 2 for INT8 (whose steps are twice the rows)."""
     bk, bkp, split = k_step(bits, group)
-    steps = k // bk
-    unroll = next(u for u in ((4, 2, 1) if bits == 4 else (2, 1)) if steps % u == 0)
-    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split, UNROLL=unroll)
+    return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split, UNROLL=4 if bits == 4 else 2)
 
 
 def gemv_block_n(rows: int, n: int, device: torch.device) -> int:
@@ -162,9 +171,7 @@ def linear_gemv(x: torch.Tensor, m: GPUQuantMatrix) -> torch.Tensor:
         steps = m.k // step
         splits = gemv_splits(t * blocks, steps, x.device)
         per_split = triton.cdiv(steps, splits)
-        consts = gemv_consts(m.bits, m.group, per_split * step)
-        if steps % splits:
-            consts["UNROLL"] = 1  # the last program's fewer steps need not be a multiple of it
+        consts = gemv_consts(m.bits, m.group)
         strides = x.stride(0), *m.qweight.stride(), *m.scales.stride(), y.stride(0)
         if splits == 1:
             _linear_gemv_kernel[(t, blocks)](x, m.qweight, m.scales, y, m.k, m.n, *strides, BLOCK_N=bn, **consts,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .expert_layout import GPUExperts
-from .gemv import dequant_tile, gemv_block_n, gemv_consts, gemv_warps
+from .gemv import dequant_tile, dot_steps, gemv_consts
 
 
 @triton.jit
@@ -42,13 +42,23 @@ def _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, COL: tl.con
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E_EXTRA, UP_W, UP_S,
+def _pair_slot(ids_ptr, pair, map_ptr, MAP_N, HAS_MAP: tl.constexpr):
+    """The slot pair ``pair`` runs: its id, or with a map the map's entry for it (-1 for an id outside the map)."""
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if HAS_MAP:
+        inside = (e >= 0) & (e < MAP_N)
+        e = tl.where(inside, tl.load(map_ptr + tl.where(inside, e, 0)).to(tl.int64), -1)
+    return e
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, map_ptr, MAP_N, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E_EXTRA, UP_W, UP_S,
                     stride_x, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_act,
                     TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-                    UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
+                    UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_MAP: tl.constexpr):
     pair = tl.program_id(0)
-    e = tl.load(ids_ptr + pair).to(tl.int64)
+    e = _pair_slot(ids_ptr, pair, map_ptr, MAP_N, HAS_MAP)
     if (e < 0) | (e >= E + E_EXTRA):  # not this device's expert: the down kernel skips the pair too
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,13 +69,19 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E
     s_base = s_e + offs_n * stride_sn
     gate = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for k1 in range(0, K, BLOCK_K * UNROLL):
+    k_main = K - K % (BLOCK_K * UNROLL)
+    for k1 in range(0, k_main, BLOCK_K * UNROLL):
         for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
             k0 = k1 + u * BLOCK_K
             w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
             s_ptrs = s_base + (k0 // GROUP) * stride_sk
             gate += dequant_tile(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
             up += dequant_tile(x_row, k0, w_ptrs + UP_W, s_ptrs + UP_S, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+    for k0 in range(k_main, K, BLOCK_K):
+        w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
+        s_ptrs = s_base + (k0 // GROUP) * stride_sk
+        gate += dequant_tile(x_row, k0, w_ptrs, s_ptrs, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
+        up += dequant_tile(x_row, k0, w_ptrs + UP_W, s_ptrs + UP_S, stride_sk, n_mask, BITS, BLOCK_KP, SPLIT_SCALE)
     gate_sum = tl.sum(gate, axis=0)
     act = gate_sum / (1.0 + tl.exp(-gate_sum)) * tl.sum(up, axis=0)
     # rounded to bf16 as the grouped kernel's activations are
@@ -73,27 +89,23 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, extra_ptr, act_ptr, K, I, E, E
 
 
 @triton.jit
-def _down_kernel(act_ptr, ids_ptr, rw_ptr, w_ptr, s_ptr, extra_ptr, out_ptr, K, H, E, E_EXTRA,
+def _down_kernel(act_ptr, ids_ptr, map_ptr, MAP_N, rw_ptr, w_ptr, s_ptr, extra_ptr, out_ptr, K, H, E, E_EXTRA,
                  stride_act, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_out,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr):
+                 BLOCK_KP: tl.constexpr, SPLIT_SCALE: tl.constexpr, UNROLL: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                 HAS_MAP: tl.constexpr):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
-    e = tl.load(ids_ptr + pair).to(tl.int64)
+    e = _pair_slot(ids_ptr, pair, map_ptr, MAP_N, HAS_MAP)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if (e >= 0) & (e < E + E_EXTRA):
         a_row = act_ptr + pair * stride_act
         w_e, s_e = _slot_start(e, E, w_ptr, s_ptr, stride_we, stride_se, extra_ptr, 2, HAS_EXTRA)
         w_base = w_e + tl.arange(0, BLOCK_KP)[:, None] * stride_wk + offs_n[None, :] * stride_wn
         s_base = s_e + offs_n * stride_sn
-        tile = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-        for k1 in range(0, K, BLOCK_K * UNROLL):
-            for u in tl.static_range(UNROLL):  # independent steps: their loads are in flight together
-                k0 = k1 + u * BLOCK_K
-                w_ptrs = w_base + (k0 * BLOCK_KP // BLOCK_K) * stride_wk
-                tile += dequant_tile(a_row, k0, w_ptrs, s_base + (k0 // GROUP) * stride_sk, stride_sk, n_mask,
-                                     BITS, BLOCK_KP, SPLIT_SCALE)
+        tile = dot_steps(a_row, w_base, s_base, 0, K, stride_wk, stride_sk, n_mask, BITS, GROUP, BLOCK_N, BLOCK_K,
+                         BLOCK_KP, SPLIT_SCALE, UNROLL)
         acc = tl.sum(tile, axis=0) * tl.load(rw_ptr + pair)
     tl.store(out_ptr + pair * stride_out + offs_n, acc, mask=n_mask)
 
@@ -123,9 +135,17 @@ def extra_slot_addresses(slots: GPUExperts) -> torch.Tensor:
     return table
 
 
+def routed_launch(bits: int, group: int) -> tuple[int, int, dict]:
+    """(column block, warps, K-step constants) of the routed-expert kernels: narrow column blocks, many warps and
+    8 INT4 steps in flight (4 INT8 ones, twice the rows each), for more programs and more loads in flight per SM
+    than the dense kernels' choice (`benchmarks/decode_gemv.py --sweep` on the H100: gate/up 19.7 -> 14.1 µs,
+    down 13.5 -> 8.6 µs, four resident experts of the bench model)."""
+    return 16, 8, dict(gemv_consts(bits, group), UNROLL=8 if bits == 4 else 4)
+
+
 def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              out: torch.Tensor | None = None, accumulate: bool = False,
-             extra: torch.Tensor | None = None) -> torch.Tensor:
+             extra: torch.Tensor | None = None, slot_of: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of a few tokens: out[t] (+)= sum_j w[t, j] * down(silu(gate x[t]) * up x[t]) of expert
     ids[t, j] (ids outside [0, E + X) contribute nothing).
 
@@ -134,7 +154,9 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     ``extra`` int64 [X, 4] on the device (``extra_slot_addresses``): ids E + j name the expert whose matrices start
     at row j's addresses, laid out as ``experts``' are within a slot; a row must point at live memory
     while ids name it. (The kernels then compile with the table: their float sums may differ in the last bits from
-    the kernels without one.) No host sync: a CUDA graph may hold it."""
+    the kernels without one.) ``slot_of`` int32 [M]: the ids are first mapped through it (the pair of id d runs
+    slot slot_of[d]; an id outside [0, M) runs none), as ``moe_gemv(..., slot_of[ids])`` without the gather's
+    launch. No host sync: a CUDA graph may hold it."""
     t, h = x.shape
     k = topk_ids.shape[1]
     i, e, bits, group = experts.intermediate, experts.num_experts, experts.bits, experts.group
@@ -150,24 +172,25 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     if extra is not None and (extra.dtype != torch.int64 or extra.shape[1:] != (4,) or not extra.is_contiguous()):
         raise ValueError(f"extra must be a contiguous int64 [X, 4] address table, got {extra.dtype} "
                          f"{tuple(extra.shape)}")
+    if slot_of is not None and (slot_of.dim() != 1 or not slot_of.is_contiguous()):
+        raise ValueError(f"slot_of must be a contiguous 1-D map of ids to slots, got {tuple(slot_of.shape)}")
     x = x.to(torch.bfloat16).contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     table = ids if extra is None else extra  # (never read without extra slots)
+    slot_map, map_n = (ids, 0) if slot_of is None else (slot_of, slot_of.numel())  # (never read without a map)
     act = torch.empty((pairs, i), dtype=torch.bfloat16, device=x.device)
     w, s, up_w, up_s = experts.gate_up()
-    bn, consts = gemv_block_n(pairs, i, x.device), gemv_consts(bits, group, h)
+    bn, warps, consts = routed_launch(bits, group)
+    flags = dict(HAS_EXTRA=extra is not None, HAS_MAP=slot_of is not None)
     _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
-        x, ids, w, s, table, act, h, i, e, n_extra, up_w, up_s, x.stride(0), *w.stride(), *s.stride(),
-        act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
-        num_warps=gemv_warps(consts, bn))
+        x, ids, slot_map, map_n, w, s, table, act, h, i, e, n_extra, up_w, up_s, x.stride(0), *w.stride(),
+        *s.stride(), act.stride(0), TOP_K=k, BLOCK_N=bn, **consts, **flags, num_warps=warps)
     per_pair = torch.empty((pairs, h), dtype=torch.float32, device=x.device)
     routing = topk_weights.reshape(-1).to(torch.float32).contiguous()
     w, s = experts.down()
-    bn, consts = gemv_block_n(pairs, h, x.device), gemv_consts(bits, group, i)
     _down_kernel[(pairs, triton.cdiv(h, bn))](
-        act, ids, routing, w, s, table, per_pair, i, h, e, n_extra, act.stride(0), *w.stride(), *s.stride(),
-        per_pair.stride(0), BLOCK_N=bn, **consts, HAS_EXTRA=extra is not None,
-        num_warps=gemv_warps(consts, bn))
+        act, ids, slot_map, map_n, routing, w, s, table, per_pair, i, h, e, n_extra, act.stride(0), *w.stride(),
+        *s.stride(), per_pair.stride(0), BLOCK_N=bn, **consts, **flags, num_warps=warps)
     block = 1024
     _sum_pairs_kernel[(t, triton.cdiv(h, block))](per_pair, out, h, per_pair.stride(0), out.stride(0), TOP_K=k,
                                                   ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
