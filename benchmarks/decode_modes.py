@@ -41,13 +41,14 @@ LLAMA_CPP_TOK_S = 67.4
 
 def decode_run(llm, prompt: list[int], tokens: int) -> dict:
     """Decode ``tokens`` after ``prompt``: tok/s over the tokens after the first, and the counter deltas."""
-    before = llm.engine_counters()
+    before, late_before = llm.engine_counters(), llm._graphs.late_copies()
     stamps = []
     for _ in llm.stream(prompt, max_new_tokens=tokens):
         stamps.append(time.perf_counter())
-    after = llm.engine_counters()
+    after, late_after = llm.engine_counters(), llm._graphs.late_copies()
     delta = {k: after[k] - before[k] for k in after}
-    return {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps), **delta}
+    late = {"late_copy_layers": late_after[0] - late_before[0], "late_copy_polls": late_after[1] - late_before[1]}
+    return {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps), **delta, **late}
 
 
 def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbytes: int, moe_layers: int,
@@ -72,6 +73,7 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
     streamed = sum(r["routed_calls_streamed"] for r in runs)
     prefetched = sum(r["prefetched_experts"] for r in runs)
     prefetch_hits = sum(r["routed_calls_prefetched"] for r in runs)
+    late_layers = sum(r["late_copy_layers"] for r in runs)
     read_ahead_n = sum(r.get("experts_read_ahead", 0) for r in runs)
     read_ahead_used = sum(r.get("read_ahead_used", 0) for r in runs)
     read_ahead_bytes = sum(r.get("bytes_read_ahead", 0) for r in runs)
@@ -95,6 +97,10 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
             # of the prefetched experts, the share the router picked; of the non-resident calls, the share they served
             "prefetch_hit_rate": prefetch_hits / prefetched if prefetched else None,
             "prefetched_share": prefetch_hits / max(calls - on_gpu, 1),
+            # of the MoE layers that ran prefetched experts (all but each step's first), the share that found their
+            # copies not yet landed, and the polls (~1 µs each) per such layer
+            "late_copy_share": late_layers / max(steps * (moe_layers - 1), 1) if prefetch else None,
+            "late_copy_polls": sum(r["late_copy_polls"] for r in runs) / late_layers if late_layers else None,
             "cpu_call_phase_us": {k: 1e6 * v / max(phase_calls, 1) for k, v in phases.items()}}
 
 
@@ -181,7 +187,7 @@ def main() -> None:
     print(f"decode, {args.tokens} tokens x {args.prompts} prompts, VRAM budget {args.vram_budget_mb} MiB, "
           f"{torch.cuda.get_device_name()} {args.label}")
     print("| prompt | mode | tok/s | bound (% of it) | HCS coverage | non-resident MB/token | streamed share "
-          "(final) | prefetch: hit rate, calls served | CPU experts ms/token | vs llama.cpp 67.4 |")
+          "(final) | prefetch: hit rate, calls served, copies late | CPU experts ms/token | vs llama.cpp 67.4 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         bound = r["bound_tok_s"]
@@ -193,6 +199,9 @@ def main() -> None:
                      f"{r['read_ahead_mb_per_token']:.0f} MB/token read)")
         pf = (f"{r['prefetch_hit_rate']:.0%}, {r['prefetched_share']:.0%}" if r["prefetch_hit_rate"] is not None
               else "-")
+        if r["late_copy_share"] is not None:
+            pf += f"; copies late in {r['late_copy_share']:.0%} of layers"
+            pf += f" ({r['late_copy_polls']:.0f} polls each)" if r["late_copy_polls"] is not None else ""
         print(f"| {r['prompt_tokens']:,} | {mode} | {r['tok_s']:.1f} | {pct} | {r['coverage']:.1%} | "
               f"{r['nonresident_bytes_per_token'] / 1e6:.0f} | {r['streamed_share']:.0%} ({r['final_gpu_share']:.2f}) "
               f"| {pf} | {r['cpu_expert_ms_per_token']:.2f} | {r['tok_s'] / LLAMA_CPP_TOK_S:.2f}x |")

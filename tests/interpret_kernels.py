@@ -659,6 +659,26 @@ def check_copy_wait(device: torch.device) -> None:
     assert wait() == [0, RELEASED, 0, 0, 3], "a released step passes"
 
 
+def check_copy_wait_counts_late_copies(device: torch.device) -> None:
+    """A copy wait given ``late`` counts the waits that found the copies not yet landed and their polls; one that
+    found them landed counts nothing."""
+    seq = torch.full((1,), 6, dtype=torch.int64, device=device)
+    flags = torch.zeros(5, dtype=torch.int64, pin_memory=device.type == "cuda")
+    late = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def wait() -> list[int]:
+        wait_copied(seq, flags, 3, polls=40, late=late)
+        return late.tolist()  # (a sync on CUDA)
+
+    flags[3] = 5
+    assert wait() == [0, 0], "landed: not late"
+    flags[3] = 4
+    assert wait() == [1, 40], "never landed: late, all its polls"
+    flags[2] = 0
+    flags[3] = 5
+    assert wait() == [1, 40], "landed again: nothing added"
+
+
 FORMATS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]
 
 
@@ -717,6 +737,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["host_handshake_copies_the_answer"] = lambda d: check_host_handshake(d, copy=True)
     out["host_wait_gives_up"] = check_host_wait_gives_up
     out["copy_wait"] = check_copy_wait
+    out["copy_wait_counts_late_copies"] = check_copy_wait_counts_late_copies
     out["idle_and_repeated_experts"] = lambda d: check_idle_and_repeated_experts(size, d)
     out["strided_expert_view"] = lambda d: check_strided_expert_view(size, d)
     return out

@@ -803,6 +803,18 @@ def test_prefetched_experts_run_with_the_resident_ones_where_their_staging_lies_
     assert _index_in(storage, elsewhere.slice(0, 2)) is None, "another allocation: the experts run apart"
 
 
+def test_late_copies_add_up_what_each_prefetchs_waits_counted(hybrid, tiny_checkpoint):
+    llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
+    llm.runtime.set_prefetch(1)
+    graphs, cache = _graph_decoder(llm)
+    assert graphs.late_copies() == (0, 0), "no prefetch made yet"
+    graphs.step(random_prompt(1, seed=24)[0], cache.length)
+    layers, polls = graphs.late_copies()
+    assert 0 <= layers <= len(llm.runtime.host) - 1 and polls >= layers, "at most one late wait a layer"
+    graphs._prefetcher().late += torch.tensor([2, 30], device=llm.device)  # as the waits' kernel counts them
+    assert graphs.late_copies() == (layers + 2, polls + 30)
+
+
 def test_prefetch_beyond_the_routers_top_k_is_refused(hybrid, tiny_checkpoint):
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False)
     k = llm.spec.moe.router.top_k

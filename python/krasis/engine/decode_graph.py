@@ -212,6 +212,18 @@ class DecodeGraphs:
             self._prefetchers[key] = pf
         return self._prefetchers[key]
 
+    def late_copies(self) -> tuple[int, int]:
+        """Over every prefetch so far: how many MoE layers found their prefetched experts' copies not yet landed when
+        the GPU came to run them, and the polls it spent waiting for them (about a microsecond each). Waits for the
+        device."""
+        late = [pf.late for pf in self._prefetchers.values() if pf is not None]
+        if not late:
+            return 0, 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        layers, polls = torch.stack(late).sum(dim=0).tolist()
+        return int(layers), int(polls)
+
     def _attend(self, index: int, bucket: int, whole: bool = False, claims: torch.Tensor | None = None,
                 pcie: bool = False, beside_routing: Callable[[], None] | None = None) -> None:
         """Layer ``index`` up to its experts' inputs: attention, then (MoE) routing and the row staged for the host;

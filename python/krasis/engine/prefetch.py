@@ -63,6 +63,8 @@ class Prefetcher:
         self.logits = torch.empty((1, experts), dtype=torch.float32, device=device)
         self.stream = side_stream(device)
         self.predicted = [new_event(device), new_event(device)]
+        # the layers whose copies had not landed when the GPU came to them, and the polls it then spent (~1 µs each)
+        self.late = torch.zeros(2, dtype=torch.int64, device=device)
         # the host's copies: on a copy engine of their own on CUDA, by memcpy elsewhere (the Triton interpreter)
         self.copy_stream = side_stream(device)
         # Where the staging slots lie in the hot cache's storage (the prefill buffers are part of it when lent), the
@@ -119,7 +121,7 @@ class Prefetcher:
         if j == 0 or self.fused is None:
             return None
         p = j % 2
-        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
+        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p], late=self.late)
         return self.fused[p]
 
     def run_claimed(self, j: int, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -129,7 +131,7 @@ class Prefetcher:
         if j == 0 or self.fused is not None:
             return
         p = j % 2
-        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p])
+        wait_copied(self.link.seq, self.link.flags, COPIED_FLAGS[p], late=self.late)
         moe_gemv(h, self.staging[p], weights, ids, out=out, accumulate=True, slot_of=self.maps[p])
 
     def _copy_spec(self) -> tuple:

@@ -48,7 +48,8 @@ def _wait_kernel(seq_ptr, flags_ptr, src_ptr, dst_ptr, N, POLLS: tl.constexpr, C
 
 
 @triton.jit
-def _wait_copied_kernel(seq_ptr, flags_ptr, INDEX: tl.constexpr, POLLS: tl.constexpr, RELEASED: tl.constexpr):
+def _wait_copied_kernel(seq_ptr, flags_ptr, late_ptr, INDEX: tl.constexpr, POLLS: tl.constexpr,
+                        RELEASED: tl.constexpr, COUNT: tl.constexpr):
     want = tl.load(seq_ptr) - 1
     done = tl.load(flags_ptr + INDEX, volatile=True)
     polls = 0
@@ -61,6 +62,10 @@ def _wait_copied_kernel(seq_ptr, flags_ptr, INDEX: tl.constexpr, POLLS: tl.const
         polls += 1
     if done < want:
         tl.store(flags_ptr + 2, want + 1)
+    if COUNT:
+        if polls > 0:
+            tl.atomic_add(late_ptr, tl.full([], 1, tl.int64))
+            tl.atomic_add(late_ptr + 1, polls + tl.zeros([], tl.int64))  # (int64 whether polls is a scalar or not)
 
 
 @triton.jit
@@ -75,11 +80,16 @@ def mark_hints(seq: torch.Tensor, hints: torch.Tensor, ahead: int = 0) -> None:
     _mark_kernel[(1,)](seq, hints, ahead)
 
 
-def wait_copied(seq: torch.Tensor, flags: torch.Tensor, index: int, polls: int = WAIT_POLLS) -> None:
+def wait_copied(seq: torch.Tensor, flags: torch.Tensor, index: int, polls: int = WAIT_POLLS,
+                late: torch.Tensor | None = None) -> None:
     """Hold the stream until ``flags[index]`` reaches the previous handshake (seq - 1): the host has queued, during
     that handshake, copies whose landing a copy engine then wrote there, or until the host releases an aborted step
-    (flags[1] >= RELEASED). Gives up as ``wait_host`` does."""
-    _wait_copied_kernel[(1,)](seq, flags, INDEX=index, POLLS=polls, RELEASED=RELEASED)
+    (flags[1] >= RELEASED). Gives up as ``wait_host`` does. With ``late`` (int64 [2] on the device), a wait that
+    found the copies not yet landed adds 1 to late[0] and its polls (about a microsecond each) to late[1]."""
+    if late is not None and (late.dtype != torch.int64 or late.numel() != 2):
+        raise ValueError(f"late must be int64 [2], got {late.dtype} {tuple(late.shape)}")
+    _wait_copied_kernel[(1,)](seq, flags, flags if late is None else late, INDEX=index, POLLS=polls,
+                              RELEASED=RELEASED, COUNT=late is not None)
 
 
 def signal_host(seq: torch.Tensor, flags: torch.Tensor) -> None:
