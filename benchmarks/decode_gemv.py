@@ -141,6 +141,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="time other launch configurations too")
     p.add_argument("--no-dense", action="store_true", help="skip the INT8 linears")
     args = p.parse_args()
+    if not 1 <= args.resident <= TOP_K:
+        p.error(f"--resident must be 1 to {TOP_K} (the pairs of one token)")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     torch.manual_seed(0)

@@ -98,8 +98,8 @@ def measure(llm, mode: str, length: int, prompts: int, tokens: int, expert_nbyte
             "prefetch_hit_rate": prefetch_hits / prefetched if prefetched else None,
             "prefetched_share": prefetch_hits / max(calls - on_gpu, 1),
             # of the MoE layers that ran prefetched experts (all but each step's first), the share that found their
-            # copies not yet landed, and the polls (~1 µs each) per such layer
-            "late_copy_share": late_layers / max(steps * (moe_layers - 1), 1) if prefetch else None,
+            # copies not yet landed, and the polls (~1-2 µs each) per such layer
+            "late_copy_share": late_layers / max(steps * (moe_layers - 1), 1) if prefetched else None,
             "late_copy_polls": sum(r["late_copy_polls"] for r in runs) / late_layers if late_layers else None,
             "cpu_call_phase_us": {k: 1e6 * v / max(phase_calls, 1) for k, v in phases.items()}}
 

@@ -214,7 +214,7 @@ def check_moe_gemv(size: Size, device: torch.device, bits: int, group: int) -> N
 
 def check_moe_gemv_slot_map(size: Size, device: torch.device) -> None:
     """With ``slot_of`` each id runs the slot the map names: as the ids mapped beforehand, an id the map sends to
-    -1 or an id past the map running none."""
+    -1, a negative id or an id past the map running none."""
     experts = random_experts(size, 4, 64, device)
     tokens = 2
     x = torch.randn(tokens, size.hidden, device=device).to(torch.bfloat16)
@@ -223,15 +223,17 @@ def check_moe_gemv_slot_map(size: Size, device: torch.device) -> None:
     slot_of = torch.randperm(e, device=device).to(torch.int32)
     slot_of[ids[0, 0]] = -1
     ids[1, -1] = e  # past the map
-    mapped = torch.where(ids < e, slot_of[ids.clamp(max=e - 1)].long(), -1)
+    ids[1, 0] = -1
+    mapped = torch.where((ids >= 0) & (ids < e), slot_of[ids.clamp(0, e - 1)].long(), -1)
     out = moe_gemv(x, experts, weights, ids, slot_of=slot_of)
     want = reference_moe(x, experts, weights, mapped)
     assert rel_norm_err(out, want) < REL_TOL, "mapped slots"
 
 
 def check_moe_gemv_extra_slots(size: Size, device: torch.device) -> None:
-    """Slots past the experts' own, in two other allocations named by an address table, compute their experts; a
-    row of the table not named by any id is never read (address 0)."""
+    """Slots past the experts' own, in two other allocations named by an address table, compute their experts, also
+    when the ids name them through a map (``slot_of``); a row of the table not named by any id is never read
+    (address 0)."""
     whole = random_experts(size, 4, 32, device, count=size.experts + 5)
     e = size.experts
     # three allocations of their own (slots past own's must not just read on in ``whole``)
@@ -250,6 +252,11 @@ def check_moe_gemv_extra_slots(size: Size, device: torch.device) -> None:
     out = moe_gemv(x, own, weights, ids, extra=extra.contiguous())
     want = reference_moe(x, whole, weights, want_ids)
     assert rel_norm_err(out, want) < REL_TOL, "extra slots"
+    # the same slots named through a map (as the hot cache's table names them): ids shifted by 3, mapped back
+    n = e + 7
+    slot_of = torch.arange(n, dtype=torch.int32, device=device).roll(3)  # slot_of[(i + 3) % n] = i
+    mapped = moe_gemv(x, own, weights, (ids + 3) % n, extra=extra.contiguous(), slot_of=slot_of)
+    assert rel_norm_err(mapped, want) < REL_TOL, "extra slots through a map"
 
 
 def check_quant_linear(size: Size, device: torch.device, bits: int, group: int, config=None) -> None:
@@ -704,7 +711,7 @@ def checks(size: Size) -> dict[str, Callable[[torch.device], None]]:
     out["quant_linear[int4-g64-4-steps]"] = lambda d: check_quant_linear(wide, d, 4, 64)
     out["moe_gemv[int4-g64-4-steps]"] = lambda d: check_moe_gemv(wide, d, 4, 64)
     # K of 11 INT4 steps (the bench model's down projection): 8 in the unrolled loop, 3 one at a time
-    odd = replace(size, hidden=11 * 64)
+    odd = replace(size, hidden=11 * 64, inter=11 * 64)
     out["quant_linear[int4-g64-11-steps]"] = lambda d: check_quant_linear(odd, d, 4, 64)
     out["moe_gemv[int4-g64-11-steps]"] = lambda d: check_moe_gemv(odd, d, 4, 64)
     out["moe_gemv_extra_slots"] = lambda d: check_moe_gemv_extra_slots(size, d)

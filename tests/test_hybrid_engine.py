@@ -803,15 +803,29 @@ def test_prefetched_experts_run_with_the_resident_ones_where_their_staging_lies_
     assert _index_in(storage, elsewhere.slice(0, 2)) is None, "another allocation: the experts run apart"
 
 
-def test_late_copies_add_up_what_each_prefetchs_waits_counted(hybrid, tiny_checkpoint):
+def test_late_copies_add_up_what_each_prefetchs_waits_counted(hybrid, tiny_checkpoint, monkeypatch):
+    import krasis.engine.prefetch as prefetch
+
+    counted_into = []  # the counter each wait of the step was given
+
+    def wait_copied(*args, late=None, **kwargs):
+        counted_into.append(late)
+        return real(*args, late=late, **kwargs)
+
+    real = prefetch.wait_copied
+    monkeypatch.setattr(prefetch, "wait_copied", wait_copied)
     llm = hybrid(tiny_checkpoint("deepseek_v2_lite_like")[1], hcs_experts=4, cuda_graphs=False, decode_mode="cpu")
     llm.runtime.set_prefetch(1)
     graphs, cache = _graph_decoder(llm)
     assert graphs.late_copies() == (0, 0), "no prefetch made yet"
     graphs.step(random_prompt(1, seed=24)[0], cache.length)
+    pf = graphs._prefetcher()
+    waits = len(llm.runtime.host) - 1  # one for each MoE layer after the first (on CUDA queued twice: warm-up, capture)
+    assert counted_into and len(counted_into) % waits == 0, "a wait for each MoE layer after the first"
+    assert all(late is pf.late for late in counted_into), "every wait counts into the prefetch's counter"
     layers, polls = graphs.late_copies()
-    assert 0 <= layers <= len(llm.runtime.host) - 1 and polls >= layers, "at most one late wait a layer"
-    graphs._prefetcher().late += torch.tensor([2, 30], device=llm.device)  # as the waits' kernel counts them
+    assert 0 <= layers <= len(counted_into) and polls >= layers, "at most one late wait a layer"
+    pf.late += torch.tensor([2, 30], device=llm.device)  # as the waits' kernel counts them
     assert graphs.late_copies() == (layers + 2, polls + 30)
 
 

@@ -214,8 +214,10 @@ class DecodeGraphs:
 
     def late_copies(self) -> tuple[int, int]:
         """Over every prefetch so far: how many MoE layers found their prefetched experts' copies not yet landed when
-        the GPU came to run them, and the polls it spent waiting for them (about a microsecond each). Waits for the
-        device."""
+        the GPU came to run them, and the polls it spent waiting for them (~1-2 µs each). Waits for the device, so not
+        while a launched step waits to be served."""
+        if self._launched is not None:
+            raise RuntimeError("late_copies() waits for the device: serve the launched step first")
         late = [pf.late for pf in self._prefetchers.values() if pf is not None]
         if not late:
             return 0, 0

@@ -63,7 +63,7 @@ class Prefetcher:
         self.logits = torch.empty((1, experts), dtype=torch.float32, device=device)
         self.stream = side_stream(device)
         self.predicted = [new_event(device), new_event(device)]
-        # the layers whose copies had not landed when the GPU came to them, and the polls it then spent (~1 µs each)
+        # the layers whose copies had not landed when the GPU came to them, and the polls it then spent (~1-2 µs each)
         self.late = torch.zeros(2, dtype=torch.int64, device=device)
         # the host's copies: on a copy engine of their own on CUDA, by memcpy elsewhere (the Triton interpreter)
         self.copy_stream = side_stream(device)

@@ -115,7 +115,7 @@ def _linear_gemv_split_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, K
 
 def gemv_consts(bits: int, group: int) -> dict:
     """The kernels' K-step constants for a format (``gpu_layout.k_step``): UNROLL, the steps a loop iteration
-    takes, is 4 for INT4 and 2 for INT8 (whose steps are twice the rows)."""
+    takes, is 4 for INT4 and 2 for INT8 (an INT8 step is a whole group of rows, up to 128)."""
     bk, bkp, split = k_step(bits, group)
     return dict(BITS=bits, GROUP=group, BLOCK_K=bk, BLOCK_KP=bkp, SPLIT_SCALE=split, UNROLL=4 if bits == 4 else 2)
 

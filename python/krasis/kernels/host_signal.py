@@ -85,9 +85,11 @@ def wait_copied(seq: torch.Tensor, flags: torch.Tensor, index: int, polls: int =
     """Hold the stream until ``flags[index]`` reaches the previous handshake (seq - 1): the host has queued, during
     that handshake, copies whose landing a copy engine then wrote there, or until the host releases an aborted step
     (flags[1] >= RELEASED). Gives up as ``wait_host`` does. With ``late`` (int64 [2] on the device), a wait that
-    found the copies not yet landed adds 1 to late[0] and its polls (about a microsecond each) to late[1]."""
-    if late is not None and (late.dtype != torch.int64 or late.numel() != 2):
-        raise ValueError(f"late must be int64 [2], got {late.dtype} {tuple(late.shape)}")
+    found the copies not yet landed adds 1 to late[0] and its polls to late[1] (a poll reads page-locked memory
+    once or twice: ~1-2 µs)."""
+    if late is not None and (late.dtype != torch.int64 or late.numel() != 2 or late.device != seq.device):
+        raise ValueError(f"late must be int64 [2] on {seq.device}, got {late.dtype} {tuple(late.shape)} on "
+                         f"{late.device}")
     _wait_copied_kernel[(1,)](seq, flags, flags if late is None else late, INDEX=index, POLLS=polls,
                               RELEASED=RELEASED, COUNT=late is not None)
 

@@ -137,9 +137,9 @@ def extra_slot_addresses(slots: GPUExperts) -> torch.Tensor:
 
 def routed_launch(bits: int, group: int) -> tuple[int, int, dict]:
     """(column block, warps, K-step constants) of the routed-expert kernels: narrow column blocks, many warps and
-    8 INT4 steps in flight (4 INT8 ones, twice the rows each), for more programs and more loads in flight per SM
-    than the dense kernels' choice (`benchmarks/decode_gemv.py --sweep` on the H100: gate/up 19.7 -> 14.1 µs,
-    down 13.5 -> 8.6 µs, four resident experts of the bench model)."""
+    8 INT4 steps in flight (4 INT8 ones: an INT8 step is a whole group of rows), for more programs and more loads
+    in flight per SM than the dense kernels' choice (`benchmarks/decode_gemv.py --sweep` on the H100: gate/up
+    19.7 -> 14.1 µs, down 13.5 -> 8.6 µs, four resident experts of the bench model)."""
     return 16, 8, dict(gemv_consts(bits, group), UNROLL=8 if bits == 4 else 4)
 
 
@@ -172,8 +172,10 @@ def moe_gemv(x: torch.Tensor, experts: GPUExperts, topk_weights: torch.Tensor, t
     if extra is not None and (extra.dtype != torch.int64 or extra.shape[1:] != (4,) or not extra.is_contiguous()):
         raise ValueError(f"extra must be a contiguous int64 [X, 4] address table, got {extra.dtype} "
                          f"{tuple(extra.shape)}")
-    if slot_of is not None and (slot_of.dim() != 1 or not slot_of.is_contiguous()):
-        raise ValueError(f"slot_of must be a contiguous 1-D map of ids to slots, got {tuple(slot_of.shape)}")
+    if slot_of is not None and (slot_of.dim() != 1 or not slot_of.is_contiguous() or slot_of.device != x.device
+                                or slot_of.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"slot_of must be a contiguous 1-D integer map of ids to slots on {x.device}, got "
+                         f"{slot_of.dtype} {tuple(slot_of.shape)} on {slot_of.device}")
     x = x.to(torch.bfloat16).contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     table = ids if extra is None else extra  # (never read without extra slots)
