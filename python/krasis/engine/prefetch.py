@@ -144,6 +144,7 @@ class Prefetcher:
                 tuple(s.raw.data_ptr() for s in self.staging), self.staging[0].row_stride, host[0].layout.nbytes,
                 tuple(flags.data_ptr() + 8 * i for i in COPIED_FLAGS), driver)
 
+
 def _index_in(storage: GPUExperts, part: GPUExperts) -> int | None:
     """The slot of ``storage`` where ``part``'s first expert lies, when ``part`` is a run of its slots (else None)."""
     raw, sub = storage.raw, part.raw
